@@ -1,0 +1,560 @@
+//! Wiring: configuration → volumes → listeners, then the main loop until a signal, then an
+//! orderly shutdown.
+//!
+//! ```text
+//!  run ─► sys settings ─► dirs ─► claim control.sock ─► open stores ─► volumes
+//!          ─► bind <vol>.sock (one each) + nbd-tcp (all) + control.sock
+//!          ─► accept loops on a TaskTracker ── each client: nbd::serve(child token)
+//!          ─► "ready" ─► main loop: wait for an Event (SIGTERM / SIGINT)
+//!  shutdown: cancel ─► accept loops stop, connections finish in-flight requests (≤ 30 s)
+//!          ─► flush every volume ─► remove sockets ─► Ok
+//! ```
+//!
+//! Durability at exit: every write acknowledged to a client was already completed by the
+//! backing store; the final flush makes those still in the device's volatile cache durable for
+//! clients that never sent FLUSH themselves.
+
+use std::{fmt, io, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+    sync::mpsc,
+    task::JoinHandle,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::{Config, LocalNode},
+    control::{
+        self,
+        socket::{self, SocketError},
+        Handler, NodeStatus, Reply, Request, Response, Role,
+    },
+    nbd::{self, Exports, Limits},
+    storage::{StorageError, Store, StoreOptions},
+    sys,
+    volume::{Volume, VolumeError, VolumeInfo},
+};
+
+/// How long shutdown waits for NBD connections to finish their in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the final flush of one volume may take before shutdown gives up on it.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Mode of the control socket: it can promote and demote, so root only.
+const CONTROL_MODE: u32 = 0o600;
+
+/// Why the daemon could not start, or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot create directory {}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open the backing store of volume {volume}")]
+    OpenStore {
+        volume: String,
+        #[source]
+        source: StorageError,
+    },
+    #[error("cannot serve volume {volume}")]
+    VolumeSocket {
+        volume: String,
+        #[source]
+        source: SocketError,
+    },
+    #[error("cannot open the control socket")]
+    ControlSocket(#[source] SocketError),
+    #[error("cannot listen on nbd-tcp {addr}")]
+    Tcp {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot install signal handlers")]
+    Signals(#[source] io::Error),
+    #[error("final flush of volume {volume} failed; acknowledged writes may not be durable")]
+    Flush {
+        volume: String,
+        #[source]
+        source: VolumeError,
+    },
+    #[error("final flush of volume {volume} did not finish within {FLUSH_TIMEOUT:?}")]
+    FlushTimeout { volume: String },
+}
+
+/// What the main loop reacts to. Signals arrive as events, so tests can send them too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Stop: SIGTERM, SIGINT, or a test. A second one during shutdown stops the wait for
+    /// connections.
+    Terminate(&'static str),
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Terminate(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// Runs the daemon for `node` until SIGTERM or SIGINT. Must be called inside a tokio runtime.
+pub async fn run(config: Config, node: LocalNode) -> Result<(), DaemonError> {
+    let (tx, rx) = mpsc::channel(4);
+    let signals = spawn_signal_events(tx)?;
+    let result = run_with_events(config, node, rx).await;
+    signals.abort();
+    result
+}
+
+/// [`run`] with the events coming from `events` instead of signals.
+pub async fn run_with_events(
+    config: Config,
+    node: LocalNode,
+    mut events: mpsc::Receiver<Event>,
+) -> Result<(), DaemonError> {
+    sys::apply(&config.daemon);
+    create_dirs(&node)?;
+    // First, so a second daemon stops here, before it opens (and maybe creates) anything.
+    socket::claim(&node.control_socket()).await.map_err(DaemonError::ControlSocket)?;
+    let volumes = open_volumes(&config, &node)?;
+    let mut serving = Serving::default();
+    if let Err(e) = serving.start(&config, &node, &volumes).await {
+        // A client may already have written through a socket bound before the failure.
+        serving.token.cancel();
+        drain(&serving.tracker, &mut events).await;
+        let _logged = flush_all(&volumes).await;
+        return Err(e);
+    }
+    log_ready(&node, &volumes);
+
+    let why = events.recv().await.map_or("event channel closed".to_string(), |e| e.to_string());
+    tracing::info!("{why}: shutting down");
+    serving.token.cancel();
+    drain(&serving.tracker, &mut events).await;
+    let flushed = flush_all(&volumes).await;
+    drop(serving);
+    tracing::info!("stopped");
+    flushed
+}
+
+/// Everything that serves clients: one token stops it all, the tracker waits for it all, and
+/// the socket files go when it is dropped.
+#[derive(Default)]
+struct Serving {
+    token: CancellationToken,
+    tracker: TaskTracker,
+    bound: BoundSockets,
+}
+
+impl Serving {
+    /// Binds every socket and spawns its accept loop; the control socket comes last, so that
+    /// once it answers, everything else is there too.
+    async fn start(
+        &mut self,
+        config: &Config,
+        node: &LocalNode,
+        volumes: &[Arc<Volume>],
+    ) -> Result<(), DaemonError> {
+        let limits = config.nbd.limits();
+        for v in volumes {
+            let path = node.nbd_socket(v.name());
+            let listener = socket::bind(&path, None).await.map_err(|source| {
+                DaemonError::VolumeSocket { volume: v.name().to_string(), source }
+            })?;
+            self.bound.0.push(path);
+            let exports = Exports::new(vec![Arc::clone(v)], Some(v.name()));
+            self.spawn_accept(listener, exports, &limits);
+        }
+        if let Some(addr) = node.settings.nbd_tcp {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Tcp { addr, source })?;
+            // "" is unambiguous only when there is one volume.
+            let default = match volumes {
+                [only] => Some(only.name()),
+                _ => None,
+            };
+            self.spawn_accept(listener, Exports::new(volumes.to_vec(), default), &limits);
+        }
+        let path = node.control_socket();
+        let control =
+            socket::bind(&path, Some(CONTROL_MODE)).await.map_err(DaemonError::ControlSocket)?;
+        self.bound.0.push(path);
+        let handler =
+            Arc::new(StatusHandler { node: node.name.clone(), volumes: volumes.to_vec() });
+        let (token, tracker) = (self.token.clone(), self.tracker.clone());
+        self.tracker.spawn(control::server::serve(control, handler, token, tracker));
+        Ok(())
+    }
+
+    fn spawn_accept<L: Listener>(&self, listener: L, exports: Exports, limits: &Limits) {
+        let (token, tracker) = (self.token.clone(), self.tracker.clone());
+        let task = accept_loop(listener, Arc::new(exports), limits.clone(), token, tracker);
+        self.tracker.spawn(task);
+    }
+}
+
+/// Forwards SIGTERM and SIGINT to the main loop as [`Event::Terminate`].
+fn spawn_signal_events(tx: mpsc::Sender<Event>) -> Result<JoinHandle<()>, DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                _ = term.recv() => Event::Terminate("SIGTERM"),
+                _ = int.recv() => Event::Terminate("SIGINT"),
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    }))
+}
+
+fn create_dirs(node: &LocalNode) -> Result<(), DaemonError> {
+    for dir in [&node.settings.data_dir, &node.settings.run_dir] {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| DaemonError::CreateDir { path: dir.clone(), source })?;
+    }
+    Ok(())
+}
+
+/// Opens every volume's store. Role: Primary on a single-node file; with two nodes each starts
+/// Secondary until it is promoted (replication and promotion come with the peer link).
+fn open_volumes(config: &Config, node: &LocalNode) -> Result<Vec<Arc<Volume>>, DaemonError> {
+    let role = if config.is_single_node() { Role::Primary } else { Role::Secondary };
+    config
+        .volume
+        .iter()
+        .map(|v| {
+            let backing = node.backing(v);
+            let opts = StoreOptions {
+                path: backing.clone(),
+                size: v.size.bytes(),
+                engine: config.storage.engine,
+                direct: config.storage.direct_io,
+            };
+            let store = Store::open(&opts)
+                .map_err(|source| DaemonError::OpenStore { volume: v.name.clone(), source })?;
+            tracing::info!(
+                volume = %v.name, size = v.size.bytes(), backing = %backing.display(),
+                engine = store.engine_name(), direct_io = store.is_direct(), ?role,
+                "volume opened"
+            );
+            let info = VolumeInfo {
+                name: v.name.clone(),
+                node: node.name.clone(),
+                socket: node.nbd_socket(&v.name),
+                backing,
+                role,
+            };
+            Ok(Arc::new(Volume::new(info, store)))
+        })
+        .collect()
+}
+
+fn log_ready(node: &LocalNode, volumes: &[Arc<Volume>]) {
+    let sockets: Vec<String> = volumes
+        .iter()
+        .map(|v| format!("{} at {}", v.name(), node.nbd_socket(v.name()).display()))
+        .collect();
+    let tcp = node.settings.nbd_tcp.map(|a| format!("; nbd-tcp {a}")).unwrap_or_default();
+    tracing::info!(
+        "ready: serving {} volumes: {}{tcp}; control at {}",
+        volumes.len(),
+        sockets.join(", "),
+        node.control_socket().display()
+    );
+}
+
+/// A listener the accept loop can take clients from.
+trait Listener: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    fn accept_one(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> io::Result<Self::Stream> {
+        let (s, peer) = self.accept().await?;
+        // Small requests (4 KiB writes, replies) must not wait for Nagle.
+        s.set_nodelay(true)?;
+        tracing::debug!(%peer, "NBD client over TCP");
+        Ok(s)
+    }
+}
+
+/// Accepts NBD clients until `token` is cancelled; each is served on `tracker` with a child
+/// token, so cancelling stops reading new requests but lets in-flight ones finish.
+async fn accept_loop<L: Listener>(
+    listener: L,
+    exports: Arc<Exports>,
+    limits: Limits,
+    token: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = token.cancelled() => return,
+            accepted = listener.accept_one() => match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: log, breathe, go on.
+                    tracing::warn!(error = %e, "NBD accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        tracker.spawn(nbd::serve(
+            stream,
+            Arc::clone(&exports),
+            limits.clone(),
+            token.child_token(),
+        ));
+    }
+}
+
+/// Waits for every task on `tracker` (bounded); a second event stops the wait early.
+async fn drain(tracker: &TaskTracker, events: &mut mpsc::Receiver<Event>) {
+    tracker.close();
+    tokio::select! {
+        () = tracker.wait() => tracing::info!("all connections finished"),
+        () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!(
+            tasks = tracker.len(),
+            "connections still busy after {DRAIN_TIMEOUT:?}; going on without them"
+        ),
+        Some(e) = events.recv() => tracing::warn!(
+            tasks = tracker.len(),
+            "{e} again: not waiting for connections"
+        ),
+    }
+}
+
+/// Flushes every volume, even after one failed; returns the first failure.
+async fn flush_all(volumes: &[Arc<Volume>]) -> Result<(), DaemonError> {
+    let mut first = Ok(());
+    for v in volumes {
+        let volume = v.name().to_string();
+        let result = match tokio::time::timeout(FLUSH_TIMEOUT, v.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(DaemonError::Flush { volume, source }),
+            Err(_) => Err(DaemonError::FlushTimeout { volume }),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "shutdown");
+            first = first.and(Err(e));
+        }
+    }
+    first
+}
+
+/// Socket files this process created; removed when dropped, on every path out of `run`.
+#[derive(Default)]
+struct BoundSockets(Vec<PathBuf>);
+
+impl Drop for BoundSockets {
+    fn drop(&mut self) {
+        self.0.iter().map(PathBuf::as_path).for_each(socket::remove);
+    }
+}
+
+/// Answers control requests from the volumes' state.
+struct StatusHandler {
+    node: String,
+    volumes: Vec<Arc<Volume>>,
+}
+
+impl Handler for StatusHandler {
+    async fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::Ok(Reply::Status(NodeStatus {
+                node: self.node.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                volumes: self.volumes.iter().map(|v| v.status()).collect(),
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::{Path, PathBuf},
+        process::Command,
+    };
+
+    use super::*;
+    use crate::control::{Client, ClientError};
+
+    /// A single-node (or, with `extra`, two-node) file under `dir`, with no memory locking:
+    /// mlockall would lock the whole test process.
+    fn config(dir: &Path, extra: &str) -> (Config, LocalNode) {
+        let text = format!(
+            "[daemon]\nmlock = false\nio-flusher = false\n[storage]\nengine = \"sync\"\n\
+             [node.alpha]\ndata-dir = \"{d}/data\"\nrun-dir = \"{d}/run\"\n{extra}\n\
+             [[volume]]\nname = \"vol\"\nsize = \"1MiB\"\n",
+            d = dir.display()
+        );
+        let path = dir.join("blockd.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).unwrap();
+        let node = config.local_node(Some("alpha")).unwrap();
+        (config, node)
+    }
+
+    struct Running {
+        events: mpsc::Sender<Event>,
+        task: JoinHandle<Result<(), DaemonError>>,
+    }
+
+    /// Starts the daemon and waits until its control socket answers.
+    async fn start(config: Config, node: LocalNode) -> Running {
+        let control = node.control_socket();
+        let (events, rx) = mpsc::channel(4);
+        let task = tokio::spawn(run_with_events(config, node, rx));
+        for _ in 0..500 {
+            if status(&control).await.is_ok() || task.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Running { events, task }
+    }
+
+    async fn status(path: &Path) -> Result<NodeStatus, ClientError> {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            Client::connect(&path, Duration::from_secs(5))?.status()
+        })
+        .await
+        .unwrap()
+    }
+
+    impl Running {
+        async fn stop(self) -> Result<(), DaemonError> {
+            self.events.send(Event::Terminate("test")).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(60), self.task).await.unwrap().unwrap()
+        }
+    }
+
+    /// nbdinfo (a real client) reads the export's size from the unix socket.
+    async fn nbdinfo_size(socket: PathBuf, export: &str) -> String {
+        let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("nbdinfo")
+                .args(["--size", &uri])
+                .output()
+                .expect("nbdinfo must be installed")
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "nbdinfo: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serves_volume_and_status_then_stops_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, node) = config(dir.path(), "");
+        let running = start(config, node.clone()).await;
+        let s = status(&node.control_socket()).await.unwrap();
+        assert_eq!((s.node.as_str(), s.volumes.len()), ("alpha", 1));
+        let v = &s.volumes[0];
+        assert_eq!((v.name.as_str(), v.size, v.role), ("vol", 1 << 20, Role::Primary));
+        assert_eq!(v.socket, node.nbd_socket("vol").display().to_string());
+        assert_eq!(nbdinfo_size(node.nbd_socket("vol"), "vol").await, "1048576");
+        assert_eq!(nbdinfo_size(node.nbd_socket("vol"), "").await, "1048576", "default export");
+        running.stop().await.unwrap();
+        assert!(!node.nbd_socket("vol").exists(), "NBD socket removed");
+        assert!(!node.control_socket().exists(), "control socket removed");
+        let backing = std::fs::metadata(dir.path().join("data/vol.img")).unwrap();
+        assert_eq!(backing.len(), 1 << 20);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn second_daemon_is_refused_and_first_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, node) = config(dir.path(), "");
+        let first = start(config.clone(), node.clone()).await;
+        let (_tx, rx) = mpsc::channel(1);
+        let err = run_with_events(config, node.clone(), rx).await.unwrap_err();
+        assert!(matches!(err, DaemonError::ControlSocket(SocketError::InUse { .. })), "{err}");
+        assert!(status(&node.control_socket()).await.is_ok(), "first one still answers");
+        assert!(node.nbd_socket("vol").exists(), "its sockets are untouched");
+        first.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stale_sockets_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, node) = config(dir.path(), "");
+        std::fs::create_dir_all(&node.settings.run_dir).unwrap();
+        for path in [node.nbd_socket("vol"), node.control_socket()] {
+            drop(std::os::unix::net::UnixListener::bind(path).unwrap());
+        }
+        let running = start(config, node.clone()).await;
+        assert!(status(&node.control_socket()).await.is_ok());
+        running.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_node_file_starts_secondary() {
+        let dir = tempfile::tempdir().unwrap();
+        let extra =
+            "replication = \"127.0.0.1:7789\"\n[node.beta]\nreplication = \"127.0.0.2:7789\"\n\
+                     [cluster]\nsecret-file = \"/etc/blockd/secret\"";
+        let (config, node) = config(dir.path(), extra);
+        let running = start(config, node.clone()).await;
+        let s = status(&node.control_socket()).await.unwrap();
+        assert_eq!(s.volumes[0].role, Role::Secondary);
+        running.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_start_removes_what_it_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let extra = format!("nbd-tcp = \"{}\"", taken.local_addr().unwrap());
+        let (config, node) = config(dir.path(), &extra);
+        let (_tx, rx) = mpsc::channel(1);
+        let err = run_with_events(config, node.clone(), rx).await.unwrap_err();
+        assert!(matches!(err, DaemonError::Tcp { .. }), "{err}");
+        assert!(!node.nbd_socket("vol").exists(), "the unix socket bound before is gone");
+        assert!(!node.control_socket().exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_listener_serves_the_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        // A port that was free a moment ago; the daemon binds it right after.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (config, node) = config(dir.path(), &format!("nbd-tcp = \"{addr}\""));
+        let running = start(config, node).await;
+        let uri = format!("nbd://{addr}/vol");
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("nbdinfo")
+                .args(["--size", &uri])
+                .output()
+                .expect("nbdinfo must be installed")
+        })
+        .await
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
+        running.stop().await.unwrap();
+    }
+}

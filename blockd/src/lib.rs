@@ -1,0 +1,25 @@
+//! blockd: one synchronously mirrored block device for two servers, served over NBD.
+//!
+//! Module map (what each owns, and what it must not do):
+//!
+//! - [`config`]: the TOML file plus `BLOCKD_*` overrides, parsed with figment and checked by
+//!   `validate()`. Pure data; no I/O beyond reading the file.
+//! - [`storage`]: the backing file or disk behind one [`storage::Engine`] trait (io_uring and sync
+//!   engines, one completion path) and [`storage::Store`], which adds alignment handling for
+//!   direct I/O. Knows nothing of NBD or peers.
+//! - [`nbd`]: the NBD protocol. `codec` is pure (bytes in, values out); `handshake` and `server`
+//!   drive one connection. Never touches storage directly: every request goes through [`volume`].
+//! - [`volume`]: the write path. Interval ordering of overlapping writes, counters, error
+//!   accounting; where the decision "when is a write acknowledged" lives.
+//! - [`control`]: the control socket (JSON lines) and the types `blockctl` shares.
+//! - [`daemon`]: wiring: config → volumes → listeners, signals, orderly shutdown.
+//! - [`sys`]: process-wide settings against the same-host memory-pressure deadlock
+//!   (`PR_SET_IO_FLUSHER`, `mlockall`).
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod nbd;
+pub mod storage;
+pub mod sys;
+pub mod volume;
