@@ -29,9 +29,12 @@ use crate::{
     control::{
         self,
         socket::{self, SocketError},
-        Handler, NodeStatus, Reply, Request, Response, Role,
+        Handler, NodeStatus, Reply, Request, Response,
     },
+    meta::MetaFile,
     nbd::{self, Exports, Limits},
+    node::Node,
+    replication::{self, LinkConfig},
     storage::{StorageError, Store, StoreOptions},
     sys,
     volume::{Volume, VolumeError, VolumeInfo},
@@ -61,6 +64,22 @@ pub enum DaemonError {
         #[source]
         source: StorageError,
     },
+    #[error("cannot open the metadata of volume {volume}")]
+    Meta {
+        volume: String,
+        #[source]
+        source: crate::meta::MetaError,
+    },
+    #[error("cannot record the start in the metadata of volume {volume}")]
+    MarkRunning {
+        volume: String,
+        #[source]
+        source: VolumeError,
+    },
+    #[error("cannot read the cluster secret")]
+    Secret(#[source] crate::replication::auth::AuthError),
+    #[error("cannot start the replication link")]
+    Link(#[source] crate::replication::LinkError),
     #[error("cannot serve volume {volume}")]
     VolumeSocket {
         volume: String,
@@ -123,8 +142,15 @@ pub async fn run_with_events(
     // First, so a second daemon stops here, before it opens (and maybe creates) anything.
     socket::claim(&node.control_socket()).await.map_err(DaemonError::ControlSocket)?;
     let volumes = open_volumes(&config, &node)?;
+    for v in &volumes {
+        // Cleared now, set again by an orderly stop: a later start can tell a crash.
+        v.mark_clean(false)
+            .await
+            .map_err(|source| DaemonError::MarkRunning { volume: v.name().to_string(), source })?;
+    }
+    let cluster = Node::new(node.name.clone(), peer_name(&config, &node), volumes.clone());
     let mut serving = Serving::default();
-    if let Err(e) = serving.start(&config, &node, &volumes).await {
+    if let Err(e) = serving.start(&config, &node, &cluster).await {
         // A client may already have written through a socket bound before the failure.
         serving.token.cancel();
         drain(&serving.tracker, &mut events).await;
@@ -138,6 +164,13 @@ pub async fn run_with_events(
     serving.token.cancel();
     drain(&serving.tracker, &mut events).await;
     let flushed = flush_all(&volumes).await;
+    if flushed.is_ok() {
+        for v in &volumes {
+            if let Err(e) = v.mark_clean(true).await {
+                tracing::warn!(volume = %v.name(), error = %e, "cannot record the clean stop");
+            }
+        }
+    }
     drop(serving);
     tracing::info!("stopped");
     flushed
@@ -159,9 +192,10 @@ impl Serving {
         &mut self,
         config: &Config,
         node: &LocalNode,
-        volumes: &[Arc<Volume>],
+        cluster: &Arc<Node>,
     ) -> Result<(), DaemonError> {
         let limits = config.nbd.limits();
+        let volumes = cluster.volumes();
         for v in volumes {
             let path = node.nbd_socket(v.name());
             let listener = socket::bind(&path, None).await.map_err(|source| {
@@ -182,12 +216,12 @@ impl Serving {
             };
             self.spawn_accept(listener, Exports::new(volumes.to_vec(), default), &limits);
         }
+        start_link(config, node, cluster, self)?;
         let path = node.control_socket();
         let control =
             socket::bind(&path, Some(CONTROL_MODE)).await.map_err(DaemonError::ControlSocket)?;
         self.bound.0.push(path);
-        let handler =
-            Arc::new(StatusHandler { node: node.name.clone(), volumes: volumes.to_vec() });
+        let handler = Arc::new(NodeHandler { node: Arc::clone(cluster) });
         let (token, tracker) = (self.token.clone(), self.tracker.clone());
         self.tracker.spawn(control::server::serve(control, handler, token, tracker));
         Ok(())
@@ -226,14 +260,15 @@ fn create_dirs(node: &LocalNode) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Opens every volume's store. Role: Primary on a single-node file; with two nodes each starts
-/// Secondary until it is promoted (replication and promotion come with the peer link).
+/// Opens every volume's store and metadata. A single-node volume starts Primary; with two
+/// nodes each starts Secondary and Connecting until promoted (DESIGN §7).
 fn open_volumes(config: &Config, node: &LocalNode) -> Result<Vec<Arc<Volume>>, DaemonError> {
-    let role = if config.is_single_node() { Role::Primary } else { Role::Secondary };
+    let peer = peer_name(config, node);
     config
         .volume
         .iter()
-        .map(|v| {
+        .enumerate()
+        .map(|(index, v)| {
             let backing = node.backing(v);
             let opts = StoreOptions {
                 path: backing.clone(),
@@ -243,21 +278,61 @@ fn open_volumes(config: &Config, node: &LocalNode) -> Result<Vec<Arc<Volume>>, D
             };
             let store = Store::open(&opts)
                 .map_err(|source| DaemonError::OpenStore { volume: v.name.clone(), source })?;
+            let meta_path = node.settings.data_dir.join(format!("{}.meta", v.name));
+            let (file, meta) =
+                MetaFile::open_or_create(&meta_path, v.size.bytes(), &node.name, store.created())
+                    .map_err(|source| DaemonError::Meta { volume: v.name.clone(), source })?;
             tracing::info!(
                 volume = %v.name, size = v.size.bytes(), backing = %backing.display(),
-                engine = store.engine_name(), direct_io = store.is_direct(), ?role,
+                engine = store.engine_name(), direct_io = store.is_direct(),
+                generation = %format!("{:016x}", meta.gens.current), consistent = meta.flags.consistent,
                 "volume opened"
             );
             let info = VolumeInfo {
                 name: v.name.clone(),
+                index: u16::try_from(index).unwrap_or(u16::MAX),
                 node: node.name.clone(),
+                peer: peer.clone(),
                 socket: node.nbd_socket(&v.name),
                 backing,
-                role,
             };
-            Ok(Arc::new(Volume::new(info, store)))
+            Ok(Arc::new(Volume::new(info, store, meta, file)))
         })
         .collect()
+}
+
+/// The other node's name on a two-node setup.
+fn peer_name(config: &Config, node: &LocalNode) -> Option<String> {
+    config.node.keys().find(|n| **n != node.name).cloned()
+}
+
+/// Starts the replication link to the peer, if there is one, and the node's handling of it.
+fn start_link(
+    config: &Config,
+    local: &LocalNode,
+    node: &Arc<Node>,
+    serving: &Serving,
+) -> Result<(), DaemonError> {
+    let Some(peer) = peer_name(config, local) else { return Ok(()) };
+    let secret_file = config.cluster.secret_file.clone().unwrap_or_default();
+    let secret = replication::load_secret(&secret_file).map_err(DaemonError::Secret)?;
+    let addr = |name: &str| config.node.get(name).and_then(|n| n.replication);
+    let (Some(listen), Some(peer_addr)) = (addr(&local.name), addr(&peer)) else {
+        return Ok(()); // validate() requires both; nothing to do otherwise
+    };
+    let cfg = LinkConfig {
+        node: local.name.clone(),
+        peer,
+        listen,
+        peer_addr,
+        secret,
+        peer_timeout: config.cluster.peer_timeout,
+        volumes: config.volume.iter().map(|v| (v.name.clone(), v.size.bytes())).collect(),
+    };
+    let events = replication::spawn(cfg, serving.token.clone()).map_err(DaemonError::Link)?;
+    let task = Arc::clone(node).run_link(events, serving.tracker.clone(), serving.token.clone());
+    serving.tracker.spawn(task);
+    Ok(())
 }
 
 fn log_ready(node: &LocalNode, volumes: &[Arc<Volume>]) {
@@ -373,20 +448,25 @@ impl Drop for BoundSockets {
     }
 }
 
-/// Answers control requests from the volumes' state.
-struct StatusHandler {
-    node: String,
-    volumes: Vec<Arc<Volume>>,
+/// Answers control requests.
+struct NodeHandler {
+    node: Arc<Node>,
 }
 
-impl Handler for StatusHandler {
+impl Handler for NodeHandler {
     async fn handle(&self, request: Request) -> Response {
         match request {
             Request::Status => Response::Ok(Reply::Status(NodeStatus {
-                node: self.node.clone(),
+                node: self.node.name().to_string(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
-                volumes: self.volumes.iter().map(|v| v.status()).collect(),
+                volumes: self.node.volumes().iter().map(|v| v.status()).collect(),
             })),
+            Request::Role { role, force, volume } => {
+                match self.node.set_role(volume.as_deref(), role, force).await {
+                    Ok(()) => Response::Ok(Reply::Done),
+                    Err((kind, message)) => Response::err(kind, message),
+                }
+            }
         }
     }
 }
@@ -399,7 +479,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::control::{Client, ClientError};
+    use crate::control::{Client, ClientError, Role};
 
     /// A single-node (or, with `extra`, two-node) file under `dir`, with no memory locking:
     /// mlockall would lock the whole test process.
@@ -515,13 +595,20 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_node_file_starts_secondary() {
         let dir = tempfile::tempdir().unwrap();
-        let extra =
-            "replication = \"127.0.0.1:7789\"\n[node.beta]\nreplication = \"127.0.0.2:7789\"\n\
-                     [cluster]\nsecret-file = \"/etc/blockd/secret\"";
-        let (config, node) = config(dir.path(), extra);
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let extra = format!(
+            "replication = \"127.0.0.1:0\"\n[node.beta]\nreplication = \"127.0.0.2:7789\"\n\
+             [cluster]\nsecret-file = \"{}\"",
+            secret.display()
+        );
+        let (config, node) = config(dir.path(), &extra);
         let running = start(config, node.clone()).await;
         let s = status(&node.control_socket()).await.unwrap();
         assert_eq!(s.volumes[0].role, Role::Secondary);
+        assert_eq!(s.volumes[0].conn, crate::control::ConnState::Connecting);
         running.stop().await.unwrap();
     }
 

@@ -11,6 +11,10 @@
 //!   drive one connection. Never touches storage directly: every request goes through [`volume`].
 //! - [`volume`]: the write path. Interval ordering of overlapping writes, counters, error
 //!   accounting; where the decision "when is a write acknowledged" lives.
+//! - [`node`]: the node's volumes and its peer link: link events and operator requests become
+//!   role-machine events; the state exchange and resync start live here.
+//! - [`role`]: the pure role machine (DESIGN §7): `step(state, event) -> (state, actions)`; no
+//!   I/O, no tokio: the node performs the actions.
 //! - [`control`]: the control socket (JSON lines) and the types `blockctl` shares.
 //! - [`daemon`]: wiring: config → volumes → listeners, signals, orderly shutdown.
 //! - [`sys`]: process-wide settings against the same-host memory-pressure deadlock
@@ -19,7 +23,11 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod meta;
 pub mod nbd;
+pub mod node;
+pub mod replication;
+pub mod role;
 pub mod storage;
 pub mod sys;
 pub mod volume;

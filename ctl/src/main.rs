@@ -13,11 +13,11 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use blockd::{
     config::{self, Config},
-    control::{Client, ClientError},
+    control::{Client, ClientError, Request, Role},
 };
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
-/// Operator tool for blockd: status now; roles, promote and demote to come.
+/// Operator tool for blockd: status and roles now; promote and demote to come.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -39,6 +39,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Low-level role change of this node's volumes (no mount, VIP or services: see promote).
+    /// Becoming Primary needs an UpToDate disk and a connected Secondary peer that agrees, or
+    /// --force when the peer is really down. Becoming Secondary needs no NBD client connected.
+    Role {
+        role: RoleArg,
+        /// Become Primary although the peer cannot be asked. Only when it is really down: if
+        /// it is alive and Primary too, both accept writes and the data splits.
+        #[arg(long)]
+        force: bool,
+        /// Only this volume (default: every volume of the node).
+        #[arg(long, value_name = "NAME")]
+        volume: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Primary,
+    Secondary,
 }
 
 /// How long one request may wait for the daemon.
@@ -77,6 +96,14 @@ fn run(command: &Command, socket: &std::path::Path) -> Result<(), ClientError> {
             } else {
                 print!("{}", render::status(&status));
             }
+        }
+        Command::Role { role, force, volume } => {
+            let role = match role {
+                RoleArg::Primary => Role::Primary,
+                RoleArg::Secondary => Role::Secondary,
+            };
+            client.call(&Request::Role { role, force: *force, volume: volume.clone() })?;
+            println!("{role:?}");
         }
     }
     Ok(())

@@ -26,10 +26,26 @@ pub fn status(s: &NodeStatus) -> String {
 fn volume(out: &mut String, v: &VolumeStatus) {
     let c = &v.counters;
     let io = if v.direct_io { "direct I/O" } else { "buffered I/O" };
-    let rows: [(&str, String); 13] = [
+    let mut rows: Vec<(&str, String)> = vec![
         ("size", format!("{} ({} bytes)", human(v.size), v.size)),
         ("role", format!("{:?}", v.role)),
         ("disk", format!("{:?}", v.disk)),
+        ("conn", connection(v)),
+    ];
+    if v.peer.is_some() {
+        rows.push(("out-sync", format!("{} ({} bytes)", human(v.out_of_sync), v.out_of_sync)));
+    }
+    if let Some(r) = &v.resync {
+        let pct = if r.total == 0 { 100.0 } else { r.done as f64 * 100.0 / r.total as f64 };
+        let eta = r
+            .total
+            .saturating_sub(r.done)
+            .checked_div(r.rate)
+            .map_or("?".into(), |s| format!("{s} s"));
+        rows.push(("resync", format!("{pct:.1}% at {}/s, ETA {eta}", human(r.rate))));
+    }
+    rows.extend([
+        ("gen", v.generation.clone()),
         ("clients", v.clients.to_string()),
         ("socket", v.socket.clone()),
         ("backing", v.backing.clone()),
@@ -40,11 +56,34 @@ fn volume(out: &mut String, v: &VolumeStatus) {
         ("trims", c.trims.to_string()),
         ("zeroes", c.zeroes.to_string()),
         ("errors", c.errors.to_string()),
-    ];
+    ]);
+    if v.peer.is_some() {
+        rows.extend([
+            ("mirrored", format!("{} ({})", c.peer_writes, human(c.peer_bytes))),
+            ("degraded", c.degraded_writes.to_string()),
+            ("resynced", human(c.resync_bytes)),
+            ("connects", c.connects.to_string()),
+        ]);
+    }
     let _ = writeln!(out, "volume {}", v.name);
     for (label, value) in &rows {
         let _ = writeln!(out, "  {label:<9}{value}");
     }
+}
+
+/// "Connected to beta (Secondary, UpToDate)", "Connecting to beta", "StandAlone: why".
+fn connection(v: &VolumeStatus) -> String {
+    let mut s = format!("{:?}", v.conn);
+    if let Some(peer) = &v.peer {
+        s.push_str(&format!(" to {peer}"));
+        if let (Some(r), Some(d)) = (v.peer_role, v.peer_disk) {
+            s.push_str(&format!(" ({r:?}, {d:?})"));
+        }
+    }
+    if let Some(why) = &v.conn_reason {
+        s.push_str(&format!(": {why}"));
+    }
+    s
 }
 
 /// Bytes in the largest binary unit that keeps the number at or above 1, one decimal:
@@ -65,7 +104,7 @@ pub fn human(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use blockd::control::{Counters, DiskState, Role};
+    use blockd::control::{ConnState, Counters, DiskState, Role};
 
     use super::*;
 
@@ -79,9 +118,8 @@ mod tests {
         assert_eq!(human(u64::MAX), "16.0 EiB");
     }
 
-    #[test]
-    fn status_shows_every_field() {
-        let v = VolumeStatus {
+    fn sample() -> VolumeStatus {
+        VolumeStatus {
             name: "db".into(),
             size: 64 << 20,
             role: Role::Primary,
@@ -91,6 +129,14 @@ mod tests {
             backing: "/var/lib/blockd/db.img".into(),
             engine: "io_uring".into(),
             direct_io: true,
+            conn: ConnState::StandAlone,
+            conn_reason: Some("single-node configuration".into()),
+            peer: None,
+            peer_role: None,
+            peer_disk: None,
+            out_of_sync: 0,
+            resync: None,
+            generation: "0000000000000001".into(),
             counters: Counters {
                 reads: 11,
                 writes: 22,
@@ -100,8 +146,14 @@ mod tests {
                 trims: 44,
                 zeroes: 55,
                 errors: 66,
+                ..Counters::default()
             },
-        };
+        }
+    }
+
+    #[test]
+    fn status_shows_every_field() {
+        let v = sample();
         let s = NodeStatus { node: "alpha".into(), version: "9.9".into(), volumes: vec![v] };
         let text = status(&s);
         for want in [
@@ -110,6 +162,8 @@ mod tests {
             "size     64.0 MiB (67108864 bytes)",
             "role     Primary",
             "disk     Failed",
+            "conn     StandAlone: single-node configuration",
+            "gen      0000000000000001",
             "clients  2",
             "socket   /run/blockd/db.sock",
             "backing  /var/lib/blockd/db.img",
@@ -120,6 +174,30 @@ mod tests {
             "trims    44",
             "zeroes   55",
             "errors   66",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn two_node_status_shows_peer_and_resync() {
+        let mut v = sample();
+        v.conn = ConnState::SyncSource;
+        v.conn_reason = None;
+        v.peer = Some("beta".into());
+        v.peer_role = Some(Role::Secondary);
+        v.peer_disk = Some(DiskState::Inconsistent);
+        v.out_of_sync = 3 << 20;
+        v.resync =
+            Some(blockd::control::ResyncProgress { total: 4 << 20, done: 1 << 20, rate: 1 << 20 });
+        v.counters.peer_writes = 7;
+        let s = NodeStatus { node: "alpha".into(), version: "9.9".into(), volumes: vec![v] };
+        let text = status(&s);
+        for want in [
+            "conn     SyncSource to beta (Secondary, Inconsistent)",
+            "out-sync 3.0 MiB (3145728 bytes)",
+            "resync   25.0% at 1.0 MiB/s, ETA 3 s",
+            "mirrored 7 (0 B)",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{Client, ClientError};
 pub use server::Handler;
-pub use status::{Counters, DiskState, NodeStatus, Role, VolumeStatus};
+pub use status::{ConnState, Counters, DiskState, NodeStatus, ResyncProgress, Role, VolumeStatus};
 
 /// Longest request line the server reads; a request is a few dozen bytes.
 pub const MAX_REQUEST_LINE: usize = 64 << 10;
@@ -35,6 +35,15 @@ pub const MAX_RESPONSE_LINE: usize = 16 << 20;
 pub enum Request {
     /// This node's status: every volume with role, disk state and counters.
     Status,
+    /// Change this node's role for every volume, or for `volume`. JSON:
+    /// `{"cmd":"role","role":"Primary","force":false}`.
+    Role {
+        role: Role,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        volume: Option<String>,
+    },
 }
 
 impl Request {
@@ -42,6 +51,7 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Request::Status => "status",
+            Request::Role { .. } => "role",
         }
     }
 }
@@ -51,6 +61,8 @@ impl Request {
 #[serde(rename_all = "kebab-case")]
 pub enum Reply {
     Status(NodeStatus),
+    /// The request was carried out; nothing to report.
+    Done,
 }
 
 /// What the daemon answers. JSON: `{"ok":{...}}` or `{"err":{"kind":...,"message":...}}`.
@@ -80,6 +92,10 @@ pub enum ErrorKind {
     Inconsistent,
     /// The peer could not be reached.
     PeerUnreachable,
+    /// The peer is Primary (or refused this node's promotion).
+    PeerPrimary,
+    /// The volume is in use (NBD clients connected), so the operation is refused.
+    InUse,
     /// Both nodes changed data independently; an operator must resolve it.
     SplitBrain,
     /// The daemon is at its limit of control connections; retry.

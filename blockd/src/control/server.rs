@@ -122,6 +122,7 @@ mod tests {
                     version: "v".into(),
                     volumes: vec![],
                 })),
+                Request::Role { .. } => Response::err(crate::control::ErrorKind::NotPrimary, "no"),
             }
         }
     }

@@ -20,6 +20,33 @@ pub enum DiskState {
     Failed,
 }
 
+/// The connection to the peer, for one volume (DESIGN §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnState {
+    /// Not connected and not trying: single node, or refused (split brain, unrelated data,
+    /// both Primary, mismatched volume). `conn_reason` says why.
+    StandAlone,
+    /// Waiting for the replication link to come up.
+    Connecting,
+    /// Connected and in sync: writes are mirrored.
+    Connected,
+    /// Connected; this node sends a resync to the peer (writes are mirrored too).
+    SyncSource,
+    /// Connected; this node receives a resync and is `Inconsistent` until it completes.
+    SyncTarget,
+}
+
+/// Progress of a running resync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncProgress {
+    /// Bytes the resync has to cover in all.
+    pub total: u64,
+    /// Bytes covered so far.
+    pub done: u64,
+    /// Bytes per second over the last few seconds.
+    pub rate: u64,
+}
+
 /// Per-volume counters, each incremented on the path named in its doc.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -39,6 +66,21 @@ pub struct Counters {
     pub zeroes: u64,
     /// Requests that failed with an I/O error from the backing store.
     pub errors: u64,
+    /// Writes, zeroes and trims acknowledged by the peer.
+    #[serde(default)]
+    pub peer_writes: u64,
+    /// Payload bytes sent to the peer for application writes.
+    #[serde(default)]
+    pub peer_bytes: u64,
+    /// Writes completed locally only, because the peer was gone (degraded mode).
+    #[serde(default)]
+    pub degraded_writes: u64,
+    /// Bytes sent (as data or as zero requests) by resyncs from this node.
+    #[serde(default)]
+    pub resync_bytes: u64,
+    /// Times the replication link came up for this volume.
+    #[serde(default)]
+    pub connects: u64,
 }
 
 /// One volume on one node.
@@ -58,6 +100,28 @@ pub struct VolumeStatus {
     /// "io_uring" or "sync".
     pub engine: String,
     pub direct_io: bool,
+    /// Connection to the peer; `StandAlone` on a single node.
+    pub conn: ConnState,
+    /// Why the connection is what it is, when that is not obvious (refusals, split brain).
+    #[serde(default)]
+    pub conn_reason: Option<String>,
+    /// The peer's name, on a two-node setup.
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// The peer's role and disk state, while connected.
+    #[serde(default)]
+    pub peer_role: Option<Role>,
+    #[serde(default)]
+    pub peer_disk: Option<DiskState>,
+    /// Bytes that may differ between the nodes (what a resync has still to copy).
+    #[serde(default)]
+    pub out_of_sync: u64,
+    /// The running resync, if any.
+    #[serde(default)]
+    pub resync: Option<ResyncProgress>,
+    /// The current generation id, hex (DESIGN §5).
+    #[serde(default)]
+    pub generation: String,
     pub counters: Counters,
 }
 

@@ -277,7 +277,7 @@ fn nbd_error(e: &VolumeError) -> u32 {
         e if e.is_no_space() => errno::ENOSPC,
         // validate() checked the range first; should it still happen, it is the client's range.
         VolumeError::OutOfRange { .. } => errno::EINVAL,
-        VolumeError::Io(_) => errno::EIO,
+        VolumeError::Io(_) | VolumeError::Metadata(_) => errno::EIO,
     }
 }
 

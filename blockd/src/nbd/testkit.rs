@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{codec, proto, serve, Exports, Limits};
 use crate::{
     control::Role,
+    meta::MetaFile,
     storage::{fault::FaultEngine, DirectIo, EngineKind, Store, StoreOptions},
     volume::{Volume, VolumeInfo},
 };
@@ -32,9 +33,11 @@ pub fn volume(dir: &TempDir, name: &str, size: u64, role: Role) -> Arc<Volume> {
         node: "alpha".into(),
         socket: PathBuf::from(format!("/nonexistent/{name}.sock")),
         backing: path,
-        role,
+        index: 0,
+        // A volume with a peer starts Secondary, one without is Primary at once.
+        peer: (role == Role::Secondary).then(|| "beta".to_string()),
     };
-    Arc::new(Volume::new(info, store))
+    build(dir, name, size, info, store)
 }
 
 /// A volume whose engine fails the ops the returned [`FaultEngine`] is told to fail.
@@ -53,9 +56,18 @@ pub fn faulty_volume(dir: &TempDir, name: &str, size: u64) -> (Arc<Volume>, Arc<
         node: "alpha".into(),
         socket: PathBuf::from(format!("/nonexistent/{name}.sock")),
         backing: path,
-        role: Role::Primary,
+        index: 0,
+        peer: None,
     };
-    (Arc::new(Volume::new(info, store)), fault.expect("map_engine calls its closure"))
+    (build(dir, name, size, info, store), fault.expect("map_engine calls its closure"))
+}
+
+/// The volume with fresh metadata next to its backing file.
+fn build(dir: &TempDir, name: &str, size: u64, info: VolumeInfo, store: Store) -> Arc<Volume> {
+    let meta = dir.path().join(format!("{name}.meta"));
+    let (file, meta) =
+        MetaFile::open_or_create(&meta, size, "alpha", store.created()).expect("metadata");
+    Arc::new(Volume::new(info, store, meta, file))
 }
 
 /// One served connection.

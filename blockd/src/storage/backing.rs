@@ -55,6 +55,8 @@ pub(super) struct Backing {
     /// Alignment of punch / zero-range ops; a multiple of `block`.
     pub unit: u32,
     pub direct: bool,
+    /// `open` created the file (sparse, all zeroes): see [`Store::created`](super::Store::created).
+    pub created: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +68,7 @@ enum Kind {
 /// Opens (creating a missing regular file sparse at `opts.size`) and checks the backing.
 pub(super) fn open(opts: &StoreOptions) -> Result<Backing, StorageError> {
     let path = opts.path.as_path();
-    let kind = prepare(path, opts.size)?;
+    let (kind, created) = prepare(path, opts.size)?;
     let want_direct = opts.direct != DirectIo::Off;
     let file = match open_rw(path, want_direct) {
         Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {
@@ -95,7 +97,7 @@ pub(super) fn open(opts: &StoreOptions) -> Result<Backing, StorageError> {
     };
     let block = direct_block.unwrap_or(1);
     let unit = alloc_unit(&file, kind, block).map_err(|e| open_err(path, e))?;
-    Ok(Backing { file, size: opts.size, block, unit, direct: direct_block.is_some() })
+    Ok(Backing { file, size: opts.size, block, unit, direct: direct_block.is_some(), created })
 }
 
 /// Direct I/O is impossible for `reason`: an error with `On`, one warning with `Auto`.
@@ -112,11 +114,12 @@ fn open_err(path: &Path, source: io::Error) -> StorageError {
     StorageError::Open { path: path.to_path_buf(), source }
 }
 
-/// Creates a missing regular file sparse at `size`; tells a file from a device.
-fn prepare(path: &Path, size: u64) -> Result<Kind, StorageError> {
+/// Creates a missing regular file sparse at `size`; tells a file from a device, and whether it
+/// was created just now.
+fn prepare(path: &Path, size: u64) -> Result<(Kind, bool), StorageError> {
     match std::fs::metadata(path) {
-        Ok(m) if m.file_type().is_file() => Ok(Kind::File),
-        Ok(m) if m.file_type().is_block_device() => Ok(Kind::Device),
+        Ok(m) if m.file_type().is_file() => Ok((Kind::File, false)),
+        Ok(m) if m.file_type().is_block_device() => Ok((Kind::Device, false)),
         Ok(_) => Err(StorageError::Unsupported {
             path: path.to_path_buf(),
             what: "neither a regular file nor a block device".into(),
@@ -124,7 +127,7 @@ fn prepare(path: &Path, size: u64) -> Result<Kind, StorageError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             create_sparse(path, size)
                 .map_err(|source| StorageError::Create { path: path.to_path_buf(), source })?;
-            Ok(Kind::File)
+            Ok((Kind::File, true))
         }
         Err(source) => Err(open_err(path, source)),
     }

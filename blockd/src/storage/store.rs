@@ -76,6 +76,8 @@ pub struct Store {
     direct: bool,
     /// The zero-write fallback is logged once per store, not once per request.
     zero_fallback_logged: AtomicBool,
+    /// `open` created the backing file (sparse, all zeroes).
+    created: bool,
 }
 
 /// What to put into a byte range: the caller's bytes, or `n` zeroes.
@@ -127,6 +129,7 @@ impl Store {
             unit: b.unit,
             direct: b.direct,
             zero_fallback_logged: AtomicBool::new(false),
+            created: b.created,
         })
     }
 
@@ -155,6 +158,12 @@ impl Store {
 
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// True when [`Store::open`] created the backing file (sparse, so all zeroes): its data
+    /// is then of the generation `meta::ZEROES`, the same on every node that created it.
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     pub fn engine_name(&self) -> &'static str {

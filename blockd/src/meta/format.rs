@@ -1,0 +1,256 @@
+//! The superblock's bytes (DESIGN §4), pure: [`encode`] a [`Meta`] into one slot, [`decode`] a
+//! slot back. `file.rs` decides where slots go and how they are made durable.
+//!
+//! One slot, [`SLOT`] bytes, all integers little-endian:
+//!
+//! ```text
+//!  off  len  field
+//!    0    8  magic "BLKDMETA"
+//!    8    4  format version (FORMAT_VERSION = 1); another version is refused, not guessed at
+//!   12    4  reserved (0)
+//!   16    8  sequence number: the slot holding the higher one is the current superblock
+//!   24    8  volume size in bytes
+//!   32    4  bitmap granularity in bytes (power of two, 4 KiB..1 MiB)
+//!   36    4  flags: 1 consistent, 2 primary-when-stopped, 4 clean-shutdown; other bits refused
+//!   40    8  generation current
+//!   48    8  generation bitmap
+//!   56   16  generation history[0], history[1]
+//!   72    2  node name length (1..=NODE_MAX)
+//!   74   64  node name, UTF-8, zero padded
+//!  138  ...  reserved, written as zeroes. Room for what issue 4 adds to version 2: offset and
+//!            length of the dirty bitmap and of the activity log (which will follow the two
+//!            slots in the same file), activity-log extent size and count.
+//! 4092    4  crc32 (crc32fast) of bytes 0..4092
+//! ```
+
+use super::Generations;
+
+/// Bytes of one superblock slot; one page, so a slot write never straddles two pages.
+pub(super) const SLOT: usize = 4096;
+
+/// The format version this code reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Default bitmap granularity: one bit per 4 KiB, as small as the NBD block size (DESIGN §4).
+pub const DEFAULT_GRANULARITY: u32 = 4096;
+
+/// Longest node name the superblock holds, in bytes.
+pub const NODE_MAX: usize = 64;
+
+const MAGIC: &[u8; 8] = b"BLKDMETA";
+const CRC_AT: usize = SLOT - 4;
+const NODE_AT: usize = 74;
+const MIN_GRANULARITY: u32 = 4096;
+const MAX_GRANULARITY: u32 = 1 << 20;
+
+const FLAG_CONSISTENT: u32 = 1;
+const FLAG_PRIMARY_WHEN_STOPPED: u32 = 2;
+const FLAG_CLEAN_SHUTDOWN: u32 = 4;
+const FLAGS_KNOWN: u32 = FLAG_CONSISTENT | FLAG_PRIMARY_WHEN_STOPPED | FLAG_CLEAN_SHUTDOWN;
+
+/// What the superblock says about a volume on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// Volume size in bytes; opening with another size is refused.
+    pub size: u64,
+    /// The node that wrote this metadata.
+    pub node: String,
+    pub gens: Generations,
+    pub flags: Flags,
+    /// Bytes per dirty-bitmap bit (stored now, used from issue 4 on).
+    pub granularity: u32,
+}
+
+/// Superblock flags (DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flags {
+    /// False while this node is the target of an unfinished resync: its data is a mix of two
+    /// generations and must never be promoted or used as a source. Set false *before* the first
+    /// resync write lands, true only after the last one is durable.
+    pub consistent: bool,
+    /// This node was Primary when it stopped (or crashed): it may hold writes the peer lacks.
+    pub primary_when_stopped: bool,
+    /// The daemon stopped in an orderly way (cleared while running); false after a crash.
+    pub clean_shutdown: bool,
+}
+
+/// Why a slot is not a usable superblock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum SlotError {
+    BadMagic,
+    UnknownVersion(u32),
+    BadCrc,
+    /// The crc matched but a field's value is impossible.
+    Invalid(String),
+}
+
+/// A decoded slot: its sequence number and content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Slot {
+    pub seq: u64,
+    pub meta: Meta,
+}
+
+/// Checks what `encode` would refuse, so that callers can fail before touching a file.
+pub(super) fn check(meta: &Meta) -> Result<(), String> {
+    if meta.node.is_empty() || meta.node.len() > NODE_MAX {
+        return Err(format!("node name {:?} must be 1 to {NODE_MAX} bytes", meta.node));
+    }
+    check_granularity(meta.granularity)
+}
+
+fn check_granularity(g: u32) -> Result<(), String> {
+    if g.is_power_of_two() && (MIN_GRANULARITY..=MAX_GRANULARITY).contains(&g) {
+        Ok(())
+    } else {
+        Err(format!("bitmap granularity {g} is not a power of two in 4 KiB..1 MiB"))
+    }
+}
+
+/// Encodes `meta` as slot number `seq`. The caller ran [`check`] first.
+pub(super) fn encode(meta: &Meta, seq: u64) -> Box<[u8; SLOT]> {
+    let mut b = Box::new([0u8; SLOT]);
+    b[0..8].copy_from_slice(MAGIC);
+    b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[16..24].copy_from_slice(&seq.to_le_bytes());
+    b[24..32].copy_from_slice(&meta.size.to_le_bytes());
+    b[32..36].copy_from_slice(&meta.granularity.to_le_bytes());
+    b[36..40].copy_from_slice(&flag_bits(meta.flags).to_le_bytes());
+    let g = meta.gens;
+    for (i, v) in [g.current, g.bitmap, g.history[0], g.history[1]].into_iter().enumerate() {
+        b[40 + 8 * i..48 + 8 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    let node = &meta.node.as_bytes()[..meta.node.len().min(NODE_MAX)];
+    b[72..74].copy_from_slice(&(node.len() as u16).to_le_bytes());
+    b[NODE_AT..NODE_AT + node.len()].copy_from_slice(node);
+    let crc = crc32fast::hash(&b[..CRC_AT]);
+    b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Decodes one slot. Order matters: the magic says whether this is ours at all, the version
+/// whether we know the layout (including where the crc is), and only then the crc is checked.
+pub(super) fn decode(b: &[u8; SLOT]) -> Result<Slot, SlotError> {
+    if &b[0..8] != MAGIC {
+        return Err(SlotError::BadMagic);
+    }
+    let version = u32_at(b, 8);
+    if version != FORMAT_VERSION {
+        return Err(SlotError::UnknownVersion(version));
+    }
+    if crc32fast::hash(&b[..CRC_AT]) != u32_at(b, CRC_AT) {
+        return Err(SlotError::BadCrc);
+    }
+    let bits = u32_at(b, 36);
+    if bits & !FLAGS_KNOWN != 0 {
+        return Err(SlotError::Invalid(format!("unknown flag bits {:#x}", bits & !FLAGS_KNOWN)));
+    }
+    let granularity = u32_at(b, 32);
+    check_granularity(granularity).map_err(SlotError::Invalid)?;
+    let gens = Generations {
+        current: u64_at(b, 40),
+        bitmap: u64_at(b, 48),
+        history: [u64_at(b, 56), u64_at(b, 64)],
+    };
+    let meta =
+        Meta { size: u64_at(b, 24), node: node_at(b)?, gens, flags: flags(bits), granularity };
+    Ok(Slot { seq: u64_at(b, 16), meta })
+}
+
+fn node_at(b: &[u8; SLOT]) -> Result<String, SlotError> {
+    let len = usize::from(u16::from_le_bytes([b[72], b[73]]));
+    if len == 0 || len > NODE_MAX {
+        return Err(SlotError::Invalid(format!("node name length {len}")));
+    }
+    String::from_utf8(b[NODE_AT..NODE_AT + len].to_vec())
+        .map_err(|_| SlotError::Invalid("node name is not UTF-8".into()))
+}
+
+fn flag_bits(f: Flags) -> u32 {
+    let mut bits = 0;
+    if f.consistent {
+        bits |= FLAG_CONSISTENT;
+    }
+    if f.primary_when_stopped {
+        bits |= FLAG_PRIMARY_WHEN_STOPPED;
+    }
+    if f.clean_shutdown {
+        bits |= FLAG_CLEAN_SHUTDOWN;
+    }
+    bits
+}
+
+fn flags(bits: u32) -> Flags {
+    Flags {
+        consistent: bits & FLAG_CONSISTENT != 0,
+        primary_when_stopped: bits & FLAG_PRIMARY_WHEN_STOPPED != 0,
+        clean_shutdown: bits & FLAG_CLEAN_SHUTDOWN != 0,
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(v)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Meta {
+        Meta {
+            size: 1 << 30,
+            node: "alpha".into(),
+            gens: Generations { current: 0xfeed, bitmap: 0xbeef, history: [3, 4] },
+            flags: Flags { consistent: true, primary_when_stopped: false, clean_shutdown: true },
+            granularity: DEFAULT_GRANULARITY,
+        }
+    }
+
+    #[test]
+    fn slot_round_trip_every_flag_combination() {
+        for bits in 0..8 {
+            let meta = Meta { flags: flags(bits), ..sample() };
+            let slot = decode(&encode(&meta, 42)).expect("decodes");
+            assert_eq!(slot, Slot { seq: 42, meta });
+        }
+    }
+
+    #[test]
+    fn every_single_byte_change_is_caught() {
+        let good = encode(&sample(), 1);
+        for at in (0..SLOT).step_by(7).chain([SLOT - 1]) {
+            let mut bad = good.clone();
+            bad[at] ^= 0x20;
+            assert!(decode(&bad).is_err(), "flip at {at} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn unknown_version_and_flags_and_granularity_are_refused() {
+        let mut b = encode(&sample(), 1);
+        b[8] = 2;
+        assert_eq!(decode(&b), Err(SlotError::UnknownVersion(2)));
+        let mut b = encode(&sample(), 1);
+        b[36] |= 0x80;
+        let crc = crc32fast::hash(&b[..CRC_AT]);
+        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(decode(&b), Err(SlotError::Invalid(_))));
+        assert!(check(&Meta { granularity: 3000, ..sample() }).is_err());
+        assert!(check(&Meta { node: "n".repeat(NODE_MAX + 1), ..sample() }).is_err());
+        assert!(check(&Meta { node: String::new(), ..sample() }).is_err());
+        assert!(check(&Meta { node: "n".repeat(NODE_MAX), ..sample() }).is_ok());
+    }
+
+    #[test]
+    fn zeroes_are_not_a_slot() {
+        assert_eq!(decode(&[0u8; SLOT]), Err(SlotError::BadMagic));
+    }
+}

@@ -1,0 +1,363 @@
+//! The node: its volumes and the link to its peer. Turns link events and operator requests into
+//! role-machine events, and performs what the machine asks for that needs the peer.
+//!
+//! ```text
+//!  link events ──► dispatcher (one task, in order) ─┬─ Up: spawn the state exchange
+//!                                                   ├─ Down: every volume Disconnected (a Primary
+//!                                                   │        moves on to a new generation) — before
+//!                                                   │        the next Up is looked at
+//!                                                   ├─ State / AskPromote / RoleChanged / ResyncDone:
+//!                                                   │        answered in order, never waiting on the peer
+//!                                                   └─ Write / Zero / Trim / Flush / Resync*: own task each
+//!  blockctl role ──► promote / demote (may ask the peer, from the caller's task)
+//! ```
+//!
+//! Nothing on the dispatcher waits for the peer: both nodes run one, and a dispatcher waiting
+//! for a reply that the other dispatcher must produce would deadlock the pair.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    control::{ErrorKind, Role},
+    meta,
+    replication::{LinkEvent, Message, Responder, Session},
+    role::{Action, Event, Refusal},
+    volume::{Transition, Volume},
+};
+
+/// How often a Primary flushes its peer while writes happen, so that peer-acknowledged writes
+/// become durable there within this bound even if the client never flushes (DESIGN §3).
+const PEER_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A refused operator request: a kind blockctl can branch on, and a message.
+pub type Refused = (ErrorKind, String);
+
+/// This node's volumes and its peer link.
+#[derive(Debug)]
+pub struct Node {
+    name: String,
+    peer: Option<String>,
+    volumes: Vec<Arc<Volume>>,
+    /// The link's current session, whatever the volumes' states.
+    session: Mutex<Option<Session>>,
+}
+
+impl Node {
+    pub fn new(name: String, peer: Option<String>, volumes: Vec<Arc<Volume>>) -> Arc<Node> {
+        Arc::new(Node { name, peer, volumes, session: Mutex::new(None) })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn volumes(&self) -> &[Arc<Volume>] {
+        &self.volumes
+    }
+
+    fn session(&self) -> Option<Session> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_session(&self, s: Option<Session>) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// Handles link events until the link's channel closes or `token` is cancelled.
+    pub async fn run_link(
+        self: Arc<Self>,
+        mut events: mpsc::Receiver<LinkEvent>,
+        tracker: TaskTracker,
+        token: CancellationToken,
+    ) {
+        tracker.spawn(Arc::clone(&self).flush_peer_periodically(token.clone()));
+        loop {
+            let event = tokio::select! {
+                () = token.cancelled() => return,
+                e = events.recv() => match e { Some(e) => e, None => return },
+            };
+            match event {
+                LinkEvent::Up(s) => {
+                    tracing::info!(peer = %s.peer(), session = s.id(), "replication link up");
+                    self.set_session(Some(s.clone()));
+                    tracker.spawn(Arc::clone(&self).exchange(s));
+                }
+                LinkEvent::Down { session, reason } => self.link_down(session, &reason).await,
+                LinkEvent::Request { session, volume, msg, reply } => {
+                    self.request(&tracker, session, volume, msg, reply).await;
+                }
+                LinkEvent::Refused { reason } => {
+                    tracing::warn!("replication connection refused: {reason}");
+                    self.volumes.iter().for_each(|v| v.note_refused(&reason));
+                }
+            }
+        }
+    }
+
+    async fn link_down(&self, session: u64, reason: &str) {
+        tracing::warn!(session, "replication link down: {reason}");
+        if self.session().is_some_and(|s| s.id() == session) {
+            self.set_session(None);
+        }
+        for v in &self.volumes {
+            if let Err(e) = v.disconnected(session).await {
+                tracing::error!(volume = %v.name(), error = %e, "cannot record the lost peer");
+            }
+        }
+    }
+
+    /// The state exchange of DESIGN §5 for every volume, then the decision from generations.
+    async fn exchange(self: Arc<Self>, s: Session) {
+        for v in &self.volumes {
+            let (state, gens, pws) = v.local_state().await;
+            let mine = Message::State {
+                role: state.role,
+                disk: state.disk,
+                gens,
+                primary_when_stopped: pws,
+            };
+            let (peer_role, peer_disk, peer_gens) = match s.call(v.index(), mine).await {
+                Ok(Message::State { role, disk, gens, .. }) => (role, disk, gens),
+                other => {
+                    tracing::warn!(volume = %v.name(), "state exchange failed: {other:?}");
+                    s.close("state exchange failed");
+                    return;
+                }
+            };
+            let decision = meta::decide(&gens, &peer_gens);
+            tracing::info!(
+                volume = %v.name(),
+                "generations: mine {gens:x?}, peer's {peer_gens:x?} -> {decision:?}"
+            );
+            let event = Event::Connected { peer_role, peer_disk, decision };
+            match v.transition(event, Some(&s)).await {
+                Ok(t) => self.perform(v, &s, t),
+                Err(e) => {
+                    tracing::error!(volume = %v.name(), error = %e, "cannot record the connection");
+                    s.close("metadata update failed");
+                }
+            }
+        }
+    }
+
+    /// The actions a link-side transition left: start a resync, or report a refusal.
+    fn perform(&self, v: &Arc<Volume>, s: &Session, t: Transition) {
+        for action in t.actions {
+            match action {
+                Action::StartResyncSource => {
+                    let (v, s) = (Arc::clone(v), s.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = v.resync_source(&s).await {
+                            tracing::warn!(volume = %v.name(), error = %e, "resync stopped");
+                            // Reconnecting decides again and starts over.
+                            s.close("resync failed");
+                        }
+                    });
+                }
+                Action::Drop(reason) => {
+                    tracing::error!(volume = %v.name(), "not replicating: {reason}");
+                }
+                other => tracing::debug!(volume = %v.name(), "no action needed for {other:?}"),
+            }
+        }
+    }
+
+    /// A request from the peer. Data requests run in their own task; the rest are answered in
+    /// order, here.
+    async fn request(
+        &self,
+        tracker: &TaskTracker,
+        session: u64,
+        index: u16,
+        msg: Message,
+        reply: Responder,
+    ) {
+        let (Some(v), Some(s)) =
+            (self.volumes.get(usize::from(index)), self.session().filter(|s| s.id() == session))
+        else {
+            reply.send(Message::Ack { error: 22 });
+            return;
+        };
+        let v = Arc::clone(v);
+        let answer = match msg {
+            Message::State { .. } => {
+                let (state, gens, pws) = v.local_state().await;
+                Message::State {
+                    role: state.role,
+                    disk: state.disk,
+                    gens,
+                    primary_when_stopped: pws,
+                }
+            }
+            Message::AskPromote => {
+                let granted = match v.transition(Event::PeerAsksPromote, None).await {
+                    Ok(t) => {
+                        t.actions.iter().any(|a| matches!(a, Action::AnswerPeer { granted: true }))
+                    }
+                    Err(_) => false,
+                };
+                Message::PromoteAnswer { granted }
+            }
+            Message::RoleChanged(role) => {
+                ack_of(v.transition(Event::PeerRoleChanged(role), None).await)
+            }
+            Message::ResyncDone { gens } => ack_of(v.finish_resync_target(&gens).await),
+            data => {
+                tracker.spawn(async move { reply.send(v.apply_peer(&s, data).await) });
+                return;
+            }
+        };
+        reply.send(answer);
+    }
+
+    /// `blockctl role`: every volume (or the one named) becomes `role`.
+    pub async fn set_role(
+        &self,
+        volume: Option<&str>,
+        role: Role,
+        force: bool,
+    ) -> Result<(), Refused> {
+        let targets: Vec<&Arc<Volume>> = match volume {
+            Some(name) => {
+                vec![self.volumes.iter().find(|v| v.name() == name).ok_or_else(|| {
+                    (ErrorKind::NotFound, format!("no volume named {name} on node {}", self.name))
+                })?]
+            }
+            None => self.volumes.iter().collect(),
+        };
+        for v in targets {
+            match role {
+                Role::Primary => self.promote(v, force).await?,
+                Role::Secondary => self.demote(v).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn promote(&self, v: &Arc<Volume>, force: bool) -> Result<(), Refused> {
+        if force {
+            tracing::warn!(volume = %v.name(), "promotion with --force requested by the operator");
+        }
+        let mut t = v.transition(Event::Promote { force }, None).await.map_err(internal)?;
+        if t.actions.iter().any(|a| matches!(a, Action::AskPeerPromote)) {
+            let granted = match self.session() {
+                Some(s) => matches!(
+                    s.call(v.index(), Message::AskPromote).await,
+                    Ok(Message::PromoteAnswer { granted: true })
+                ),
+                None => false,
+            };
+            t = v.transition(Event::PeerAnswered { granted }, None).await.map_err(internal)?;
+        }
+        self.finish_role_change(v, t, Role::Primary).await
+    }
+
+    async fn demote(&self, v: &Arc<Volume>) -> Result<(), Refused> {
+        if v.machine().role == Role::Secondary {
+            return Ok(());
+        }
+        let clients = v.clients();
+        if clients > 0 {
+            return Err((
+                ErrorKind::InUse,
+                format!(
+                    "volume {} has {clients} NBD clients connected; disconnect them first",
+                    v.name()
+                ),
+            ));
+        }
+        // Everything acknowledged so far becomes durable on both nodes before the role goes.
+        v.flush().await.map_err(internal)?;
+        let t = v.transition(Event::Demote, None).await.map_err(internal)?;
+        self.finish_role_change(v, t, Role::Secondary).await
+    }
+
+    /// Reports a refusal, or tells the peer about the new role.
+    async fn finish_role_change(
+        &self,
+        v: &Arc<Volume>,
+        t: Transition,
+        role: Role,
+    ) -> Result<(), Refused> {
+        for action in t.actions {
+            match action {
+                Action::Refuse(r) => return Err(refusal(v, r)),
+                Action::BecomePrimary | Action::BecomeSecondary => {
+                    if let Some(s) = self.session() {
+                        // Best effort: the peer also learns the role at the next state exchange.
+                        let _ = s.call(v.index(), Message::RoleChanged(role)).await;
+                    }
+                }
+                other => tracing::debug!(volume = %v.name(), "no action needed for {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the peer once a second while writes happen (DESIGN §3, transfer log).
+    async fn flush_peer_periodically(self: Arc<Self>, token: CancellationToken) {
+        let mut seen: Vec<u64> = vec![0; self.volumes.len()];
+        let mut tick = tokio::time::interval(PEER_FLUSH_INTERVAL);
+        loop {
+            tokio::select! {
+                () = token.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for (v, seen) in self.volumes.iter().zip(seen.iter_mut()) {
+                let c = v.status().counters;
+                let written = c.peer_writes;
+                if written != *seen && v.machine().role == Role::Primary {
+                    *seen = written;
+                    if let Err(e) = v.flush().await {
+                        tracing::warn!(volume = %v.name(), error = %e, "periodic flush failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The peer's name, if there is one.
+    pub fn peer(&self) -> Option<&str> {
+        self.peer.as_deref()
+    }
+}
+
+fn ack_of<T>(r: Result<T, crate::volume::VolumeError>) -> Message {
+    Message::Ack { error: if r.is_ok() { 0 } else { 5 } }
+}
+
+fn internal(e: crate::volume::VolumeError) -> Refused {
+    (
+        ErrorKind::Internal,
+        format!("{e}: {}", std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())),
+    )
+}
+
+fn refusal(v: &Volume, r: Refusal) -> Refused {
+    let name = v.name();
+    match r {
+        Refusal::NotUpToDate(disk) => (
+            ErrorKind::Inconsistent,
+            format!("volume {name}: the local disk is {disk:?}, not UpToDate; refusing to promote"),
+        ),
+        Refusal::PeerUnreachable => (
+            ErrorKind::PeerUnreachable,
+            format!(
+                "volume {name}: the peer is not connected; use --force only if it is really down"
+            ),
+        ),
+        Refusal::PeerIsPrimary | Refusal::PeerRefused => (
+            ErrorKind::PeerPrimary,
+            format!("volume {name}: the peer is Primary (or refused); demote it first"),
+        ),
+        Refusal::PromotionPending => {
+            (ErrorKind::Busy, format!("volume {name}: a promotion is already in progress"))
+        }
+    }
+}

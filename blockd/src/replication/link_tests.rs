@@ -1,0 +1,556 @@
+//! Tests of the link over real TCP on 127.0.0.1 (DESIGN §6): handshake, refusals, corruption,
+//! timeouts, the one-session rule, and the round trip of a 4 KiB write.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::super::handshake::{handshake, PeerHello};
+use super::super::wire::{self, Frame, Message, PROTOCOL_VERSION};
+use super::{bind, start, LinkConfig, LinkError, LinkEvent, Session, Tuning};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn config(
+    node: &str,
+    peer: &str,
+    listen: std::net::SocketAddr,
+    peer_addr: std::net::SocketAddr,
+) -> LinkConfig {
+    LinkConfig {
+        node: node.into(),
+        peer: peer.into(),
+        listen,
+        peer_addr,
+        secret: b"shared secret".to_vec().into(),
+        peer_timeout: Duration::from_secs(3),
+        volumes: vec![("vol0".into(), 1 << 30), ("vol1".into(), 4 << 20)],
+    }
+}
+
+fn fast() -> Tuning {
+    Tuning {
+        higher_dial_delay: Duration::from_millis(50),
+        backoff_min: Duration::from_millis(20),
+        ..Tuning::default()
+    }
+}
+
+/// A node of a test: its events, and a token that stops it when dropped.
+struct Node {
+    rx: mpsc::Receiver<LinkEvent>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+/// Configs for alpha and beta on two freshly bound loopback listeners.
+fn pair() -> ((LinkConfig, std::net::TcpListener), (LinkConfig, std::net::TcpListener)) {
+    let any = "127.0.0.1:0".parse().unwrap();
+    let (la, lb) = (bind(any).unwrap(), bind(any).unwrap());
+    let (a, b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+    ((config("alpha", "beta", a, b), la), (config("beta", "alpha", b, a), lb))
+}
+
+fn run(c: (LinkConfig, std::net::TcpListener), tuning: Tuning) -> Node {
+    let token = CancellationToken::new();
+    let rx = start(c.0, c.1, tuning, token.clone()).unwrap();
+    Node { rx, _stop: token.drop_guard() }
+}
+
+async fn next(n: &mut Node) -> LinkEvent {
+    tokio::time::timeout(WAIT, n.rx.recv())
+        .await
+        .expect("no link event in time")
+        .expect("link gone")
+}
+
+async fn up(n: &mut Node) -> Session {
+    match next(n).await {
+        LinkEvent::Up(s) => s,
+        e => panic!("expected Up, got {e:?}"),
+    }
+}
+
+async fn refused(n: &mut Node) -> String {
+    match next(n).await {
+        LinkEvent::Refused { reason } => reason,
+        e => panic!("expected Refused, got {e:?}"),
+    }
+}
+
+/// Answers every request with Ack { 0 } until the node's channel closes.
+fn serve(mut n: Node) -> tokio::task::JoinHandle<Node> {
+    tokio::spawn(async move {
+        while let Some(e) = n.rx.recv().await {
+            if let LinkEvent::Request { reply, .. } = e {
+                reply.send(Message::Ack { error: 0 });
+            }
+        }
+        n
+    })
+}
+
+fn write4k() -> Message {
+    Message::Write { offset: 4096, data: Bytes::from(vec![0x5A; 4096]) }
+}
+
+#[tokio::test]
+async fn handshake_success_and_requests_both_ways() {
+    let (ca, cb) = pair();
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, sb) = (up(&mut a).await, up(&mut b).await);
+    assert_eq!((sa.peer(), sb.peer()), ("beta", "alpha"));
+    assert_eq!(sa.epoch(), sb.epoch(), "both sides kept the same connection");
+    let call = tokio::spawn({
+        let sa = sa.clone();
+        async move { sa.call(1, write4k()).await }
+    });
+    match next(&mut b).await {
+        LinkEvent::Request { session, volume, msg, reply } => {
+            assert_eq!((session, volume, msg), (sb.id(), 1, write4k()));
+            reply.send(Message::Ack { error: 28 });
+        }
+        e => panic!("expected a request, got {e:?}"),
+    }
+    assert_eq!(call.await.unwrap().unwrap(), Message::Ack { error: 28 });
+    // The other direction, and a STATE answered with a STATE.
+    let state = Message::State {
+        role: crate::control::Role::Secondary,
+        disk: crate::control::DiskState::UpToDate,
+        gens: crate::meta::Generations { current: 9, bitmap: 0, history: [0, 0] },
+        primary_when_stopped: false,
+    };
+    let call = tokio::spawn({
+        let (sb, state) = (sb.clone(), state.clone());
+        async move { sb.call(0, state).await }
+    });
+    match next(&mut a).await {
+        LinkEvent::Request { msg, reply, .. } => {
+            assert_eq!(msg, state);
+            reply.send(msg);
+        }
+        e => panic!("expected a request, got {e:?}"),
+    }
+    assert_eq!(call.await.unwrap().unwrap(), state);
+}
+
+#[tokio::test]
+async fn requests_are_delivered_in_arrival_order() {
+    let (ca, cb) = pair();
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, _sb) = (up(&mut a).await, up(&mut b).await);
+    let calls: Vec<_> = (0..100u64)
+        .map(|i| {
+            let sa = sa.clone();
+            let msg = Message::Trim { offset: i * 4096, len: 4096 };
+            // Sequential submission order: each call is queued before the next is spawned.
+            let fut = async move { sa.call(0, msg).await };
+            tokio::spawn(fut)
+        })
+        .collect();
+    let mut seen = Vec::new();
+    while seen.len() < 100 {
+        if let LinkEvent::Request { msg: Message::Trim { offset, .. }, reply, .. } =
+            next(&mut b).await
+        {
+            seen.push(offset / 4096);
+            drop(reply); // unanswered: the peer gets EIO
+        }
+    }
+    // Spawned tasks run in order on this single-threaded runtime, so the calls were queued in
+    // order; the peer must see them in that order.
+    assert_eq!(seen, (0..100).collect::<Vec<_>>());
+    for c in calls {
+        assert_eq!(
+            c.await.unwrap().unwrap(),
+            Message::Ack { error: 5 },
+            "dropped responder answers EIO"
+        );
+    }
+}
+
+#[tokio::test]
+async fn wrong_secret_is_refused_on_both_sides() {
+    let (ca, mut cb) = pair();
+    cb.0.secret = b"another secret".to_vec().into();
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    for n in [&mut a, &mut b] {
+        let r = refused(n).await;
+        assert!(r.contains("failed authentication"), "{r}");
+        assert!(r.contains("127.0.0.1:"), "names the peer address: {r}");
+    }
+    // The link keeps retrying (with backoff) and keeps refusing.
+    assert!(refused(&mut a).await.contains("failed authentication"));
+}
+
+#[tokio::test]
+async fn volume_size_mismatch_is_refused_naming_both() {
+    let (ca, mut cb) = pair();
+    cb.0.volumes[1].1 = 8 << 20;
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let r = refused(&mut a).await;
+    assert!(r.contains("volumes differ") && r.contains("4194304") && r.contains("8388608"), "{r}");
+    let r = refused(&mut b).await;
+    assert!(r.contains("4194304") && r.contains("8388608"), "{r}");
+}
+
+#[tokio::test]
+async fn wrong_protocol_version_is_refused() {
+    let (ca, _) = pair();
+    let addr = ca.0.listen;
+    let mut a = run(ca, Tuning { higher_dial_delay: WAIT * 10, ..fast() });
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION + 1,
+        node: "beta".into(),
+        instance: 1,
+        nonce: [1; 32],
+        volumes: vec![],
+    };
+    s.write_all(&wire::encode(&Frame { volume: 0, id: 0, reply: false, msg: hello }))
+        .await
+        .unwrap();
+    let r = refused(&mut a).await;
+    assert!(r.contains("protocol version 2") && r.contains("speaks 1"), "{r}");
+}
+
+#[tokio::test]
+async fn unknown_node_name_is_refused() {
+    let (ca, cb) = pair();
+    let mut c = cb.0.clone();
+    c.node = "gamma".into();
+    let mut a = run(ca, fast());
+    let r = fake_peer(&c).await.map(|_| ());
+    assert!(r.is_err());
+    let reason = refused(&mut a).await;
+    assert!(reason.contains("'gamma'") && reason.contains("'beta'"), "{reason}");
+}
+
+/// Connects to `cfg.peer_addr` and completes a valid handshake as `cfg.node`.
+async fn fake_peer(cfg: &LinkConfig) -> Result<(TcpStream, BytesMut, PeerHello), String> {
+    let mut s = TcpStream::connect(cfg.peer_addr).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::new();
+    let h = handshake(&mut s, &mut buf, cfg, 77, cfg.peer_addr).await.map_err(|e| e.to_string())?;
+    Ok((s, buf, h))
+}
+
+#[tokio::test]
+async fn corrupted_frame_drops_the_session_and_is_never_applied() {
+    let (ca, cb) = pair();
+    let mut a = run(ca, Tuning { higher_dial_delay: WAIT * 10, ..fast() });
+    // The fake beta is the higher-named node: alpha's READY comes inside the session.
+    let (mut s, _, hello) = fake_peer(&cb.0).await.unwrap();
+    assert_eq!(hello.epoch, Some(1));
+    let sa = up(&mut a).await;
+    let good = Frame { volume: 0, id: 1, reply: false, msg: write4k() };
+    let mut bad = wire::encode(&Frame { id: 2, ..good.clone() });
+    bad[wire::HEADER_LEN + 2048] ^= 0x01;
+    s.write_all(&wire::encode(&good)).await.unwrap();
+    s.write_all(&bad).await.unwrap();
+    match next(&mut a).await {
+        LinkEvent::Request { msg, reply, .. } => {
+            assert_eq!(msg, write4k());
+            drop(reply);
+        }
+        e => panic!("expected the good write, got {e:?}"),
+    }
+    match next(&mut a).await {
+        LinkEvent::Down { session, reason } => {
+            assert_eq!(session, sa.id());
+            assert!(reason.contains("crc"), "{reason}");
+        }
+        e => panic!("the corrupted write must not be delivered: {e:?}"),
+    }
+    assert!(!sa.is_open());
+}
+
+/// Fills the socket so that direct writes go partial and the writer task must finish them
+/// (`skip`), then checks that the fake peer receives every frame intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_survive_a_full_socket() {
+    let (ca, cb) = pair();
+    let mut a = run(ca, Tuning { higher_dial_delay: WAIT * 10, ..fast() });
+    let (mut s, mut buf, _) = fake_peer(&cb.0).await.unwrap();
+    let sa = up(&mut a).await;
+    // The first call is alone, so it is written directly; 16 MiB cannot fit in the socket
+    // buffer, so the direct write is partial and the writer task must finish it.
+    let call = |i: u8, len: usize| {
+        let sa = sa.clone();
+        let msg = Message::Write { offset: u64::from(i) << 20, data: Bytes::from(vec![i; len]) };
+        tokio::spawn(async move { sa.call(0, msg).await })
+    };
+    let mut calls = vec![call(0, 16 << 20)];
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The rest queue behind it; the content of each frame names its call.
+    calls.extend((1..40u8).map(|i| call(i, if i % 3 == 0 { 100 } else { 1 << 20 })));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 40 {
+        let f = read_frame(&mut s, &mut buf).await;
+        if let Message::Write { offset, data } = &f.msg {
+            let i = (offset >> 20) as u8;
+            assert!(data.iter().all(|&b| b == i), "frame {i} intact");
+            assert!(seen.insert(i), "frame {i} once");
+            let ack = Frame { volume: 0, id: f.id, reply: true, msg: Message::Ack { error: 0 } };
+            s.write_all(&wire::encode(&ack)).await.unwrap();
+        }
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap(), Message::Ack { error: 0 });
+    }
+}
+
+async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Frame {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(f) = wire::decode_buf(buf).expect("valid frame") {
+            return f;
+        }
+        let n = tokio::time::timeout(WAIT, s.read_buf(buf)).await.expect("frame in time").unwrap();
+        assert_ne!(n, 0, "connection closed");
+    }
+}
+
+#[tokio::test]
+async fn silent_peer_times_out() {
+    let (mut ca, cb) = pair();
+    ca.0.peer_timeout = Duration::from_millis(400);
+    let mut a = run(ca, Tuning { higher_dial_delay: WAIT * 10, ..fast() });
+    let (_s, _, _) = fake_peer(&cb.0).await.unwrap();
+    let sa = up(&mut a).await;
+    // From here on only timers matter: let tokio's clock jump.
+    tokio::time::pause();
+    let t0 = tokio::time::Instant::now();
+    match next(&mut a).await {
+        LinkEvent::Down { session, reason } => {
+            assert_eq!((session, reason.as_str()), (sa.id(), "peer timeout"));
+        }
+        e => panic!("expected Down, got {e:?}"),
+    }
+    assert!(t0.elapsed() >= Duration::from_millis(390), "{:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn idle_session_stays_up_through_heartbeats() {
+    let (mut ca, mut cb) = pair();
+    ca.0.peer_timeout = Duration::from_millis(500);
+    cb.0.peer_timeout = Duration::from_millis(500);
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, sb) = (up(&mut a).await, up(&mut b).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(sa.is_open() && sb.is_open(), "{:?} {:?}", sa.reason(), sb.reason());
+}
+
+#[tokio::test]
+async fn close_fails_pending_and_later_calls() {
+    let (ca, cb) = pair();
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, sb) = (up(&mut a).await, up(&mut b).await);
+    let pending = tokio::spawn({
+        let sa = sa.clone();
+        async move { sa.call(0, Message::Flush).await }
+    });
+    let LinkEvent::Request { reply, .. } = next(&mut b).await else { panic!("expected a request") };
+    sa.close("operator said so");
+    assert!(matches!(pending.await.unwrap(), Err(LinkError::LinkDown)));
+    assert!(matches!(sa.call(0, Message::Flush).await, Err(LinkError::LinkDown)));
+    drop(reply);
+    tokio::time::timeout(WAIT, sa.closed()).await.unwrap();
+    match next(&mut b).await {
+        LinkEvent::Down { session, reason } => {
+            assert_eq!(session, sb.id());
+            assert!(reason.contains("operator said so"), "{reason}");
+        }
+        e => panic!("expected Down, got {e:?}"),
+    }
+    // And the link comes back by itself.
+    assert!(matches!(next(&mut a).await, LinkEvent::Down { .. }));
+    let (sa2, sb2) = (up(&mut a).await, up(&mut b).await);
+    assert_eq!(sa2.epoch(), sb2.epoch());
+    assert!(sa2.epoch() > sa.epoch());
+}
+
+/// Drains events for `d`, returning (ups - downs, last Up session).
+async fn settle(n: &mut Node, d: Duration) -> (i32, Option<Session>) {
+    let (mut count, mut last) = (0, None);
+    let end = tokio::time::Instant::now() + d;
+    while let Ok(Some(e)) = tokio::time::timeout_at(end, n.rx.recv()).await {
+        match e {
+            LinkEvent::Up(s) => {
+                count += 1;
+                last = Some(s);
+            }
+            LinkEvent::Down { .. } => count -= 1,
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+    (count, last)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dial_leaves_exactly_one_session() {
+    for _ in 0..5 {
+        let (ca, cb) = pair();
+        let both_now = Tuning { higher_dial_delay: Duration::ZERO, ..fast() };
+        let (mut a, mut b) = (run(ca, both_now.clone()), run(cb, both_now));
+        let ((na, la), (nb, lb)) = tokio::join!(
+            settle(&mut a, Duration::from_millis(500)),
+            settle(&mut b, Duration::from_millis(500))
+        );
+        assert_eq!((na, nb), (1, 1), "exactly one session up on each side");
+        let (la, lb) = (la.unwrap(), lb.unwrap());
+        assert!(la.is_open() && lb.is_open());
+        assert_eq!(la.epoch(), lb.epoch(), "the same connection on both sides");
+    }
+}
+
+/// A config for `node` listening on a fresh loopback port, dialing `peer_addr`.
+fn fresh(
+    node: &str,
+    peer: &str,
+    peer_addr: std::net::SocketAddr,
+) -> (LinkConfig, std::net::TcpListener) {
+    let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (config(node, peer, l.local_addr().unwrap(), peer_addr), l)
+}
+
+#[tokio::test]
+async fn restarted_peer_replaces_the_session_on_either_side() {
+    let (ca, cb) = pair();
+    let a_addr = ca.0.listen;
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, _sb) = (up(&mut a).await, up(&mut b).await);
+    // A new beta instance appears while the old one still holds the session with alpha.
+    let cb2 = fresh("beta", "alpha", a_addr);
+    let b2_addr = cb2.0.listen;
+    let mut b2 = run(cb2, Tuning { higher_dial_delay: Duration::ZERO, ..fast() });
+    let sb2 = up(&mut b2).await;
+    match next(&mut a).await {
+        LinkEvent::Down { session, reason } => {
+            assert_eq!((session, reason.as_str()), (sa.id(), "peer restarted"));
+        }
+        e => panic!("expected Down, got {e:?}"),
+    }
+    let sa2 = up(&mut a).await;
+    assert_eq!(sa2.epoch(), sb2.epoch());
+    assert!(!sa.is_open() && sa2.is_open());
+    drop(b);
+    // Now a new alpha instance: its epochs start over, and beta must still take it.
+    let mut a2 = run(fresh("alpha", "beta", b2_addr), fast());
+    assert_eq!(up(&mut a2).await.epoch(), 1, "a new alpha instance starts its epochs over");
+    match next(&mut b2).await {
+        LinkEvent::Down { session, reason } => {
+            assert_eq!((session, reason.as_str()), (sb2.id(), "peer restarted"));
+        }
+        e => panic!("expected Down, got {e:?}"),
+    }
+    assert_eq!(up(&mut b2).await.epoch(), 1);
+    assert!(matches!(next(&mut a).await, LinkEvent::Down { .. }), "old alpha lost its session");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Round trip of a mirrored 4 KiB write, each node in its own multi-threaded runtime as two
+/// daemons would be, next to the floor: plain TCP ping-pong between the same two runtimes.
+/// Alternating rounds, best p50 of each, because the machine is shared.
+#[test]
+#[ignore = "benchmark: cargo test --release -p blockd --lib round_trip -- --ignored --nocapture"]
+fn round_trip_4k_write() {
+    let (rt_a, rt_b) = (runtime(), runtime());
+    let (ca, cb) = pair();
+    let mut b = rt_b.block_on(async { run(cb, Tuning::default()) });
+    let (sa, _a) = rt_a.block_on(async {
+        let mut a = run(ca, Tuning::default());
+        (up(&mut a).await, a)
+    });
+    rt_b.block_on(async { up(&mut b).await });
+    let _server = rt_b.spawn(async move { serve(b).await });
+    let addr = rt_b.block_on(raw_server());
+    let raw = rt_a.block_on(raw_client(addr));
+    let data = Bytes::from(vec![0x33u8; 4096]);
+    for round in 0..5 {
+        let link = rt_a.block_on(qd1(5_000, || {
+            let (sa, data) = (sa.clone(), data.clone());
+            async move {
+                let r = sa.call(0, Message::Write { offset: 0, data }).await.unwrap();
+                assert_eq!(r, Message::Ack { error: 0 });
+            }
+        }));
+        let tcp = rt_a.block_on(qd1(5_000, || raw.clone().round_trip()));
+        println!("round {round}: link 4 KiB write QD1 {link} | raw TCP 4 KiB ping-pong {tcp}");
+    }
+    let rate = rt_a.block_on(qd32(&sa, &data));
+    println!("link 4 KiB write QD32: {rate:.0} calls/s");
+}
+
+/// Runs `n` calls one after the other; returns "p50 .. p99 ..".
+async fn qd1<F: std::future::Future<Output = ()>>(n: usize, mut f: impl FnMut() -> F) -> String {
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        f().await;
+        lat.push(t.elapsed());
+    }
+    lat.sort_unstable();
+    format!("p50 {:?} p99 {:?}", lat[n / 2], lat[n * 99 / 100])
+}
+
+async fn qd32(sa: &Session, data: &Bytes) -> f64 {
+    let t = std::time::Instant::now();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (sa, data) = (sa.clone(), data.clone());
+            tokio::spawn(async move {
+                for _ in 0..2000 {
+                    sa.call(0, Message::Write { offset: 0, data: data.clone() }).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (32.0 * 2000.0) / t.elapsed().as_secs_f64()
+}
+
+/// The floor: 4 KiB one way and 8 bytes back, TCP_NODELAY.
+async fn raw_server() -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut b = vec![0u8; 4096];
+        while s.read_exact(&mut b).await.is_ok() {
+            if s.write_all(&[0u8; 8]).await.is_err() {
+                break;
+            }
+        }
+    });
+    addr
+}
+
+/// A connected raw client; each round trip sends 4 KiB and reads 8 bytes.
+#[derive(Clone)]
+struct Raw(std::sync::Arc<tokio::sync::Mutex<TcpStream>>);
+
+impl Raw {
+    async fn round_trip(self) {
+        use tokio::io::AsyncReadExt;
+        let mut s = self.0.lock().await;
+        s.write_all(&[1u8; 4096]).await.unwrap();
+        s.read_exact(&mut [0u8; 8]).await.unwrap();
+    }
+}
+
+async fn raw_client(addr: std::net::SocketAddr) -> Raw {
+    let s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    Raw(std::sync::Arc::new(tokio::sync::Mutex::new(s)))
+}

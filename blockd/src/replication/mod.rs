@@ -1,0 +1,25 @@
+//! The replication link between the two nodes (DESIGN §6).
+//!
+//! - [`wire`]: the frame format. Pure: bytes in, values out; no I/O, no tokio.
+//! - [`auth`]: the shared secret file and the HMAC challenge/response. No sockets.
+//! - [`handshake`]: HELLO / AUTH / READY on a fresh connection; public so that integration
+//!   tests can play a fake peer against a real daemon.
+//! - [`link`]: the actor: listens and dials, keeps exactly one session, reconnects with backoff.
+//!   The node (`node.rs`) sees only [`LinkEvent`]s and cloneable [`Session`] handles.
+//! - `session` (private): one connection's reader task, request/reply matching, heartbeats.
+//! - `writer` (private): the send side: write-through when the socket is free, else a writer
+//!   task batching frames into `writev`.
+//!
+//! Nothing here touches storage or volumes: requests go to the node as events, and the node
+//! answers them.
+
+pub mod auth;
+pub mod handshake;
+pub mod link;
+mod session;
+pub mod wire;
+mod writer;
+
+pub use auth::{load_secret, AuthError};
+pub use link::{spawn, LinkConfig, LinkError, LinkEvent, Responder, Session, Tuning};
+pub use wire::{Frame, Message, WireError, PROTOCOL_VERSION};

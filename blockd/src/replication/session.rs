@@ -1,0 +1,405 @@
+//! One authenticated connection: the [`Session`] handle, its reader task and its writer task.
+//!
+//! ```text
+//!   Session::call ──┐
+//!   Responder::send ┼─► Out::send (writer.rs): written at once, or queued for the writer task
+//!   heartbeat ──────┘   (Ping when nothing was queued for peer_timeout/4)
+//!
+//!   socket ─► reader task ─┬─ reply  ──► pending[id] (oneshot) ──► Session::call returns
+//!                          ├─ Ping   ──► Pong into the queue
+//!                          └─ request ─► LinkEvent::Request (in arrival order)
+//! ```
+//!
+//! The writer's queue is unbounded on purpose: what flows into it is bounded elsewhere (the
+//! node's requests by the NBD queue depths, replies by the bounded event channel the reader
+//! feeds), and an unbounded queue lets [`Responder::send`] be synchronous.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::link::{LinkError, LinkEvent};
+use super::wire::{self, Frame, Message};
+use super::writer::{self, Out};
+
+/// errno sent when a request was dropped unanswered.
+const EIO: u32 = 5;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 64 << 10;
+
+/// Calls waiting for their reply. `closed` is set under the same lock as the map is drained, so
+/// a call either gets its sender into the map before the drain (and sees LinkDown from the
+/// dropped sender) or sees `closed` (and fails at once).
+#[derive(Default)]
+struct Pending {
+    closed: bool,
+    map: HashMap<u64, oneshot::Sender<Message>>,
+}
+
+struct Inner {
+    id: u64,
+    epoch: u64,
+    peer: String,
+    peer_addr: std::net::SocketAddr,
+    out: Out,
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+    /// Our calls waiting for a reply, and the peer's requests waiting for ours: when either
+    /// is more than the frame being sent, it goes through the batching writer.
+    calls_out: AtomicUsize,
+    requests_in: AtomicUsize,
+    cancel: CancellationToken,
+    reason: Mutex<Option<String>>,
+    /// Tells the link manager that this session ended (id, reason), once.
+    ended: mpsc::UnboundedSender<(u64, String)>,
+}
+
+/// A handle to the one live session with the peer; cheap to clone.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.inner.id)
+            .field("peer", &self.inner.peer)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these short locks leaves consistent data; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Session {
+    /// Local id of this session, unique within the process; `Down` events name it.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The peer's node name.
+    pub fn peer(&self) -> &str {
+        &self.inner.peer
+    }
+
+    /// The peer's socket address.
+    pub fn peer_addr(&self) -> std::net::SocketAddr {
+        self.inner.peer_addr
+    }
+
+    /// The connection's epoch, assigned by the lower-named node: the same on both sides, so
+    /// tests can check that both kept the same connection.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// Sends a request and waits for the reply; Err(LinkDown) as soon as the session ends
+    /// (timeout, error, close). There is no timeout of its own: a silent peer ends the session
+    /// after `peer_timeout`, and a peer that keeps pinging but never answers is a bug.
+    pub async fn call(&self, volume: u16, msg: Message) -> Result<Message, LinkError> {
+        let inner = &*self.inner;
+        let alone = inner.calls_out.fetch_add(1, Ordering::Relaxed) == 0
+            && inner.requests_in.load(Ordering::Relaxed) == 0;
+        // Decrements `calls_out` however the call ends, also when its future is dropped.
+        let _out = CallGuard(&inner.calls_out);
+        inner.call(volume, msg, alone).await
+    }
+
+    /// Ends the session: pending calls fail with LinkDown, the peer gets a GOODBYE naming
+    /// `reason` (best effort), and the link reports `Down` and reconnects.
+    pub fn close(&self, reason: &str) {
+        let _ = self.inner.send(goodbye(reason), true);
+        self.inner.end(reason.to_owned());
+    }
+
+    /// Resolves when the session has ended.
+    pub async fn closed(&self) {
+        self.inner.cancel.cancelled().await;
+    }
+
+    /// Whether the session is still up.
+    pub fn is_open(&self) -> bool {
+        !self.inner.cancel.is_cancelled()
+    }
+
+    /// Why the session ended, once it has.
+    pub fn reason(&self) -> Option<String> {
+        lock(&self.inner.reason).clone()
+    }
+}
+
+struct CallGuard<'a>(&'a AtomicUsize);
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn goodbye(reason: &str) -> Frame {
+    Frame { volume: 0, id: 0, reply: false, msg: Message::Goodbye { reason: reason.to_owned() } }
+}
+
+impl Inner {
+    async fn call(&self, volume: u16, msg: Message, direct: bool) -> Result<Message, LinkError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = lock(&self.pending);
+            if p.closed {
+                return Err(LinkError::LinkDown);
+            }
+            p.map.insert(id, tx);
+        }
+        if self.send(Frame { volume, id, reply: false, msg }, direct).is_err() {
+            lock(&self.pending).map.remove(&id);
+            return Err(LinkError::LinkDown);
+        }
+        rx.await.map_err(|_| LinkError::LinkDown)
+    }
+
+    /// Sends a frame; a socket error ends the session.
+    fn send(&self, f: Frame, direct: bool) -> Result<(), LinkError> {
+        match self.out.send(f, direct) {
+            Ok(()) => Ok(()),
+            Err(Some(e)) => {
+                self.end(format!("write error: {e}"));
+                Err(LinkError::LinkDown)
+            }
+            Err(None) => Err(LinkError::LinkDown),
+        }
+    }
+
+    /// The one way a session ends. Idempotent: the first reason wins.
+    fn end(&self, reason: String) {
+        {
+            let mut r = lock(&self.reason);
+            if r.is_some() {
+                return;
+            }
+            *r = Some(reason.clone());
+        }
+        {
+            let mut p = lock(&self.pending);
+            p.closed = true;
+            p.map.clear();
+        }
+        self.cancel.cancel();
+        let _ = self.ended.send((self.id, reason));
+    }
+}
+
+/// The answer to one request from the peer. Dropping it unanswered replies `Ack { error: EIO }`,
+/// so the peer's call never waits for an answer that will not come.
+pub struct Responder {
+    inner: Arc<Inner>,
+    volume: u16,
+    id: u64,
+    answered: bool,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder").field("volume", &self.volume).field("id", &self.id).finish()
+    }
+}
+
+impl Responder {
+    /// Queues the reply. Only reply kinds may be sent (Ack, State, PromoteAnswer, Pong); any
+    /// other message would make the peer drop the link, so it is replaced by `Ack { EIO }`.
+    pub fn send(mut self, msg: Message) {
+        self.answered = true;
+        let msg = if wire::is_reply_kind(msg.kind()) {
+            msg
+        } else {
+            tracing::error!(kind = msg.kind(), "not a reply message; answering EIO instead");
+            Message::Ack { error: EIO }
+        };
+        self.reply(msg);
+    }
+
+    fn reply(&self, msg: Message) {
+        let inner = &*self.inner;
+        let alone = inner.requests_in.fetch_sub(1, Ordering::Relaxed) == 1
+            && inner.calls_out.load(Ordering::Relaxed) == 0;
+        let _ = inner.send(Frame { volume: self.volume, id: self.id, reply: true, msg }, alone);
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.reply(Message::Ack { error: EIO });
+        }
+    }
+}
+
+/// What a session needs besides its socket.
+pub(crate) struct SessionParams {
+    pub id: u64,
+    pub epoch: u64,
+    pub peer: String,
+    pub peer_addr: std::net::SocketAddr,
+    pub peer_timeout: Duration,
+    pub events: mpsc::Sender<LinkEvent>,
+    pub ended: mpsc::UnboundedSender<(u64, String)>,
+    /// Frames to send before anything else (READY).
+    pub first: Option<Frame>,
+}
+
+/// The reader of a session that has not started yet: see [`start`].
+pub(crate) struct PendingReader(Reader);
+
+impl PendingReader {
+    /// Starts delivering the peer's frames (requests go to the event channel).
+    pub(crate) fn spawn(self) {
+        tokio::spawn(self.0.run());
+    }
+}
+
+/// Starts the writer task of an authenticated connection and returns its reader unstarted:
+/// the caller queues `LinkEvent::Up` first, so that no request of this session can reach the
+/// event channel before the session itself does. `buf` holds bytes the handshake already read
+/// past its last frame.
+pub(crate) fn start(
+    stream: tokio::net::TcpStream,
+    buf: BytesMut,
+    p: SessionParams,
+) -> (Session, PendingReader) {
+    let (rd, wr) = stream.into_split();
+    let (out, wr, rx) = Out::new(wr);
+    let inner = Arc::new(Inner {
+        id: p.id,
+        epoch: p.epoch,
+        peer: p.peer,
+        peer_addr: p.peer_addr,
+        out,
+        pending: Mutex::new(Pending::default()),
+        next_id: AtomicU64::new(1),
+        calls_out: AtomicUsize::new(0),
+        requests_in: AtomicUsize::new(0),
+        cancel: CancellationToken::new(),
+        reason: Mutex::new(None),
+        ended: p.ended,
+    });
+    if let Some(f) = p.first {
+        let _ = inner.send(f, true);
+    }
+    let reader =
+        Reader { inner: inner.clone(), rd, buf, timeout: p.peer_timeout, events: p.events };
+    let w = inner.clone();
+    tokio::spawn(async move {
+        let ping = || {
+            let id = w.next_id.fetch_add(1, Ordering::Relaxed);
+            Frame { volume: 0, id, reply: false, msg: Message::Ping }
+        };
+        let r = writer::run(&w.out, wr, rx, w.cancel.clone(), p.peer_timeout / 4, ping).await;
+        if let Some(reason) = r {
+            w.end(reason);
+        }
+    });
+    (Session { inner }, PendingReader(reader))
+}
+
+struct Reader {
+    inner: Arc<Inner>,
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    timeout: Duration,
+    events: mpsc::Sender<LinkEvent>,
+}
+
+impl Reader {
+    async fn run(mut self) {
+        let reason = self.read_loop().await;
+        self.inner.end(reason);
+    }
+
+    /// Reads and dispatches frames until the session ends; returns why it ended.
+    ///
+    /// The silence timer is one long-lived `Sleep` checked against the time of the last read,
+    /// not a timeout per read: arming a timer per frame costs more than the frame.
+    async fn read_loop(&mut self) -> String {
+        let cancelled = self.inner.cancel.clone().cancelled_owned();
+        tokio::pin!(cancelled);
+        let mut last = Instant::now();
+        let silence = tokio::time::sleep_until(last + self.timeout);
+        tokio::pin!(silence);
+        loop {
+            loop {
+                match wire::decode_buf(&mut self.buf) {
+                    Ok(Some(f)) => {
+                        if let Err(reason) = self.dispatch(f).await {
+                            return reason;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return format!("bad frame from peer: {e}"),
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                _ = &mut cancelled => return "closed".into(),
+                r = self.rd.read_buf(&mut self.buf) => match r {
+                    Ok(0) => return "peer closed the connection".into(),
+                    Ok(_) => last = Instant::now(),
+                    Err(e) => return format!("read error: {e}"),
+                },
+                _ = &mut silence => {
+                    if last.elapsed() >= self.timeout {
+                        return "peer timeout".into();
+                    }
+                    silence.as_mut().reset(last + self.timeout);
+                }
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, f: Frame) -> Result<(), String> {
+        if f.reply {
+            let waiter = lock(&self.inner.pending).map.remove(&f.id);
+            if let Some(w) = waiter {
+                let _ = w.send(f.msg);
+            }
+            return Ok(());
+        }
+        match f.msg {
+            Message::Ping => {
+                let _ = self
+                    .inner
+                    .send(Frame { volume: 0, id: f.id, reply: true, msg: Message::Pong }, true);
+                Ok(())
+            }
+            Message::Goodbye { reason } => Err(format!("peer closed the session: {reason}")),
+            Message::Hello { .. } | Message::Auth { .. } | Message::Ready { .. } => {
+                Err(format!("unexpected handshake message kind {} in session", f.msg.kind()))
+            }
+            msg => {
+                self.inner.requests_in.fetch_add(1, Ordering::Relaxed);
+                let reply = Responder {
+                    inner: self.inner.clone(),
+                    volume: f.volume,
+                    id: f.id,
+                    answered: false,
+                };
+                let ev =
+                    LinkEvent::Request { session: self.inner.id, volume: f.volume, msg, reply };
+                self.events.send(ev).await.map_err(|_| "link event receiver gone".to_string())
+            }
+        }
+    }
+}

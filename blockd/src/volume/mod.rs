@@ -1,0 +1,401 @@
+//! One volume on this node: the write path, where "when is a write acknowledged" is decided.
+//!
+//! ```text
+//!  NBD request ─► bounds ─► interval lock (block-widened, FIFO among overlaps) ─┬─► Store (local)
+//!                                                                              └─► peer (Session)
+//!                          reply ◄── both completed (or peer gone: generation rotated first) ◄┘
+//! ```
+//!
+//! Durability, as acknowledged to the NBD client:
+//! - WRITE, WRITE_ZEROES, TRIM: the local store completed it (direct I/O: it reached the device)
+//!   AND, when the peer is connected, the peer acknowledged that its write completed. A peer ack
+//!   means "written", not "durable": the peer's device cache may still lose it.
+//! - FLUSH: `fdatasync` completed locally and on the peer, covering every write acknowledged
+//!   before the FLUSH arrived. FUA: the request, then that flush.
+//! - Degraded (peer gone, or never connected since this node moved on): the write completes
+//!   locally only, and only after this node's new generation is on disk (DESIGN §5), so a later
+//!   handshake is guaranteed to see that the peer needs a resync.
+//!
+//! Ordering: every write-type request holds an exclusive lock on its range, widened to the
+//! backing's block size, for the whole of its execution on BOTH nodes (the lock is released only
+//! after the peer's ack). Overlapping writes therefore reach the peer one after the other, in
+//! the order they were applied here, and a resync block (which takes the same lock) can never
+//! overwrite a newer write on the peer. The lock also keeps read-modify-write of partial blocks
+//! from losing a neighbour's bytes.
+
+mod locks;
+mod peer;
+mod state;
+
+use std::{
+    io,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use bytes::Bytes;
+
+pub use locks::{IntervalLocks, RangeGuard};
+pub use state::Transition;
+
+use crate::{
+    control::{Counters, Role, VolumeStatus},
+    meta::{Meta, MetaError, MetaFile},
+    replication::Message,
+    role,
+    storage::{AlignedBuf, ReadBuf, Store},
+};
+
+/// Why a request on a volume failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The request does not fit inside the volume; nothing was touched.
+    #[error("request {offset}+{len} is beyond the end of the volume ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    /// The backing store failed; the disk is now `Failed`.
+    #[error("I/O error on the backing store")]
+    Io(#[source] io::Error),
+    /// The new generation could not be persisted, so a write the peer does not have cannot be
+    /// acknowledged.
+    #[error("cannot record the new generation")]
+    Metadata(#[source] MetaError),
+}
+
+impl VolumeError {
+    /// True when the backing store ran out of space (ENOSPC, EDQUOT, EFBIG): NBD says ENOSPC.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            VolumeError::Io(e) => {
+                matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG))
+            }
+            VolumeError::OutOfRange { .. } | VolumeError::Metadata(_) => false,
+        }
+    }
+}
+
+/// Why this node does not serve the volume to NBD clients right now.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotServing {
+    #[error("volume {volume} is Secondary on node {node}; the primary is {}",
+        primary.as_deref().unwrap_or("unknown (no connected peer is Primary)"))]
+    Secondary { volume: String, node: String, primary: Option<String> },
+}
+
+/// What a volume is made of, besides its store and metadata.
+#[derive(Debug, Clone)]
+pub struct VolumeInfo {
+    pub name: String,
+    /// Index in the configuration's volume list: the volume's id on the replication link.
+    pub index: u16,
+    /// This node's name, for messages.
+    pub node: String,
+    /// The peer's name on a two-node setup; `None` on a single node.
+    pub peer: Option<String>,
+    /// The NBD unix socket, for status.
+    pub socket: PathBuf,
+    /// Backing file or device, for status.
+    pub backing: PathBuf,
+}
+
+/// One volume as seen on this node.
+#[derive(Debug)]
+pub struct Volume {
+    info: VolumeInfo,
+    store: Store,
+    locks: IntervalLocks,
+    counters: AtomicCounters,
+    clients: AtomicU32,
+    /// What the data path and status read; changed only under `persisted` (see state.rs).
+    live: Mutex<state::Live>,
+    /// Metadata and its file; holding this lock is what serialises state transitions.
+    persisted: tokio::sync::Mutex<state::Persisted>,
+    /// Mirrors `meta.gens.bitmap != 0`: this node has moved on without its peer. Lets the
+    /// degraded write path skip the metadata lock once the rotation is on disk.
+    moved_on: AtomicBool,
+}
+
+impl Volume {
+    /// A volume in its start-up state: Primary on a single node, else Secondary and Connecting;
+    /// disk `Inconsistent` if an interrupted resync left it so, else `UpToDate`.
+    pub fn new(info: VolumeInfo, store: Store, meta: Meta, file: MetaFile) -> Self {
+        let (live, moved_on) = state::Live::at_start(&info, &meta);
+        Volume {
+            info,
+            store,
+            locks: IntervalLocks::default(),
+            counters: AtomicCounters::default(),
+            clients: AtomicU32::new(0),
+            live: Mutex::new(live),
+            persisted: tokio::sync::Mutex::new(state::Persisted { file, meta }),
+            moved_on: AtomicBool::new(moved_on),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// The volume's id on the replication link.
+    pub fn index(&self) -> u16 {
+        self.info.index
+    }
+
+    /// Size in bytes, as exported.
+    pub fn size(&self) -> u64 {
+        self.store.size()
+    }
+
+    /// The backing's block size: requests aligned to it avoid read-modify-write.
+    pub fn block_size(&self) -> u32 {
+        self.store.block_size()
+    }
+
+    /// A buffer suitable for a write payload of `len` bytes.
+    pub fn alloc(&self, len: usize) -> AlignedBuf {
+        self.store.alloc(len)
+    }
+
+    /// Ok when this node may serve the volume to NBD clients: it is Primary.
+    pub fn check_serving(&self) -> Result<(), NotServing> {
+        let live = self.live();
+        match live.machine.role {
+            Role::Primary => Ok(()),
+            Role::Secondary => Err(NotServing::Secondary {
+                volume: self.info.name.clone(),
+                node: self.info.node.clone(),
+                primary: (live.machine.peer_role == Some(Role::Primary))
+                    .then(|| self.info.peer.clone())
+                    .flatten(),
+            }),
+        }
+    }
+
+    /// Registers an NBD client, unless `max` are already connected. The count drops with the guard.
+    pub fn add_client(self: &Arc<Self>, max: u32) -> Option<ClientGuard> {
+        self.clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| ClientGuard(Arc::clone(self)))
+    }
+
+    /// NBD clients connected now.
+    pub fn clients(&self) -> u32 {
+        self.clients.load(Ordering::Acquire)
+    }
+
+    /// Reads are served locally (DESIGN §3).
+    pub async fn read(&self, offset: u64, len: u32) -> Result<ReadBuf, VolumeError> {
+        self.check_range(offset, u64::from(len))?;
+        let buf = self.io(self.store.read(offset, len).await)?;
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset` here and on the peer; with `fua`, durably on both.
+    pub async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), VolumeError> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        {
+            let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
+            match self.mirror_session() {
+                None => {
+                    self.io(self.store.write(offset, data).await)?;
+                    self.degraded_write().await?;
+                }
+                Some(session) => {
+                    // The peer gets its own copy: the local engine owns `data` until it completes.
+                    let msg =
+                        Message::Write { offset, data: Bytes::copy_from_slice(data.as_slice()) };
+                    let (local, remote) =
+                        tokio::join!(self.store.write(offset, data), self.call_peer(&session, msg));
+                    self.io(local)?;
+                    self.peer_done(&session, remote, len).await?;
+                }
+            }
+        }
+        if fua {
+            self.flush().await?;
+        }
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_written.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes `offset..offset+len` read as zeroes, here and on the peer. `punch` allows
+    /// deallocating (NBD without NO_HOLE); otherwise the range stays allocated.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        self.check_range(offset, len)?;
+        let msg = Message::WriteZeroes { offset, len, punch };
+        self.mirrored(offset, len, msg, self.store.write_zeroes(offset, len, punch)).await?;
+        if fua {
+            self.flush().await?;
+        }
+        self.counters.zeroes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Discards `offset..offset+len` here and on the peer (a hint: contents are undefined
+    /// until rewritten).
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        self.check_range(offset, len)?;
+        let msg = Message::Trim { offset, len };
+        self.mirrored(offset, len, msg, self.store.trim(offset, len)).await?;
+        if fua {
+            self.flush().await?;
+        }
+        self.counters.trims.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Returns once every write completed before the call is on stable storage here and, when
+    /// connected, on the peer.
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        match self.mirror_session() {
+            None => self.io(self.store.flush().await)?,
+            Some(session) => {
+                let (local, remote) =
+                    tokio::join!(self.store.flush(), self.call_peer(&session, Message::Flush));
+                self.io(local)?;
+                self.peer_done(&session, remote, 0).await?;
+            }
+        }
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A zero or trim: `local` runs under the range lock together with `msg` to the peer.
+    async fn mirrored(
+        &self,
+        offset: u64,
+        len: u64,
+        msg: Message,
+        local: impl std::future::Future<Output = io::Result<()>>,
+    ) -> Result<(), VolumeError> {
+        let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
+        match self.mirror_session() {
+            None => {
+                self.io(local.await)?;
+                self.degraded_write().await
+            }
+            Some(session) => {
+                let (local, remote) = tokio::join!(local, self.call_peer(&session, msg));
+                self.io(local)?;
+                self.peer_done(&session, remote, 0).await
+            }
+        }
+    }
+
+    pub fn status(&self) -> VolumeStatus {
+        let live = self.live();
+        let gens = live.gens.current;
+        VolumeStatus {
+            name: self.info.name.clone(),
+            size: self.size(),
+            role: live.machine.role,
+            disk: live.machine.disk,
+            clients: self.clients.load(Ordering::Relaxed),
+            socket: self.info.socket.display().to_string(),
+            backing: self.info.backing.display().to_string(),
+            engine: self.store.engine_name().to_string(),
+            direct_io: self.store.is_direct(),
+            conn: live.machine.conn,
+            conn_reason: live.reason.clone(),
+            peer: self.info.peer.clone(),
+            peer_role: live.machine.peer_role,
+            peer_disk: live.peer_disk,
+            out_of_sync: live.out_of_sync(self.size()),
+            resync: live.resync.as_ref().map(state::Progress::report),
+            generation: format!("{gens:016x}"),
+            counters: self.counters.snapshot(),
+        }
+    }
+
+    /// The role machine's state now.
+    pub fn machine(&self) -> role::State {
+        self.live().machine
+    }
+
+    fn live(&self) -> MutexGuard<'_, state::Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Overflow-safe bounds check (NBD-NOTES §2.6): `offset + len` is never computed.
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        let size = self.size();
+        if offset > size || len > size - offset {
+            return Err(VolumeError::OutOfRange { offset, len, size });
+        }
+        Ok(())
+    }
+
+    /// Accounts a backing-store result: any error counts and marks the disk `Failed`.
+    fn io<T>(&self, r: io::Result<T>) -> Result<T, VolumeError> {
+        r.map_err(|e| {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            let err = VolumeError::Io(e);
+            // Running out of space is the filesystem's state, not a broken disk.
+            if !err.is_no_space() {
+                self.disk_failed(&err);
+            }
+            err
+        })
+    }
+}
+
+/// Holds one of a volume's client slots.
+#[derive(Debug)]
+pub struct ClientGuard(Arc<Volume>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, Default)]
+struct AtomicCounters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    flushes: AtomicU64,
+    trims: AtomicU64,
+    zeroes: AtomicU64,
+    errors: AtomicU64,
+    peer_writes: AtomicU64,
+    peer_bytes: AtomicU64,
+    degraded_writes: AtomicU64,
+    resync_bytes: AtomicU64,
+    connects: AtomicU64,
+}
+
+impl AtomicCounters {
+    fn snapshot(&self) -> Counters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            reads: get(&self.reads),
+            writes: get(&self.writes),
+            bytes_read: get(&self.bytes_read),
+            bytes_written: get(&self.bytes_written),
+            flushes: get(&self.flushes),
+            trims: get(&self.trims),
+            zeroes: get(&self.zeroes),
+            errors: get(&self.errors),
+            peer_writes: get(&self.peer_writes),
+            peer_bytes: get(&self.peer_bytes),
+            degraded_writes: get(&self.degraded_writes),
+            resync_bytes: get(&self.resync_bytes),
+            connects: get(&self.connects),
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! A volume's replication state: the role machine's state, the session writes are mirrored on,
+//! the persisted metadata, and the transitions between them.
+//!
+//! Two locks, always taken in this order when both are needed:
+//! - `persisted` (tokio mutex): the metadata and its file. Whoever holds it may change the
+//!   state; so transitions are serialised, and a transition's persistence (a new generation, the
+//!   `consistent` flag) is on disk before anyone sees the state that depends on it.
+//! - `live` (std mutex, never held across an await): what the data path and status read.
+
+use std::time::Instant;
+
+use tokio::sync::MutexGuard;
+
+use super::{Volume, VolumeError, VolumeInfo};
+use crate::{
+    control::{ConnState, DiskState, ResyncProgress, Role},
+    meta::{new_generation, Generations, Meta, MetaFile},
+    replication::{LinkError, Message, Session},
+    role::{self, Action, Event},
+};
+
+/// Metadata and the file it lives in; the mutex around it is the transition lock.
+#[derive(Debug)]
+pub(super) struct Persisted {
+    pub file: MetaFile,
+    pub meta: Meta,
+}
+
+/// What the data path and status read.
+#[derive(Debug)]
+pub(super) struct Live {
+    pub machine: role::State,
+    /// The session writes go to: set while connected, cleared when it ends or is dropped.
+    pub session: Option<Session>,
+    /// Why the connection is in its state, when refused or dropped.
+    pub reason: Option<String>,
+    pub peer_disk: Option<DiskState>,
+    pub resync: Option<Progress>,
+    /// A copy of the persisted generations, for status and out-of-sync accounting.
+    pub gens: Generations,
+    /// The session whose resync this node, as target, is ready to receive (its `Inconsistent`
+    /// flag is on disk); 0 for none.
+    pub target_ready: u64,
+}
+
+/// A running resync's progress.
+#[derive(Debug, Clone)]
+pub(super) struct Progress {
+    pub total: u64,
+    pub done: u64,
+    pub started: Instant,
+}
+
+impl Progress {
+    pub fn new(total: u64) -> Self {
+        Progress { total, done: 0, started: Instant::now() }
+    }
+
+    pub fn report(&self) -> ResyncProgress {
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        ResyncProgress {
+            total: self.total,
+            done: self.done,
+            rate: (self.done as f64 / secs) as u64,
+        }
+    }
+}
+
+impl Live {
+    /// The state a volume starts in; the bool is "this node has moved on without its peer".
+    pub fn at_start(info: &VolumeInfo, meta: &Meta) -> (Live, bool) {
+        let single = info.peer.is_none();
+        let machine = role::State {
+            role: if single { Role::Primary } else { Role::Secondary },
+            disk: if meta.flags.consistent { DiskState::UpToDate } else { DiskState::Inconsistent },
+            conn: if single { ConnState::StandAlone } else { ConnState::Connecting },
+            peer_role: None,
+            promoting: false,
+        };
+        let live = Live {
+            machine,
+            session: None,
+            reason: single.then(|| "single-node configuration".to_string()),
+            peer_disk: None,
+            resync: None,
+            gens: meta.gens,
+            target_ready: 0,
+        };
+        (live, meta.gens.bitmap != 0)
+    }
+
+    /// Bytes that may differ from the peer. Without a bitmap (a later issue) that is the whole
+    /// device whenever a resync is due, and what is left of it while one runs.
+    pub fn out_of_sync(&self, size: u64) -> u64 {
+        if let Some(p) = &self.resync {
+            return p.total.saturating_sub(p.done);
+        }
+        let due = self.gens.bitmap != 0 || self.machine.disk == DiskState::Inconsistent;
+        if due {
+            size
+        } else {
+            0
+        }
+    }
+}
+
+/// What a transition left for the node to do: the actions that need the peer or the operator.
+#[derive(Debug, Default)]
+pub struct Transition {
+    pub actions: Vec<Action>,
+}
+
+impl Volume {
+    /// Steps the role machine with `event` and performs the actions that are this volume's own
+    /// (persisting metadata, a new generation, resync bookkeeping). `session` is the session the
+    /// event belongs to (for `Connected`). Returns the actions left for the caller.
+    pub async fn transition(
+        &self,
+        event: Event,
+        session: Option<&Session>,
+    ) -> Result<Transition, VolumeError> {
+        let mut p = self.persisted.lock().await;
+        let (before, actions) = {
+            let mut live = self.live();
+            let before = live.machine;
+            let (after, actions) = role::step(&before, &event);
+            live.machine = after;
+            (before, actions)
+        };
+        self.log_change(&before, &event);
+        let mut left = Vec::new();
+        for action in actions {
+            match action {
+                Action::BecomePrimary => {
+                    self.persist_with(&mut p, |m| m.flags.primary_when_stopped = true)?;
+                    if !self.connected_in_sync() {
+                        // Promoted without a peer: a new generation before any write (DESIGN §5).
+                        self.rotate(&mut p)?;
+                    }
+                    left.push(Action::BecomePrimary);
+                }
+                Action::BecomeSecondary => {
+                    self.persist_with(&mut p, |m| m.flags.primary_when_stopped = false)?;
+                    left.push(Action::BecomeSecondary);
+                }
+                Action::StartResyncTarget => {
+                    self.persist_with(&mut p, |m| m.flags.consistent = false)?;
+                    let mut live = self.live();
+                    live.resync = Some(Progress::new(self.size()));
+                    live.target_ready = session.map_or(0, Session::id);
+                }
+                Action::StartResyncSource => {
+                    self.live().resync = Some(Progress::new(self.size()));
+                    left.push(Action::StartResyncSource);
+                }
+                Action::Drop(reason) => {
+                    let mut live = self.live();
+                    live.reason = Some(reason.clone());
+                    live.session = None;
+                    left.push(Action::Drop(reason));
+                }
+                other => left.push(other),
+            }
+        }
+        self.after_transition(&event, session);
+        Ok(Transition { actions: left })
+    }
+
+    /// Session bookkeeping once a transition is done: which session writes go to.
+    fn after_transition(&self, event: &Event, session: Option<&Session>) {
+        let mut live = self.live();
+        match event {
+            Event::Connected { peer_disk, .. } => {
+                live.peer_disk = Some(*peer_disk);
+                if matches!(
+                    live.machine.conn,
+                    ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget
+                ) {
+                    live.session = session.cloned();
+                    live.reason = None;
+                    self.counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Event::Disconnected => {
+                live.session = None;
+                live.peer_disk = None;
+                live.resync = None;
+                live.target_ready = 0;
+            }
+            _ => {}
+        }
+    }
+
+    /// The link to the peer ended (`session`, if this volume had it): steps `Disconnected`, and
+    /// a Primary moves on to a new generation at once, so that the next handshake, whatever
+    /// happens in between, sees that the peer needs a resync.
+    pub async fn disconnected(&self, session: u64) -> Result<Transition, VolumeError> {
+        let stale = self.live().session.as_ref().is_some_and(|s| s.id() != session);
+        if stale {
+            return Ok(Transition::default());
+        }
+        let t = self.transition(Event::Disconnected, None).await?;
+        if self.live().machine.role == Role::Primary {
+            self.ensure_moved_on().await?;
+        }
+        Ok(t)
+    }
+
+    /// The resync this node sent has been applied by the peer: it is in sync again.
+    pub(super) async fn finish_resync_source(&self) -> Result<Transition, VolumeError> {
+        {
+            let mut p = self.persisted.lock().await;
+            self.persist_with(&mut p, |m| m.gens.sync_done_source())?;
+            self.moved_on.store(false, std::sync::atomic::Ordering::Release);
+            self.live().resync = None;
+        }
+        self.transition(Event::ResyncDone, None).await
+    }
+
+    /// The resync this node received is complete: adopt the source's generations, and only
+    /// then (durably) call the data consistent.
+    pub async fn finish_resync_target(
+        &self,
+        source: &Generations,
+    ) -> Result<Transition, VolumeError> {
+        {
+            let mut p = self.persisted.lock().await;
+            self.persist_with(&mut p, |m| {
+                m.gens.sync_done_target(source);
+                m.flags.consistent = true;
+            })?;
+            let mut live = self.live();
+            live.resync = None;
+            live.target_ready = 0;
+        }
+        self.transition(Event::ResyncDone, None).await
+    }
+
+    /// Records an orderly stop (`clean_shutdown`) or, at start, that the node is running.
+    pub async fn mark_clean(&self, clean: bool) -> Result<(), VolumeError> {
+        let mut p = self.persisted.lock().await;
+        self.persist_with(&mut p, |m| m.flags.clean_shutdown = clean)
+    }
+
+    /// A connection attempt was refused (authentication, version, volume mismatch): status
+    /// shows why while no session is up.
+    pub fn note_refused(&self, reason: &str) {
+        let mut live = self.live();
+        if live.session.is_none() {
+            live.reason = Some(reason.to_string());
+        }
+    }
+
+    /// Generations and flags for the state exchange with the peer.
+    pub async fn local_state(&self) -> (role::State, Generations, bool) {
+        let p = self.persisted.lock().await;
+        (self.machine(), p.meta.gens, p.meta.flags.primary_when_stopped)
+    }
+
+    /// The session application writes are mirrored on: this node is Primary and connected
+    /// (in sync, or sending a resync).
+    pub(super) fn mirror_session(&self) -> Option<Session> {
+        let live = self.live();
+        let mirroring = live.machine.role == Role::Primary
+            && matches!(live.machine.conn, ConnState::Connected | ConnState::SyncSource);
+        live.session.as_ref().filter(|s| mirroring && s.is_open()).cloned()
+    }
+
+    fn connected_in_sync(&self) -> bool {
+        let live = self.live();
+        live.session.is_some() && matches!(live.machine.conn, ConnState::Connected)
+    }
+
+    pub(super) async fn call_peer(
+        &self,
+        session: &Session,
+        msg: Message,
+    ) -> Result<Message, LinkError> {
+        session.call(self.index(), msg).await
+    }
+
+    /// Accounts the peer's answer to a mirrored request. Anything but a clean ack means the
+    /// peer may not have it: the session is closed and the write completes degraded, after the
+    /// new generation is on disk.
+    pub(super) async fn peer_done(
+        &self,
+        session: &Session,
+        result: Result<Message, LinkError>,
+        bytes: u64,
+    ) -> Result<(), VolumeError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match result {
+            Ok(Message::Ack { error: 0 }) => {
+                self.counters.peer_writes.fetch_add(1, Relaxed);
+                self.counters.peer_bytes.fetch_add(bytes, Relaxed);
+                return Ok(());
+            }
+            Ok(Message::Ack { error }) => {
+                session.close(&format!("peer failed a mirrored request (error {error})"));
+            }
+            Ok(other) => session.close(&format!("peer answered a mirrored request with {other:?}")),
+            Err(_) => {} // the session is already gone
+        }
+        self.counters.degraded_writes.fetch_add(1, Relaxed);
+        self.ensure_moved_on().await
+    }
+
+    /// A write completed without the peer: make sure the new generation is on disk first.
+    pub(super) async fn degraded_write(&self) -> Result<(), VolumeError> {
+        if self.info.peer.is_none() {
+            return Ok(()); // single node: there is no peer to be out of sync with
+        }
+        self.counters.degraded_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ensure_moved_on().await
+    }
+
+    /// Rotates to a new generation unless this node has already moved on (DESIGN §5).
+    async fn ensure_moved_on(&self) -> Result<(), VolumeError> {
+        if self.moved_on.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut p = self.persisted.lock().await;
+        self.rotate(&mut p)
+    }
+
+    /// `bitmap ← current, current ← new` if not done yet, durably.
+    fn rotate(&self, p: &mut MutexGuard<'_, Persisted>) -> Result<(), VolumeError> {
+        if p.meta.gens.bitmap != 0 {
+            self.moved_on.store(true, std::sync::atomic::Ordering::Release);
+            return Ok(());
+        }
+        let new = new_generation();
+        self.persist_with(p, |m| m.gens.rotate(new))?;
+        self.moved_on.store(true, std::sync::atomic::Ordering::Release);
+        tracing::warn!(
+            volume = %self.name(),
+            "writing without the peer: new generation {new:016x} (peer stays at {:016x})",
+            p.meta.gens.bitmap
+        );
+        Ok(())
+    }
+
+    /// Changes the metadata with `f` and stores it durably; memory follows only on success.
+    fn persist_with(
+        &self,
+        p: &mut MutexGuard<'_, Persisted>,
+        f: impl FnOnce(&mut Meta),
+    ) -> Result<(), VolumeError> {
+        let mut next = p.meta.clone();
+        f(&mut next);
+        // Blocking, but rare (role changes, rotations, resync edges) and short (one fsync).
+        p.file.store(&next).map_err(VolumeError::Metadata)?;
+        p.meta = next;
+        self.live().gens = p.meta.gens;
+        Ok(())
+    }
+
+    /// A local I/O error: the disk becomes `Failed` (logged once).
+    pub(super) fn disk_failed(&self, err: &VolumeError) {
+        let mut live = self.live();
+        if live.machine.disk == DiskState::Failed {
+            return;
+        }
+        let (after, _) = role::step(&live.machine, &Event::DiskFailed);
+        live.machine = after;
+        tracing::error!(volume = %self.name(), error = %err, "disk state became Failed");
+    }
+
+    /// One line per change of state (STYLE.md).
+    fn log_change(&self, before: &role::State, event: &Event) {
+        let live = self.live();
+        if *before != live.machine {
+            tracing::info!(
+                volume = %self.name(),
+                "{before} -> {} on {event:?}, generation {:016x}",
+                live.machine,
+                live.gens.current
+            );
+        }
+    }
+}
