@@ -62,6 +62,9 @@ pub enum VolumeError {
     /// acknowledged.
     #[error("cannot record the new generation")]
     Metadata(#[source] MetaError),
+    /// A write-type request reached a node that is not Primary; nothing was touched.
+    #[error("this node is not Primary for the volume")]
+    NotPrimary,
 }
 
 impl VolumeError {
@@ -71,7 +74,9 @@ impl VolumeError {
             VolumeError::Io(e) => {
                 matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG))
             }
-            VolumeError::OutOfRange { .. } | VolumeError::Metadata(_) => false,
+            VolumeError::OutOfRange { .. } | VolumeError::Metadata(_) | VolumeError::NotPrimary => {
+                false
+            }
         }
     }
 }
@@ -201,7 +206,7 @@ impl Volume {
         self.check_range(offset, len)?;
         {
             let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
-            match self.mirror_session() {
+            match self.route()? {
                 None => {
                     self.io(self.store.write(offset, data).await)?;
                     self.degraded_write().await?;
@@ -260,7 +265,8 @@ impl Volume {
     /// Returns once every write completed before the call is on stable storage here and, when
     /// connected, on the peer.
     pub async fn flush(&self) -> Result<(), VolumeError> {
-        match self.mirror_session() {
+        // A Secondary flushes its own store only (at shutdown, say); its peer flushes itself.
+        match self.route().ok().flatten() {
             None => self.io(self.store.flush().await)?,
             Some(session) => {
                 let (local, remote) =
@@ -282,7 +288,7 @@ impl Volume {
         local: impl std::future::Future<Output = io::Result<()>>,
     ) -> Result<(), VolumeError> {
         let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
-        match self.mirror_session() {
+        match self.route()? {
             None => {
                 self.io(local.await)?;
                 self.degraded_write().await
@@ -397,5 +403,112 @@ impl AtomicCounters {
             resync_bytes: get(&self.resync_bytes),
             connects: get(&self.connects),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        control::{ConnState, DiskState},
+        role::Event,
+        storage::{DirectIo, EngineKind, StoreOptions},
+    };
+
+    const SIZE: u64 = 1 << 20;
+
+    /// A volume on a fresh sparse file; with `peer`, the two-node start state (Secondary).
+    fn volume(dir: &tempfile::TempDir, peer: Option<&str>) -> Volume {
+        let path = dir.path().join("v.img");
+        let opts = StoreOptions {
+            path: path.clone(),
+            size: SIZE,
+            engine: EngineKind::Sync,
+            direct: DirectIo::Off,
+        };
+        let store = Store::open(&opts).unwrap();
+        let (file, meta) =
+            MetaFile::open_or_create(&dir.path().join("v.meta"), SIZE, "alpha", store.created())
+                .unwrap();
+        let info = VolumeInfo {
+            name: "v".into(),
+            index: 0,
+            node: "alpha".into(),
+            peer: peer.map(str::to_string),
+            socket: dir.path().join("v.sock"),
+            backing: path,
+        };
+        Volume::new(info, store, meta, file)
+    }
+
+    fn stored(dir: &tempfile::TempDir) -> Meta {
+        MetaFile::open_or_create(&dir.path().join("v.meta"), SIZE, "alpha", false).unwrap().1
+    }
+
+    fn data(v: &Volume, byte: u8, len: usize) -> AlignedBuf {
+        let mut b = v.alloc(len);
+        b.as_mut_slice().fill(byte);
+        b
+    }
+
+    #[tokio::test]
+    async fn secondary_refuses_writes_and_touches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = volume(&dir, Some("beta"));
+        assert_eq!(v.machine().role, Role::Secondary);
+        assert!(matches!(v.write(0, data(&v, 7, 4096), false).await, Err(VolumeError::NotPrimary)));
+        assert!(matches!(v.write_zeroes(0, 4096, true, false).await, Err(VolumeError::NotPrimary)));
+        assert!(matches!(v.trim(0, 4096, false).await, Err(VolumeError::NotPrimary)));
+        let on_disk = std::fs::read(dir.path().join("v.img")).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0), "nothing may be written");
+        assert_eq!(stored(&dir).gens, v.persisted.lock().await.meta.gens, "no rotation");
+        assert_eq!(stored(&dir).gens.bitmap, 0);
+    }
+
+    #[tokio::test]
+    async fn single_node_writes_never_rotate_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = volume(&dir, None);
+        let before = stored(&dir).gens;
+        v.write(4096, data(&v, 1, 4096), true).await.unwrap();
+        assert_eq!(stored(&dir).gens, before);
+        assert_eq!(v.status().counters.degraded_writes, 0);
+        assert_eq!(v.status().conn, ConnState::StandAlone);
+    }
+
+    /// DESIGN §5: a node promoted without its peer starts a new generation, on disk, before it
+    /// acknowledges anything; the peer's generation is kept as `bitmap`.
+    #[tokio::test]
+    async fn forced_primary_persists_a_new_generation_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = volume(&dir, Some("beta"));
+        let old = stored(&dir).gens.current;
+        let refused = v.transition(Event::Promote { force: false }, None).await.unwrap();
+        assert!(refused.actions.iter().any(|a| matches!(a, crate::role::Action::Refuse(_))));
+        assert_eq!(v.machine().role, Role::Secondary, "no peer and no --force: refused");
+        v.transition(Event::Promote { force: true }, None).await.unwrap();
+        assert_eq!(v.machine().role, Role::Primary);
+        let m = stored(&dir);
+        assert_eq!(m.gens.bitmap, old, "the peer's generation is remembered");
+        assert_ne!(m.gens.current, old, "a new generation");
+        assert!(m.flags.primary_when_stopped);
+        v.write(0, data(&v, 9, 4096), false).await.unwrap();
+        assert_eq!(stored(&dir).gens, m.gens, "one rotation per lost peer, not per write");
+        assert_eq!(v.status().counters.degraded_writes, 1);
+        assert_eq!(v.status().out_of_sync, SIZE, "no bitmap yet: the whole device is due");
+    }
+
+    #[tokio::test]
+    async fn inconsistent_disk_is_never_promoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = volume(&dir, Some("beta"));
+        {
+            let mut p = v.persisted.lock().await;
+            v.persist_with(&mut p, |m| m.flags.consistent = false).unwrap();
+        }
+        let v = volume(&dir, Some("beta")); // restart: reads the flag back
+        assert_eq!(v.machine().disk, DiskState::Inconsistent);
+        v.transition(Event::Promote { force: true }, None).await.unwrap();
+        assert_eq!(v.machine().role, Role::Secondary, "not even with --force");
     }
 }

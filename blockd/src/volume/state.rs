@@ -257,13 +257,17 @@ impl Volume {
         (self.machine(), p.meta.gens, p.meta.flags.primary_when_stopped)
     }
 
-    /// The session application writes are mirrored on: this node is Primary and connected
-    /// (in sync, or sending a resync).
-    pub(super) fn mirror_session(&self) -> Option<Session> {
+    /// Where an application write goes: `Some(session)` to the peer as well (this node is
+    /// Primary and connected, in sync or sending a resync), `None` here only. Refused unless
+    /// this node is Primary: a Secondary takes writes from its peer alone (a client that
+    /// slipped in while the node was being demoted must not write behind the peer's back).
+    pub(super) fn route(&self) -> Result<Option<Session>, VolumeError> {
         let live = self.live();
-        let mirroring = live.machine.role == Role::Primary
-            && matches!(live.machine.conn, ConnState::Connected | ConnState::SyncSource);
-        live.session.as_ref().filter(|s| mirroring && s.is_open()).cloned()
+        if live.machine.role != Role::Primary {
+            return Err(VolumeError::NotPrimary);
+        }
+        let mirroring = matches!(live.machine.conn, ConnState::Connected | ConnState::SyncSource);
+        Ok(live.session.as_ref().filter(|s| mirroring && s.is_open()).cloned())
     }
 
     fn connected_in_sync(&self) -> bool {
@@ -341,7 +345,7 @@ impl Volume {
     }
 
     /// Changes the metadata with `f` and stores it durably; memory follows only on success.
-    fn persist_with(
+    pub(super) fn persist_with(
         &self,
         p: &mut MutexGuard<'_, Persisted>,
         f: impl FnOnce(&mut Meta),
