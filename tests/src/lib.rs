@@ -10,6 +10,9 @@
 //!   stops it with SIGTERM (asserting exit 0) or SIGKILL, and kills it by pid on drop.
 //! - [`mounts`]: [`NbdFuse`] (an NBD export presented as a file by nbdfuse) and [`LoopMount`]
 //!   (a loop device on that file, optionally mounted). Both undo themselves on drop.
+//! - [`cluster`]: [`cluster::Cluster`], two daemons ("alpha", "beta") in network namespaces
+//!   joined by veth, with `start`/`stop`/`kill`/`freeze`/`thaw`, nftables `cut`/`cut_one_way`/
+//!   `heal`, `role`, `status`, `wait_for` and `assert_identical`; undoes all of it on drop.
 //! - [`nbd`]: a raw NBD client over `std::os::unix::net::UnixStream` for the malformed and
 //!   corner cases no well-behaved client sends. Pure byte building lives here, not in tests.
 //!
@@ -18,6 +21,7 @@
 //! runs when an assertion panics; locals drop in reverse order, which is the order teardown
 //! needs (mount → loop → FUSE → daemon → directory).
 
+pub mod cluster;
 pub mod cmd;
 pub mod mounts;
 pub mod nbd;

@@ -1,0 +1,275 @@
+//! Playing the other end of the replication link by hand, with blockd's own wire format
+//! (`blockd::replication::wire`) and authentication (`blockd::replication::auth`):
+//!
+//! - [`Wire`]: a blocking frame reader/writer over one TCP stream, for a fake peer that sends
+//!   what no honest node sends (another protocol version, data before authentication).
+//! - [`Proxy`]: a man in the middle between the two real nodes that forwards every frame
+//!   unchanged until armed, then flips one byte of the next WRITE's payload, as a faulty NIC or
+//!   switch would, and refuses further connections until released.
+//!
+//! Sockets are created inside a node's namespace (see [`Netns::enter`]/[`Netns::spawn`]) and
+//! are used from the test's threads afterwards.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use blockd::replication::wire::{self, Decoded, Frame, Message};
+
+use super::Netns;
+
+/// A fake peer's end of one replication connection.
+pub struct Wire {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    /// Waits up to `timeout` for a connection on `listener` (created in a namespace).
+    pub fn accept(listener: &TcpListener, timeout: Duration) -> Wire {
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let end = Instant::now() + timeout;
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).expect("blocking stream");
+                    return Wire { stream, buf: Vec::new() };
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("no replication connection within {timeout:?}: {e}"),
+            }
+        }
+    }
+
+    /// Wraps a connected stream (e.g. one dialed from inside a namespace).
+    pub fn from_stream(stream: TcpStream) -> Wire {
+        Wire { stream, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, frame: &Frame) {
+        self.send_raw(&wire::encode(frame));
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send to the node");
+    }
+
+    /// The next frame; Err says why there is none: "closed", a decode error, or a timeout.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Frame, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            match wire::decode(&self.buf) {
+                Ok(Decoded::Frame(frame, used)) => {
+                    self.buf.drain(..used);
+                    return Ok(frame);
+                }
+                Ok(Decoded::NeedMore(_)) => {}
+                Err(e) => return Err(format!("bad frame from the node: {e}")),
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("no frame within {timeout:?}"));
+            }
+            self.stream.set_read_timeout(Some(left)).expect("read timeout");
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err("closed".into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return Err("closed".into()),
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    /// The next frame other than PING/PONG, or why there is none.
+    pub fn recv_no_ping(&mut self, timeout: Duration) -> Result<Frame, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let frame = self.recv(end.saturating_duration_since(Instant::now()))?;
+            if !matches!(frame.msg, Message::Ping | Message::Pong) {
+                return Ok(frame);
+            }
+        }
+    }
+
+    /// Whether the node closes the connection within `timeout` (frames it sends are skipped).
+    pub fn closed_within(&mut self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            match self.recv(end.saturating_duration_since(Instant::now())) {
+                Ok(_) => continue,
+                Err(e) => return e == "closed",
+            }
+        }
+    }
+}
+
+/// A link-level frame (volume 0, id 0, not a reply).
+pub fn frame(msg: Message) -> Frame {
+    Frame { volume: 0, id: 0, reply: false, msg }
+}
+
+/// State shared by a [`Proxy`]'s threads.
+#[derive(Default)]
+struct ProxyState {
+    stop: AtomicBool,
+    armed: AtomicBool,
+    blocked: AtomicBool,
+    /// Offset of the WRITE whose payload was corrupted.
+    corrupted: Mutex<Option<u64>>,
+    /// Every stream, to shut them down on drop.
+    streams: Mutex<Vec<TcpStream>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A TCP proxy inside one namespace; see the module doc. Stops everything on drop.
+pub struct Proxy {
+    state: Arc<ProxyState>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Listens on `listen` inside `ns` and forwards each connection to `target`, dialed from
+    /// inside `ns` too.
+    pub fn start(ns: &Netns, listen: SocketAddr, target: SocketAddr) -> Proxy {
+        let listener = ns.enter(|| TcpListener::bind(listen));
+        let listener = listener.unwrap_or_else(|e| panic!("proxy bind {listen}: {e}"));
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let state = Arc::new(ProxyState::default());
+        let st = Arc::clone(&state);
+        let accept = ns.spawn(move || accept_loop(&listener, target, &st));
+        Proxy { state, accept: Some(accept) }
+    }
+
+    /// Corrupts the next WRITE from the dialing node; after that, refuses new connections.
+    pub fn arm(&self) {
+        self.state.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// The offset of the WRITE that was corrupted, once it was.
+    pub fn corrupted(&self) -> Option<u64> {
+        *self.state.corrupted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Accepts and forwards connections again.
+    pub fn release(&self) {
+        self.state.blocked.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        for s in self.state.streams.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let threads =
+            std::mem::take(&mut *self.state.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: &TcpListener, target: SocketAddr, st: &Arc<ProxyState>) {
+    while !st.stop.load(Ordering::SeqCst) {
+        let client = match listener.accept() {
+            Ok((client, _)) => client,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => {
+                eprintln!("proxy: accept: {e}");
+                return;
+            }
+        };
+        if st.blocked.load(Ordering::SeqCst) {
+            continue; // dropped: the dialing node sees the connection closed
+        }
+        // This thread is inside the namespace, so the dial is too.
+        let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
+            continue;
+        };
+        let _ = client.set_nonblocking(false);
+        for s in [&client, &server] {
+            if let Ok(clone) = s.try_clone() {
+                st.streams.lock().unwrap_or_else(|p| p.into_inner()).push(clone);
+            }
+        }
+        let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+        let (st1, st2) = (Arc::clone(st), Arc::clone(st));
+        let forward = std::thread::spawn(move || forward_frames(client, server, &st1));
+        let back = std::thread::spawn(move || copy_back(s2, c2, &st2));
+        st.threads.lock().unwrap_or_else(|p| p.into_inner()).extend([forward, back]);
+    }
+}
+
+/// Dialer → target: frame by frame, corrupting the first WRITE after `arm`.
+fn forward_frames(mut from: TcpStream, mut to: TcpStream, st: &ProxyState) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut raw = false; // after a frame we cannot parse, pass bytes through untouched
+    while let Ok(n @ 1..) = from.read(&mut chunk) {
+        buf.extend_from_slice(&chunk[..n]);
+        while !raw {
+            match wire::decode(&buf) {
+                Ok(Decoded::Frame(frame, used)) => {
+                    corrupt_if_armed(&frame, &mut buf[..used], st);
+                    if to.write_all(&buf[..used]).is_err() {
+                        return close(&from, &to);
+                    }
+                    buf.drain(..used);
+                }
+                Ok(Decoded::NeedMore(_)) => break,
+                Err(_) => raw = true,
+            }
+        }
+        if raw && (to.write_all(&buf).is_err()) {
+            return close(&from, &to);
+        }
+        if raw {
+            buf.clear();
+        }
+    }
+    close(&from, &to);
+}
+
+/// Flips the last payload byte of `bytes` (one whole encoded frame) if it is the first WRITE
+/// since `arm`, and blocks new connections.
+fn corrupt_if_armed(frame: &Frame, bytes: &mut [u8], st: &ProxyState) {
+    let offset = match &frame.msg {
+        Message::Write { offset, .. } | Message::WriteFua { offset, .. } => *offset,
+        _ => return,
+    };
+    if st.armed.swap(false, Ordering::SeqCst) {
+        let at = bytes.len() - wire::TRAILER_LEN - 1;
+        bytes[at] ^= 0x01;
+        st.blocked.store(true, Ordering::SeqCst);
+        *st.corrupted.lock().unwrap_or_else(|p| p.into_inner()) = Some(offset);
+    }
+}
+
+/// Target → dialer: bytes as they come.
+fn copy_back(mut from: TcpStream, mut to: TcpStream, _st: &ProxyState) {
+    let _ = std::io::copy(&mut from, &mut to);
+    close(&from, &to);
+}
+
+fn close(a: &TcpStream, b: &TcpStream) {
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
+}
