@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Turns the fio JSON files of one bench run into the Markdown table and the target checks.
+
+Usage: report.py JSON_DIR ROW...   (called by bench/run; JSON_DIR holds ROW.WORKLOAD.json/.cpu)
+Exit status: 0 when every target check passes, 1 when one fails or cannot be computed.
+The targets are the Foundation issue's: ratios to rows of the same run, never absolute numbers,
+so the result does not depend on how fast this particular disk is.
+"""
+
+import json
+import os
+import sys
+
+# (workload id, fio direction key, column label, value kind) in table order.
+COLUMNS = [
+    ("w4k1", "write", "4k randwrite QD1 IOPS", "iops"),
+    ("w4k1", "write", "QD1 p50 µs", "p50"),
+    ("w4k1", "write", "QD1 p99 µs", "p99"),
+    ("w4k32", "write", "4k randwrite QD32 IOPS", "iops"),
+    ("seq1m8", "write", "1M seq write QD8 MiB/s", "mibs"),
+    ("r4k32", "read", "4k randread QD32 IOPS", "iops"),
+]
+# Higher-is-better metrics compared between blockd and the peers: (workload, kind, label, unit).
+RACES = [
+    ("w4k1", "iops", "4k randwrite QD1", "IOPS"),
+    ("w4k32", "iops", "4k randwrite QD32", "IOPS"),
+    ("seq1m8", "mibs", "1M seq write QD8", "MiB/s"),
+    ("r4k32", "iops", "4k randread QD32", "IOPS"),
+]
+WORKLOADS = ["w4k1", "w4k32", "seq1m8", "r4k32"]
+PEERS = ["nbdkit", "qemu-nbd"]
+
+
+def load_fio(path):
+    """Returns fio's first job from a JSON output file, or None if the run left none.
+
+    fio's nbd engine may print a "connected" line before the JSON, so parsing starts at the
+    first brace.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        return json.loads(text[text.index("{") :])["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def metric(job, direction, kind):
+    """Extracts one number from a fio job: IOPS, MiB/s, or a completion-latency percentile in µs."""
+    if job is None or job.get("error"):
+        return None
+    side = job.get(direction, {})
+    if kind == "iops":
+        return side.get("iops")
+    if kind == "mibs":
+        return side.get("bw_bytes", 0) / (1 << 20)
+    pct = side.get("lat_ns", {}).get("percentile", {})
+    key = {"p50": "50.000000", "p99": "99.000000"}[kind]
+    return pct[key] / 1000 if key in pct else None
+
+
+def load_results(json_dir, rows):
+    """Maps row -> {(workload, kind): value}; a missing run gives no entry."""
+    results = {}
+    for row in rows:
+        values = {}
+        for wid, direction, _, kind in COLUMNS:
+            job = load_fio(os.path.join(json_dir, f"{row}.{wid}.json"))
+            value = metric(job, direction, kind)
+            if value is not None:
+                values[(wid, kind)] = value
+        results[row] = values
+    return results
+
+
+def fmt(value, kind):
+    if value is None:
+        return "n/a"
+    if kind in ("p50", "p99"):
+        return f"{value:.0f}"
+    if kind == "mibs":
+        return f"{value:.0f}"
+    return f"{value:,.0f}"
+
+
+def table(results, rows):
+    lines = [
+        "| row | " + " | ".join(label for _, _, label, _ in COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
+    for row in rows:
+        cells = [fmt(results[row].get((wid, kind)), kind) for wid, _, _, kind in COLUMNS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(ok, text):
+    return f"{'PASS' if ok else 'FAIL'}  {text}"
+
+
+def race_checks(results):
+    """blockd >= max(nbdkit, qemu-nbd) on every workload (QD1 compared by IOPS)."""
+    out = []
+    for wid, kind, label, unit in RACES:
+        name = f"blockd >= max({', '.join(PEERS)}) on {label}"
+        ours = results.get("blockd", {}).get((wid, kind))
+        theirs = [results.get(p, {}).get((wid, kind)) for p in PEERS]
+        if ours is None or None in theirs:
+            out.append(verdict(False, f"{name}: a row is missing"))
+            continue
+        best = max(theirs)
+        out.append(verdict(ours >= best, f"{name}: {ours:,.0f} vs {best:,.0f} {unit} ({ours / best - 1:+.0%})"))
+    return out
+
+
+def raw_checks(results):
+    """blockd QD32 randwrite >= 50% of raw, and blockd QD1 p50 <= raw p50 + 30 µs."""
+    ours, raw = results.get("blockd", {}), results.get("raw", {})
+    out = []
+    b32, r32 = ours.get(("w4k32", "iops")), raw.get(("w4k32", "iops"))
+    name = "blockd 4k randwrite QD32 >= 50% of raw"
+    if b32 is None or r32 is None:
+        out.append(verdict(False, f"{name}: a row is missing"))
+    else:
+        out.append(verdict(b32 >= 0.5 * r32, f"{name}: {b32:,.0f} vs {r32:,.0f} IOPS ({b32 / r32:.0%})"))
+    b50, r50 = ours.get(("w4k1", "p50")), raw.get(("w4k1", "p50"))
+    name = "blockd 4k randwrite QD1 p50 <= raw p50 + 30 µs"
+    if b50 is None or r50 is None:
+        out.append(verdict(False, f"{name}: a row is missing"))
+    else:
+        out.append(verdict(b50 <= r50 + 30, f"{name}: {b50:.0f} vs {r50:.0f} µs ({b50 - r50:+.0f} µs)"))
+    return out
+
+
+def server_use(json_dir, row, wid, iops):
+    """Server CPU in % of one core and context switches per I/O over fio's measured window."""
+    try:
+        with open(os.path.join(json_dir, f"{row}.{wid}.cpu"), encoding="utf-8") as f:
+            hz, cpu0, ctx0, t0, cpu1, ctx1, t1 = (float(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return "-", "-"
+    if t1 <= t0 or cpu1 < cpu0 or ctx1 < ctx0:
+        return "-", "-"
+    cpu = f"{100 * (cpu1 - cpu0) / hz / (t1 - t0):.0f}"
+    per_io = f"{(ctx1 - ctx0) / (iops * (t1 - t0)):.1f}" if iops else "-"
+    return cpu, per_io
+
+
+def cpu_line(json_dir, row):
+    """One line per row: per workload server CPU % / fio CPU % / server context switches per I/O."""
+    parts = []
+    for wid in WORKLOADS:
+        job = load_fio(os.path.join(json_dir, f"{row}.{wid}.json"))
+        client = f"{job['usr_cpu'] + job['sys_cpu']:.0f}" if job else "-"
+        direction = "read" if wid == "r4k32" else "write"
+        iops = metric(job, direction, "iops")
+        server, per_io = server_use(json_dir, row, wid, iops)
+        parts.append(f"{wid} {server}/{client}/{per_io}")
+    return f"- {row}: " + ", ".join(parts)
+
+
+def main(argv):
+    if len(argv) < 3:
+        print("usage: report.py JSON_DIR ROW...", file=sys.stderr)
+        return 2
+    json_dir, rows = argv[1], argv[2:]
+    results = load_results(json_dir, rows)
+    print(table(results, rows))
+    print()
+    print("Per workload: server CPU % of one core / fio CPU % / server context switches per I/O")
+    print("(server figures from /proc over fio's measured window; raw has no server):")
+    for row in rows:
+        print(cpu_line(json_dir, row))
+    print()
+    if "blockd" not in rows:
+        print("SKIP  target checks need the blockd row")
+        return 0
+    checks = race_checks(results)
+    if "raw" in rows:
+        checks += raw_checks(results)
+    print("\n".join(checks))
+    return 0 if all(c.startswith("PASS") for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
