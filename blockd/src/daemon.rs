@@ -148,7 +148,12 @@ pub async fn run_with_events(
             .await
             .map_err(|source| DaemonError::MarkRunning { volume: v.name().to_string(), source })?;
     }
-    let cluster = Node::new(node.name.clone(), peer_name(&config, &node), volumes.clone());
+    let cluster = Node::new(
+        node.name.clone(),
+        peer_name(&config, &node),
+        volumes.clone(),
+        config.source.clone(),
+    );
     let mut serving = Serving::default();
     if let Err(e) = serving.start(&config, &node, &cluster).await {
         // A client may already have written through a socket bound before the failure.
@@ -467,6 +472,10 @@ impl Handler for NodeHandler {
                     Err((kind, message)) => Response::err(kind, message),
                 }
             }
+            Request::PeerPromote => match self.node.peer_promote().await {
+                Ok((code, output)) => Response::Ok(Reply::PeerPromoted { code, output }),
+                Err((kind, message)) => Response::err(kind, message),
+            },
         }
     }
 }

@@ -20,6 +20,7 @@
 //! - [`sys`]: process-wide settings against the same-host memory-pressure deadlock
 //!   (`PR_SET_IO_FLUSHER`, `mlockall`).
 
+mod be;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -16,6 +16,7 @@
 //! for a reply that the other dispatcher must produce would deadlock the pair.
 
 use std::{
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -46,11 +47,19 @@ pub struct Node {
     volumes: Vec<Arc<Volume>>,
     /// The link's current session, whatever the volumes' states.
     session: Mutex<Option<Session>>,
+    /// The configuration file this daemon runs with: the peer's `RunPromote` runs
+    /// `blockctl --config <it> --node <name> promote`.
+    config_path: PathBuf,
 }
 
 impl Node {
-    pub fn new(name: String, peer: Option<String>, volumes: Vec<Arc<Volume>>) -> Arc<Node> {
-        Arc::new(Node { name, peer, volumes, session: Mutex::new(None) })
+    pub fn new(
+        name: String,
+        peer: Option<String>,
+        volumes: Vec<Arc<Volume>>,
+        config_path: PathBuf,
+    ) -> Arc<Node> {
+        Arc::new(Node { name, peer, volumes, session: Mutex::new(None), config_path })
     }
 
     pub fn name(&self) -> &str {
@@ -208,6 +217,11 @@ impl Node {
                 ack_of(v.transition(Event::PeerRoleChanged(role), None).await)
             }
             Message::ResyncDone { gens } => ack_of(v.finish_resync_target(&gens).await),
+            Message::RunPromote => {
+                let (config, name) = (self.config_path.clone(), self.name.clone());
+                tracker.spawn(async move { reply.send(run_promote(&config, &name).await) });
+                return;
+            }
             data => {
                 tracker.spawn(async move { reply.send(v.apply_peer(&s, data).await) });
                 return;
@@ -300,6 +314,18 @@ impl Node {
         Ok(())
     }
 
+    /// `blockctl swap`: asks the connected peer to run its promote plan and waits for it.
+    pub async fn peer_promote(&self) -> Result<(i32, String), Refused> {
+        let s = self
+            .session()
+            .ok_or_else(|| (ErrorKind::PeerUnreachable, "the peer is not connected".to_string()))?;
+        match s.call(0, Message::RunPromote).await {
+            Ok(Message::PromoteResult { code, output }) => Ok((code, output)),
+            Ok(other) => Err((ErrorKind::Internal, format!("the peer answered {other:?}"))),
+            Err(e) => Err((ErrorKind::PeerUnreachable, format!("the peer went away: {e}"))),
+        }
+    }
+
     /// Flushes the peer once a second while writes happen (DESIGN §3, transfer log).
     async fn flush_peer_periodically(self: Arc<Self>, token: CancellationToken) {
         let mut seen: Vec<u64> = vec![0; self.volumes.len()];
@@ -326,6 +352,30 @@ impl Node {
     pub fn peer(&self) -> Option<&str> {
         self.peer.as_deref()
     }
+}
+
+/// How long the peer's promote plan may run before this node gives up on it.
+const RUN_PROMOTE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Runs `blockctl promote` for this node, as the peer asked (a planned switchover). blockctl is
+/// looked for next to this binary first, then on PATH.
+async fn run_promote(config: &std::path::Path, node: &str) -> Message {
+    let beside = std::env::current_exe().ok().map(|p| p.with_file_name("blockctl"));
+    let program = beside.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("blockctl"));
+    tracing::info!(node, "the peer asks for a switchover: running {} promote", program.display());
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.arg("--config").arg(config).arg("--node").arg(node).arg("promote").kill_on_drop(true);
+    let (code, output) = match tokio::time::timeout(RUN_PROMOTE_TIMEOUT, cmd.output()).await {
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            (out.status.code().unwrap_or(-1), text)
+        }
+        Ok(Err(e)) => (-1, format!("cannot run {}: {e}", program.display())),
+        Err(_) => (-1, format!("promote did not finish within {RUN_PROMOTE_TIMEOUT:?}")),
+    };
+    tracing::info!(node, code, "switchover promote finished");
+    Message::PromoteResult { code, output }
 }
 
 fn ack_of<T>(r: Result<T, crate::volume::VolumeError>) -> Message {

@@ -44,6 +44,9 @@ pub enum Request {
         #[serde(default)]
         volume: Option<String>,
     },
+    /// Ask the connected peer to run its whole promote plan (`blockctl swap`). JSON:
+    /// `{"cmd":"peer-promote"}`. Answered when the peer's plan has finished.
+    PeerPromote,
 }
 
 impl Request {
@@ -52,6 +55,7 @@ impl Request {
         match self {
             Request::Status => "status",
             Request::Role { .. } => "role",
+            Request::PeerPromote => "peer-promote",
         }
     }
 }
@@ -63,6 +67,11 @@ pub enum Reply {
     Status(NodeStatus),
     /// The request was carried out; nothing to report.
     Done,
+    /// The peer ran its promote plan: its exit code (0 = promoted) and the tail of its output.
+    PeerPromoted {
+        code: i32,
+        output: String,
+    },
 }
 
 /// What the daemon answers. JSON: `{"ok":{...}}` or `{"err":{"kind":...,"message":...}}`.

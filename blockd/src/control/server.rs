@@ -122,7 +122,9 @@ mod tests {
                     version: "v".into(),
                     volumes: vec![],
                 })),
-                Request::Role { .. } => Response::err(crate::control::ErrorKind::NotPrimary, "no"),
+                Request::Role { .. } | Request::PeerPromote => {
+                    Response::err(crate::control::ErrorKind::NotPrimary, "no")
+                }
             }
         }
     }

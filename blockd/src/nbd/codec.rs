@@ -9,6 +9,7 @@
 //! whether a request may run ([`validate`]). The latter is the ONE place where requests are
 //! checked before dispatch (NBD-NOTES §2.5–2.7, and §2.9 on why it must be one place).
 
+use crate::be::{u16_at, u32_at, u64_at};
 use bytes::BufMut;
 
 use super::proto::{self, chunk, cmd, cmdflag, errno, hflag, info, opt, rep, tflag};
@@ -56,18 +57,6 @@ pub enum CodecError {
     OptionTooLong { option: u32, length: u32 },
     #[error("bad request magic {0:#010x}")]
     RequestMagic(u32),
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    (u64::from(u32_at(b, at)) << 32) | u64::from(u32_at(b, at + 4))
 }
 
 // ---------------------------------------------------------------------------------------------

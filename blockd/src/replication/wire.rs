@@ -23,6 +23,7 @@
 //! [`encode_into`] hands the data back as a separate [`Bytes`] for `writev`, and [`decode_buf`]
 //! slices it out of the read buffer.
 
+use crate::be::{u16_at, u32_at, u64_at};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::control::{DiskState, Role};
@@ -69,6 +70,8 @@ pub mod kind {
     pub const ASK_PROMOTE: u16 = 17;
     pub const ROLE_CHANGED: u16 = 18;
     pub const PROMOTE_ANSWER: u16 = 19;
+    pub const RUN_PROMOTE: u16 = 20;
+    pub const PROMOTE_RESULT: u16 = 21;
     pub const WRITE: u16 = 32;
     pub const WRITE_FUA: u16 = 33;
     pub const WRITE_ZEROES: u16 = 34;
@@ -187,6 +190,13 @@ pub enum Message {
     ResyncDone {
         gens: Generations,
     },
+    /// Run the whole promote plan on the receiving node (`blockctl swap`, planned switchover).
+    RunPromote,
+    /// The reply to `RunPromote`: the plan's exit code and the tail of its output.
+    PromoteResult {
+        code: i32,
+        output: String,
+    },
     /// The reply to a data or role request: 0 = ok, else an errno.
     Ack {
         error: u32,
@@ -246,7 +256,10 @@ fn shape_of(kind: u16) -> Option<Shape> {
         kind::AUTH => shape(false, false, (32, 32), 0, Some(false)),
         kind::READY => shape(false, false, (8, 8), 0, Some(false)),
         kind::GOODBYE => shape(false, false, (0, MAX_REASON as u32), 0, Some(false)),
-        kind::PING | kind::ASK_PROMOTE | kind::FLUSH => shape(false, false, (0, 0), 0, Some(false)),
+        kind::PING | kind::ASK_PROMOTE | kind::FLUSH | kind::RUN_PROMOTE => {
+            shape(false, false, (0, 0), 0, Some(false))
+        }
+        kind::PROMOTE_RESULT => shape(false, false, (4, ctl), flag::REPLY, Some(true)),
         kind::PONG => shape(false, false, (0, 0), flag::REPLY, Some(true)),
         kind::STATE => shape(false, false, (STATE_LEN, STATE_LEN), flag::REPLY, None),
         kind::ROLE_CHANGED => shape(false, true, (0, 0), 0, Some(false)),
@@ -265,18 +278,6 @@ fn shape_of(kind: u16) -> Option<Shape> {
 /// Whether a message of this kind may be sent as a reply.
 pub fn is_reply_kind(kind: u16) -> bool {
     shape_of(kind).is_some_and(|s| s.reply != Some(false))
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    (u64::from(u32_at(b, at)) << 32) | u64::from(u32_at(b, at + 4))
 }
 
 /// Serializes a header and computes its `header_crc`. No checks: tests use it to build bad frames.
@@ -484,6 +485,11 @@ fn message_from(h: &Header, mut p: Bytes) -> Result<Message, WireError> {
         kind::RESYNC_DATA => Message::ResyncData { offset, data: p },
         kind::RESYNC_ZERO => Message::ResyncZero { offset, len },
         kind::RESYNC_DONE => Message::ResyncDone { gens: get_gens(&mut p) },
+        kind::RUN_PROMOTE => Message::RunPromote,
+        kind::PROMOTE_RESULT => {
+            let code = p.get_i32();
+            Message::PromoteResult { code, output: utf8(h.kind, &p)? }
+        }
         kind::ACK => Message::Ack { error: len as u32 },
         k => return Err(WireError::Kind(k)),
     };
@@ -585,6 +591,8 @@ impl Message {
             Message::ResyncData { .. } => kind::RESYNC_DATA,
             Message::ResyncZero { .. } => kind::RESYNC_ZERO,
             Message::ResyncDone { .. } => kind::RESYNC_DONE,
+            Message::RunPromote => kind::RUN_PROMOTE,
+            Message::PromoteResult { .. } => kind::PROMOTE_RESULT,
             Message::Ack { .. } => kind::ACK,
         }
     }
@@ -643,6 +651,14 @@ impl Message {
                 put_gens(out, gens);
             }
             Message::ResyncDone { gens } => put_gens(out, gens),
+            Message::PromoteResult { code, output } => {
+                out.put_i32(*code);
+                // Keep the end: that is where a failing plan says why.
+                let max = MAX_CONTROL - 4;
+                let start = output.len().saturating_sub(max);
+                let start = (start..=output.len()).find(|&i| output.is_char_boundary(i));
+                out.put_slice(&output.as_bytes()[start.unwrap_or(output.len())..]);
+            }
             _ => {}
         }
     }

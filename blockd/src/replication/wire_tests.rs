@@ -52,12 +52,15 @@ fn every_message() -> Vec<Message> {
         Message::ResyncData { offset: 1 << 20, data },
         Message::ResyncZero { offset: 0, len: 1 << 30 },
         Message::ResyncDone { gens: gens() },
+        Message::RunPromote,
     ]
 }
 
 fn every_reply() -> Vec<Message> {
     vec![
         Message::Pong,
+        Message::PromoteResult { code: -1, output: "promote: step mount db failed".into() },
+        Message::PromoteResult { code: 0, output: String::new() },
         Message::Ack { error: 0 },
         Message::Ack { error: u32::MAX },
         Message::PromoteAnswer { granted: true },
@@ -199,7 +202,7 @@ fn magic_version_and_kind_bounds() {
     for v in [0, 2, u16::MAX] {
         assert_eq!(err(Header { version: v, ..hdr(kind::PING) }, &[]), WireError::Version(v));
     }
-    for k in [0, 7, 15, 20, 31, 37, 47, 51, 63, 65, u16::MAX] {
+    for k in [0, 7, 15, 22, 31, 37, 47, 51, 63, 65, u16::MAX] {
         assert_eq!(err(hdr(k), &[]), WireError::Kind(k));
     }
     assert_eq!(
