@@ -534,6 +534,30 @@ mod tests {
         .unwrap()
     }
 
+    async fn set_role(path: &Path, role: Role) -> Result<(), ClientError> {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let request = control::Request::Role { role, force: false, volume: None };
+            Client::connect(&path, Duration::from_secs(5))?.call(&request).map(|_| ())
+        })
+        .await
+        .unwrap()
+    }
+
+    /// A single node has no peer to ask: it becomes Primary again without --force.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn single_node_is_promoted_again_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, node) = config(dir.path(), "");
+        let running = start(config, node.clone()).await;
+        let sock = node.control_socket();
+        set_role(&sock, Role::Secondary).await.unwrap();
+        assert_eq!(status(&sock).await.unwrap().volumes[0].role, Role::Secondary);
+        set_role(&sock, Role::Primary).await.unwrap();
+        assert_eq!(status(&sock).await.unwrap().volumes[0].role, Role::Primary);
+        running.stop().await.unwrap();
+    }
+
     impl Running {
         async fn stop(self) -> Result<(), DaemonError> {
             self.events.send(Event::Terminate("test")).await.unwrap();

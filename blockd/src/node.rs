@@ -255,6 +255,11 @@ impl Node {
     }
 
     async fn promote(&self, v: &Arc<Volume>, force: bool) -> Result<(), Refused> {
+        if self.peer.is_none() {
+            // A single node has no peer to ask or to split from: nothing to force.
+            let t = v.transition(Event::Promote { force: true }, None).await.map_err(internal)?;
+            return self.finish_role_change(v, t, Role::Primary).await;
+        }
         if force {
             tracing::warn!(volume = %v.name(), "promotion with --force requested by the operator");
         }

@@ -2,10 +2,16 @@
 //!
 //! ```text
 //!  0        4 KiB     8 KiB
-//!  | slot 0 | slot 1 | (issue 4: activity log, dirty bitmap)
-//!    even     odd
+//!  | slot 0 | slot 1 | activity-log ring | dirty bitmap ... |
+//!    even     odd      (RING_SLOTS pages)  (whole pages)
 //!    seqs     seqs
 //! ```
+//!
+//! The two areas after the slots are located by fields of the superblock ([`Areas`]). A file
+//! from before them has none; [`MetaFile::open_areas`] then lays them out, extends the file with
+//! zeroes (an all-clean bitmap, an empty log), makes that durable, and only then stores a
+//! superblock naming them: a crash in between leaves a superblock without areas, and the next
+//! start lays them out again.
 //!
 //! Atomic update by two alternating slots, not by temp-file-and-rename: the dirty bitmap and
 //! the activity log of issue 4 live in this same file after the slots and are updated in place,
@@ -29,7 +35,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::format::{self, Slot, SlotError, SLOT};
+use super::al::AlConfig;
+use super::dirty::FileIo;
+use super::format::{self, Areas, Slot, SlotError, SLOT};
 use super::ZEROES;
 use super::{new_generation, Flags, Generations, Meta, DEFAULT_GRANULARITY, FORMAT_VERSION};
 use crate::control::DiskState;
@@ -87,6 +95,9 @@ pub struct MetaFile {
     file: File,
     /// Sequence number of the newest durable superblock; it lives in slot `seq % 2`.
     seq: Mutex<u64>,
+    /// The areas the newest durable superblock names; every `store` writes them again. Changed
+    /// only while `seq` is held, after the slot naming them is durable.
+    areas: Mutex<Option<Areas>>,
 }
 
 impl Meta {
@@ -152,18 +163,52 @@ impl MetaFile {
     /// returns Ok, a crash at any point leaves either the old or the new version readable,
     /// never neither (see the module doc for how).
     pub fn store(&self, meta: &Meta) -> Result<(), MetaError> {
+        self.store_slot(meta, None)
+    }
+
+    /// Where the dirty bitmap and the activity log are, if the superblock names them yet.
+    pub fn areas(&self) -> Option<Areas> {
+        *self.areas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The areas of the dirty bitmap and activity log, and I/O on them. A file without them
+    /// (written before them) gets them now, shaped by `al` and `meta.granularity`, as the
+    /// module doc describes; `meta` is what the new superblock stores. Existing areas keep the
+    /// shape they were created with, whatever `al` says.
+    pub fn open_areas(&self, meta: &Meta, al: AlConfig) -> Result<(Areas, FileIo), MetaError> {
+        let io_err = |source| MetaError::Write { path: self.path.clone(), source };
+        let areas = match self.areas() {
+            Some(a) => a,
+            None => {
+                al.check().map_err(|e| self.err_invalid(e.to_string()))?;
+                let a = Areas::layout(meta.size, meta.granularity, al);
+                let len = self.file.metadata().map_err(io_err)?.len();
+                self.file.set_len(len.max(a.end())).map_err(io_err)?;
+                self.file.sync_all().map_err(io_err)?;
+                self.store_slot(meta, Some(a))?;
+                a
+            }
+        };
+        let file = self.file.try_clone().map_err(io_err)?;
+        Ok((areas, FileIo::new(file)))
+    }
+
+    /// Stores `meta` with the current areas, or with `new_areas` which then become current.
+    fn store_slot(&self, meta: &Meta, new_areas: Option<Areas>) -> Result<(), MetaError> {
         format::check(meta).map_err(|what| self.err_invalid(what))?;
         // A poisoned lock only means another store panicked; the counter is still right,
         // because it is only advanced after a successful write.
         let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
         let next = *seq + 1;
-        let slot = format::encode(meta, next);
+        let areas = new_areas.or_else(|| self.areas());
+        let slot = format::encode_with(meta, areas.as_ref(), next);
         let write = |f: &File| {
             f.write_all_at(&slot[..], slot_offset(next))?;
             f.sync_data()
         };
         write(&self.file).map_err(|source| MetaError::Write { path: self.path.clone(), source })?;
         *seq = next;
+        *self.areas.lock().unwrap_or_else(|p| p.into_inner()) = areas;
         Ok(())
     }
 
@@ -181,7 +226,12 @@ impl MetaFile {
             tracing::warn!(path = %path.display(), stored = %slot.meta.node, node,
                 "metadata was written under another node name");
         }
-        let mf = MetaFile { path: path.to_path_buf(), file, seq: Mutex::new(slot.seq) };
+        let mf = MetaFile {
+            path: path.to_path_buf(),
+            file,
+            seq: Mutex::new(slot.seq),
+            areas: Mutex::new(slot.areas),
+        };
         Ok((mf, slot.meta))
     }
 
@@ -197,7 +247,7 @@ impl MetaFile {
         std::fs::rename(&tmp, path).map_err(create_err)?;
         sync_dir(path).map_err(create_err)?;
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(create_err)?;
-        Ok(MetaFile { path: path.to_path_buf(), file, seq: Mutex::new(1) })
+        Ok(MetaFile { path: path.to_path_buf(), file, seq: Mutex::new(1), areas: Mutex::new(None) })
     }
 
     fn err_invalid(&self, what: String) -> MetaError {

@@ -17,12 +17,23 @@
 //!   56   16  generation history[0], history[1]
 //!   72    2  node name length (1..=NODE_MAX)
 //!   74   64  node name, UTF-8, zero padded
-//!  138  ...  reserved, written as zeroes. Room for what issue 4 adds to version 2: offset and
-//!            length of the dirty bitmap and of the activity log (which will follow the two
-//!            slots in the same file), activity-log extent size and count.
+//!  138    6  reserved (0)
+//!  144    8  activity-log offset in the file (0: no areas yet, see below)
+//!  152    8  activity-log extent size in bytes
+//!  160    4  activity-log hot extents
+//!  164    4  activity-log ring slots (RING_SLOTS)
+//!  168    8  dirty-bitmap offset in the file
+//!  176    8  dirty-bitmap length in bytes (whole pages)
+//!  184  ...  reserved, written as zeroes
+//!
+//! The areas (bytes 144..184) were reserved zeroes in the first files of version 1, so they
+//! keep version 1: older files read as "no areas yet" and the caller creates them, and an
+//! older blockd reading a newer file ignores them (its crc covers them all the same).
 //! 4092    4  crc32 (crc32fast) of bytes 0..4092
 //! ```
 
+use super::al::{AlConfig, RING_SLOTS};
+use super::bitmap::{Bitmap, PAGE};
 use super::Generations;
 
 /// Bytes of one superblock slot; one page, so a slot write never straddles two pages.
@@ -74,6 +85,51 @@ pub struct Flags {
     pub clean_shutdown: bool,
 }
 
+/// Where the activity log and the dirty bitmap live in the metadata file: after the two
+/// superblock slots, the log's ring first (fixed size), then the bitmap (which grows with the
+/// volume, so it goes last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Areas {
+    pub al_offset: u64,
+    pub al: AlConfig,
+    pub al_slots: u32,
+    pub bitmap_offset: u64,
+    pub bitmap_len: u64,
+}
+
+impl Areas {
+    /// The layout for a volume of `size` bytes at `granularity` with log shape `al`.
+    pub fn layout(size: u64, granularity: u32, al: AlConfig) -> Areas {
+        let al_offset = 2 * SLOT as u64;
+        let bitmap_offset = al_offset + u64::from(RING_SLOTS) * PAGE as u64;
+        let bitmap_len = Bitmap::bytes_for(size, granularity);
+        Areas { al_offset, al, al_slots: RING_SLOTS, bitmap_offset, bitmap_len }
+    }
+
+    /// Bytes the metadata file needs to hold them.
+    pub fn end(&self) -> u64 {
+        self.bitmap_offset + self.bitmap_len
+    }
+
+    /// Refuses areas that overlap the slots or each other, or a bitmap too short for the volume.
+    fn check(&self, size: u64, granularity: u32) -> Result<(), String> {
+        self.al.check().map_err(|e| e.to_string())?;
+        let al_end = self.al_offset + u64::from(self.al_slots) * PAGE as u64;
+        let aligned = [self.al_offset, self.bitmap_offset, self.bitmap_len]
+            .iter()
+            .all(|v| v % PAGE as u64 == 0);
+        if self.al_slots != RING_SLOTS
+            || !aligned
+            || self.al_offset < 2 * SLOT as u64
+            || self.bitmap_offset < al_end
+            || self.bitmap_len < Bitmap::bytes_for(size, granularity)
+        {
+            return Err(format!("impossible metadata areas {self:?}"));
+        }
+        Ok(())
+    }
+}
+
 /// Why a slot is not a usable superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum SlotError {
@@ -89,6 +145,8 @@ pub(super) enum SlotError {
 pub(super) struct Slot {
     pub seq: u64,
     pub meta: Meta,
+    /// None in a file written before the areas existed.
+    pub areas: Option<Areas>,
 }
 
 /// Checks what `encode` would refuse, so that callers can fail before touching a file.
@@ -107,8 +165,13 @@ fn check_granularity(g: u32) -> Result<(), String> {
     }
 }
 
-/// Encodes `meta` as slot number `seq`. The caller ran [`check`] first.
+/// Encodes `meta` as slot number `seq`, without areas. The caller ran [`check`] first.
 pub(super) fn encode(meta: &Meta, seq: u64) -> Box<[u8; SLOT]> {
+    encode_with(meta, None, seq)
+}
+
+/// Encodes `meta` and `areas` as slot number `seq`. The caller ran [`check`] first.
+pub(super) fn encode_with(meta: &Meta, areas: Option<&Areas>, seq: u64) -> Box<[u8; SLOT]> {
     let mut b = Box::new([0u8; SLOT]);
     b[0..8].copy_from_slice(MAGIC);
     b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -123,6 +186,9 @@ pub(super) fn encode(meta: &Meta, seq: u64) -> Box<[u8; SLOT]> {
     let node = &meta.node.as_bytes()[..meta.node.len().min(NODE_MAX)];
     b[72..74].copy_from_slice(&(node.len() as u16).to_le_bytes());
     b[NODE_AT..NODE_AT + node.len()].copy_from_slice(node);
+    if let Some(a) = areas {
+        encode_areas(&mut b, a);
+    }
     let crc = crc32fast::hash(&b[..CRC_AT]);
     b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
     b
@@ -154,7 +220,32 @@ pub(super) fn decode(b: &[u8; SLOT]) -> Result<Slot, SlotError> {
     };
     let meta =
         Meta { size: u64_at(b, 24), node: node_at(b)?, gens, flags: flags(bits), granularity };
-    Ok(Slot { seq: u64_at(b, 16), meta })
+    let areas = decode_areas(b);
+    if let Some(a) = &areas {
+        a.check(meta.size, granularity).map_err(SlotError::Invalid)?;
+    }
+    Ok(Slot { seq: u64_at(b, 16), meta, areas })
+}
+
+fn encode_areas(b: &mut [u8; SLOT], a: &Areas) {
+    b[144..152].copy_from_slice(&a.al_offset.to_le_bytes());
+    b[152..160].copy_from_slice(&a.al.extent_size.to_le_bytes());
+    b[160..164].copy_from_slice(&a.al.extents.to_le_bytes());
+    b[164..168].copy_from_slice(&a.al_slots.to_le_bytes());
+    b[168..176].copy_from_slice(&a.bitmap_offset.to_le_bytes());
+    b[176..184].copy_from_slice(&a.bitmap_len.to_le_bytes());
+}
+
+/// The areas, or None when their offset is 0 (a file from before them).
+fn decode_areas(b: &[u8; SLOT]) -> Option<Areas> {
+    let al_offset = u64_at(b, 144);
+    (al_offset != 0).then(|| Areas {
+        al_offset,
+        al: AlConfig { extent_size: u64_at(b, 152), extents: u32_at(b, 160) },
+        al_slots: u32_at(b, 164),
+        bitmap_offset: u64_at(b, 168),
+        bitmap_len: u64_at(b, 176),
+    })
 }
 
 fn node_at(b: &[u8; SLOT]) -> Result<String, SlotError> {
@@ -219,8 +310,25 @@ mod tests {
         for bits in 0..8 {
             let meta = Meta { flags: flags(bits), ..sample() };
             let slot = decode(&encode(&meta, 42)).expect("decodes");
-            assert_eq!(slot, Slot { seq: 42, meta });
+            assert_eq!(slot, Slot { seq: 42, meta, areas: None });
         }
+    }
+
+    #[test]
+    fn areas_round_trip_and_impossible_ones_are_refused() {
+        let meta = sample();
+        let areas = Areas::layout(meta.size, meta.granularity, AlConfig::default());
+        assert_eq!(areas.al_offset, 2 * SLOT as u64);
+        assert_eq!(areas.bitmap_offset, areas.al_offset + 4 * PAGE as u64);
+        assert_eq!(areas.bitmap_len, 8 * PAGE as u64, "1 GiB at 4 KiB: 8 pages");
+        let slot = decode(&encode_with(&meta, Some(&areas), 3)).expect("decodes");
+        assert_eq!(slot.areas, Some(areas));
+        let short = Areas { bitmap_len: PAGE as u64, ..areas };
+        assert!(matches!(decode(&encode_with(&meta, Some(&short), 3)), Err(SlotError::Invalid(_))));
+        let overlap = Areas { bitmap_offset: areas.al_offset, ..areas };
+        assert!(decode(&encode_with(&meta, Some(&overlap), 3)).is_err());
+        let bad_al = Areas { al: AlConfig { extents: 0, ..areas.al }, ..areas };
+        assert!(decode(&encode_with(&meta, Some(&bad_al), 3)).is_err());
     }
 
     #[test]

@@ -4,20 +4,33 @@
 //! - [`Generations`] and its transitions ([`Generations::rotate`], the `sync_done_*` pair): how a
 //!   node records which data it holds, relative to its peer.
 //! - [`decide`] (in `decide.rs`): the handshake's table, "who copies to whom", pure.
-//! - [`MetaFile`] (in `file.rs`): the durable superblock, `<data-dir>/<volume>.meta`.
+//! - [`MetaFile`] (in `file.rs`): the durable superblock, `<data-dir>/<volume>.meta`, and the
+//!   [`Areas`] after it that hold the bitmap and the activity log.
+//! - [`Bitmap`] (`bitmap.rs`): the dirty bitmap in memory, page by page; pure.
+//! - [`ActivityLog`] (`al.rs`): the hot extents, LRU, and their on-disk transactions; pure.
+//! - [`Dirty`] (`dirty.rs`): both together, enforcing "on-disk bitmap ∪ activity-log extents ⊇
+//!   every range that may differ" by telling the write path what to persist first.
 //!
 //! Nothing here knows about sockets or tokio; [`MetaFile::store`] blocks and is meant for
 //! `spawn_blocking`.
 
+mod al;
+mod bitmap;
 mod decide;
+mod dirty;
 mod file;
 mod format;
 
 use serde::{Deserialize, Serialize};
 
+pub use al::{
+    ActivityLog, AlConfig, AlError, Transaction, DEFAULT_EXTENTS, DEFAULT_EXTENT_SIZE, MAX_EXTENTS,
+};
+pub use bitmap::{Bitmap, BitmapError, Ranges};
 pub use decide::{decide, SyncDecision};
+pub use dirty::{Admit, Dirty, DirtyError, FileIo, MetaIo, MetaWrite};
 pub use file::{MetaError, MetaFile};
-pub use format::{Flags, Meta, DEFAULT_GRANULARITY, FORMAT_VERSION, NODE_MAX};
+pub use format::{Areas, Flags, Meta, DEFAULT_GRANULARITY, FORMAT_VERSION, NODE_MAX};
 
 /// The generation of a backing that blockd itself just created sparse: "all zeroes, never
 /// written". Two nodes that both start from a freshly created backing hold the same data without
