@@ -1,23 +1,36 @@
 //! `blockctl --config FILE [--node NAME] <command>`: the operator's tool. Thin: arguments,
-//! configuration, one request over the node's control socket, output.
+//! configuration, then either one request over the node's control socket (`status`, `role`)
+//! or a failover plan (`promote`, `demote`, `swap`: commands/, plan.rs, steps/).
 //!
 //! Exit codes:
 //! - 0: done;
-//! - 1: the daemon refused the request, or talking to it failed;
-//! - 2: usage or configuration error (bad arguments, unreadable or invalid file, unknown node);
-//! - 3: the daemon is not running (nothing listens on the control socket).
+//! - 1: failed: the daemon refused, talking to it failed, or a promote step failed and
+//!   everything this run had done was undone; swap failed and this node is Primary again;
+//! - 2: usage or configuration error (bad arguments, unreadable or invalid file, unknown node,
+//!   `--until` naming no step);
+//! - 3: the daemon is not running (nothing listens on the control socket);
+//! - 4: demote (or the rollback of a failed promote) could not finish: the node is still
+//!   Primary with part of the stack up. Fix the cause (see the output) and run demote again.
 
+mod commands;
+mod plan;
 mod render;
+mod step;
+mod steps;
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use blockd::{
     config::{self, Config},
-    control::{Client, ClientError, Request, Role},
+    control::{Client, ClientError, NodeStatus, Request, Role},
 };
 use clap::{Parser, Subcommand, ValueEnum};
+use commands::{EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE};
+use serde::Serialize;
 
-/// Operator tool for blockd: status and roles now; promote and demote to come.
+use crate::step::Ctx;
+
+/// Operator tool for blockd: status, roles, promote, demote and swap of the whole stack.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -33,9 +46,10 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Role, disk state, clients and counters of every volume on this node.
+    /// Every volume (role, disk, peer, counters) and what failover put in place on this host:
+    /// attached devices, mounts, binds, the VIP, each service's health.
     Status {
-        /// Print the status as JSON (the control socket's NodeStatus), for scripts.
+        /// Print the status as JSON (the daemon's NodeStatus plus a "failover" object).
         #[arg(long)]
         json: bool,
     },
@@ -52,6 +66,37 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         volume: Option<String>,
     },
+    /// Make this node the primary: check, role, attach/fsck/mount each volume, binds, VIP,
+    /// services. A failed step undoes what this run did, in reverse. Running it again is
+    /// harmless.
+    Promote {
+        /// Promote although the peer is not connected. Only when it is really down.
+        #[arg(long)]
+        force: bool,
+        /// Stop after this step ("role", "mount db", "vip", ...), for debugging.
+        #[arg(long, value_name = "STEP")]
+        until: Option<String>,
+        /// Print the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Undo promote, last step first. If a step cannot be undone, stop there: the node stays
+    /// Primary (exit code 4).
+    Demote {
+        /// Stop after undoing this step.
+        #[arg(long, value_name = "STEP")]
+        until: Option<String>,
+        /// Print the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Planned switchover: demote here, wait for the peer to be Connected and UpToDate, promote
+    /// it; if it fails, promote here again.
+    Swap {
+        /// How long to wait for the peer after demoting ("30s", "2m").
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime_arg)]
+        wait: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -60,57 +105,142 @@ enum RoleArg {
     Secondary,
 }
 
-/// How long one request may wait for the daemon.
-const TIMEOUT: Duration = Duration::from_secs(10);
+fn humantime_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as \"30s\" or \"2m\""))
+}
 
-const EXIT_FAILED: u8 = 1;
-const EXIT_CONFIG: u8 = 2;
-const EXIT_NOT_RUNNING: u8 = 3;
+/// "500ms", "30s", "2m", "1h": a number and one unit (clap only; the config has humantime).
+fn parse_duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let n: u64 = s[..split].parse().ok()?;
+    match &s[split..] {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+/// How long one `status` or `role` request may wait for the daemon.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let socket = match control_socket(&args) {
-        Ok(s) => s,
-        Err(e) => return fail(&e, EXIT_CONFIG),
+    let ctx = match context(&args) {
+        Ok(c) => Arc::new(c),
+        Err(e) => return fail(&e, EXIT_USAGE),
     };
-    match run(&args.command, &socket) {
+    let result = match &args.command {
+        Command::Status { json } => return status(&ctx, *json),
+        Command::Role { role, force, volume } => return set_role(&ctx, *role, *force, volume),
+        Command::Promote { until, .. } => commands::promote(&ctx, until.as_deref()),
+        Command::Demote { until, .. } => commands::demote(&ctx, until.as_deref()),
+        Command::Swap { wait } => commands::swap(&ctx, *wait),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.exit_code();
+            fail(&e.into(), code)
+        }
+    }
+}
+
+/// The configuration, this node, and the flags the steps read.
+fn context(args: &Args) -> anyhow::Result<Ctx> {
+    let config = Config::load(&args.config)?;
+    let node = config.local_node(args.node.as_deref())?;
+    let (dry_run, force) = match &args.command {
+        Command::Promote { dry_run, force, .. } => (*dry_run, *force),
+        Command::Demote { dry_run, .. } => (*dry_run, false),
+        _ => (false, false),
+    };
+    Ok(Ctx { config, node, dry_run, force })
+}
+
+/// `status --json`: the daemon's NodeStatus (its fields at the top level, as before) plus
+/// what failover put in place here.
+#[derive(Serialize)]
+struct FullStatus<'a> {
+    #[serde(flatten)]
+    node: &'a NodeStatus,
+    failover: &'a commands::status::Failover,
+}
+
+fn status(ctx: &Arc<Ctx>, json: bool) -> ExitCode {
+    let daemon = Client::connect(&ctx.node.control_socket(), TIMEOUT).and_then(|mut c| c.status());
+    let local = commands::status::gather(ctx);
+    let node = match daemon {
+        Ok(n) => n,
+        Err(e) => {
+            // What is mounted and running here still matters when the daemon is down.
+            print!("{}", render::failover(&local));
+            let code = if matches!(e, ClientError::NotRunning { .. }) {
+                EXIT_NOT_RUNNING
+            } else {
+                EXIT_FAILED
+            };
+            return fail(&e.into(), code);
+        }
+    };
+    if json {
+        let full = FullStatus { node: &node, failover: &local };
+        // Strings, numbers and booleans only: serializing cannot fail.
+        println!("{}", serde_json::to_string_pretty(&full).unwrap_or_default());
+    } else {
+        print!("{}\n{}", render::status(&node), render::failover(&local));
+    }
+    ExitCode::SUCCESS
+}
+
+fn set_role(ctx: &Ctx, role: RoleArg, force: bool, volume: &Option<String>) -> ExitCode {
+    let role = match role {
+        RoleArg::Primary => Role::Primary,
+        RoleArg::Secondary => Role::Secondary,
+    };
+    let request = Request::Role { role, force, volume: volume.clone() };
+    let result =
+        Client::connect(&ctx.node.control_socket(), TIMEOUT).and_then(|mut c| c.call(&request));
+    match result {
+        Ok(_) => {
+            println!("{role:?}");
+            ExitCode::SUCCESS
+        }
         Err(e @ ClientError::NotRunning { .. }) => fail(&e.into(), EXIT_NOT_RUNNING),
         Err(e) => fail(&e.into(), EXIT_FAILED),
     }
-}
-
-fn control_socket(args: &Args) -> anyhow::Result<PathBuf> {
-    let config = Config::load(&args.config)?;
-    Ok(config.local_node(args.node.as_deref())?.control_socket())
-}
-
-fn run(command: &Command, socket: &std::path::Path) -> Result<(), ClientError> {
-    let mut client = Client::connect(socket, TIMEOUT)?;
-    match command {
-        Command::Status { json } => {
-            let status = client.status()?;
-            if *json {
-                // NodeStatus holds strings and numbers only: serializing it cannot fail.
-                println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
-            } else {
-                print!("{}", render::status(&status));
-            }
-        }
-        Command::Role { role, force, volume } => {
-            let role = match role {
-                RoleArg::Primary => Role::Primary,
-                RoleArg::Secondary => Role::Secondary,
-            };
-            client.call(&Request::Role { role, force: *force, volume: volume.clone() })?;
-            println!("{role:?}");
-        }
-    }
-    Ok(())
 }
 
 /// Prints the whole cause chain on one line.
 fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
     eprintln!("blockctl: error: {e:#}");
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        for bad in ["", "s", "30", "1.5s", "3 s", "-1s", "99999999999999999999h"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn cli_parses() {
+        let a = Args::try_parse_from(["blockctl", "promote", "--force", "--until", "mount db"])
+            .unwrap();
+        assert!(matches!(a.command, Command::Promote { force: true, ref until, dry_run: false }
+            if until.as_deref() == Some("mount db")));
+        let a = Args::try_parse_from(["blockctl", "swap", "--wait", "2m"]).unwrap();
+        assert!(matches!(a.command, Command::Swap { wait } if wait == Duration::from_secs(120)));
+        assert!(Args::try_parse_from(["blockctl", "demote", "--force"]).is_err());
+        assert!(Args::try_parse_from(["blockctl", "swap", "--wait", "soon"]).is_err());
+    }
 }

@@ -1,9 +1,11 @@
 //! Human output of `blockctl status`: one block per volume, aligned labels, sizes both human
-//! and exact (scripts should use `--json`).
+//! and exact, then the failover state of this host (scripts should use `--json`).
 
 use std::fmt::Write;
 
 use blockd::control::{NodeStatus, VolumeStatus};
+
+use crate::commands::status::{AttachView, Failover};
 
 /// The whole status as text, ending with a newline.
 pub fn status(s: &NodeStatus) -> String {
@@ -84,6 +86,59 @@ fn connection(v: &VolumeStatus) -> String {
         s.push_str(&format!(": {why}"));
     }
     s
+}
+
+/// What failover put in place on this host, one line per item, ending with a newline.
+pub fn failover(f: &Failover) -> String {
+    let mut out = String::from("failover state here\n");
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    for v in &f.volumes {
+        rows.push(("attach", format!("{}: {}", v.name, attach(v.attach.as_ref()))));
+        let mounted = match &v.mounted_from {
+            Some(src) => format!("{} from {src}", v.mount),
+            None => format!("{} not mounted", v.mount),
+        };
+        rows.push(("mount", format!("{}: {mounted}", v.name)));
+    }
+    for b in &f.binds {
+        let state = if b.mounted { "bound" } else { "not bound" };
+        rows.push(("bind", format!("{} ({}): {state}", b.target, b.source)));
+    }
+    if let Some(v) = &f.vip {
+        let state = probe(v.here, v.error.as_deref(), "here", "not here");
+        rows.push(("vip", format!("{} on {}: {state}", v.address, v.interface)));
+    }
+    for s in &f.services {
+        let state = probe(s.healthy, s.error.as_deref(), "healthy", "down");
+        rows.push(("service", format!("{}: {state}", s.name)));
+    }
+    if rows.is_empty() {
+        out.push_str("  nothing configured (no mount, bind, vip or service)\n");
+    }
+    for (label, value) in &rows {
+        let _ = writeln!(out, "  {label:<9}{value}");
+    }
+    out
+}
+
+/// "fuse /dev/loop0, nbdfuse pid 42", "ERROR: fuse /dev/loop0, nbdfuse pid 42 is gone".
+fn attach(a: Option<&AttachView>) -> String {
+    let Some(a) = a else { return "not attached".into() };
+    let dev = a.device.as_deref().unwrap_or("(no device yet)");
+    let pid = a.pid.map(|p| format!(", nbdfuse pid {p}")).unwrap_or_default();
+    if a.alive {
+        format!("{} {dev}{pid}", a.mode)
+    } else {
+        format!("ERROR: {} {dev}{pid} is dead (I/O on the device fails)", a.mode)
+    }
+}
+
+fn probe(state: Option<bool>, error: Option<&str>, yes: &str, no: &str) -> String {
+    match (state, error) {
+        (Some(true), _) => yes.into(),
+        (Some(false), _) => no.into(),
+        (None, e) => format!("unknown ({})", e.unwrap_or("no answer")),
+    }
 }
 
 /// Bytes in the largest binary unit that keeps the number at or above 1, one decimal:
@@ -177,6 +232,54 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn failover_state_shows_each_item() {
+        use crate::commands::status::{BindView, ServiceView, VipView, VolumeView};
+        let vol = |name: &str, alive| VolumeView {
+            name: name.into(),
+            mount: format!("/srv/{name}"),
+            attach: Some(AttachView {
+                mode: "fuse".into(),
+                device: Some("/dev/loop3".into()),
+                pid: Some(42),
+                alive,
+            }),
+            mounted_from: alive.then(|| "/dev/loop3".into()),
+        };
+        let f = Failover {
+            volumes: vec![vol("db", true), vol("nfs", false)],
+            binds: vec![BindView {
+                source: "/srv/nfs/s".into(),
+                target: "/var/lib/nfs".into(),
+                mounted: true,
+            }],
+            vip: Some(VipView {
+                address: "10.0.0.100/24".into(),
+                interface: "eth0".into(),
+                here: None,
+                error: Some("no such interface".into()),
+            }),
+            services: vec![
+                ServiceView { name: "mariadb".into(), healthy: Some(true), error: None },
+                ServiceView { name: "nfs".into(), healthy: Some(false), error: None },
+            ],
+        };
+        let text = failover(&f);
+        for want in [
+            "attach   db: fuse /dev/loop3, nbdfuse pid 42\n",
+            "mount    db: /srv/db from /dev/loop3",
+            "attach   nfs: ERROR: fuse /dev/loop3, nbdfuse pid 42 is dead",
+            "mount    nfs: /srv/nfs not mounted",
+            "bind     /var/lib/nfs (/srv/nfs/s): bound",
+            "vip      10.0.0.100/24 on eth0: unknown (no such interface)",
+            "service  mariadb: healthy",
+            "service  nfs: down",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert!(failover(&Failover::default()).contains("nothing configured"));
     }
 
     #[test]

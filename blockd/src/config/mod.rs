@@ -10,6 +10,7 @@
 //! Every struct denies unknown keys: a typo must stop the daemon, not silently fall back to a
 //! default. Errors name the key and the value (`volume[0].size = "12XB": not a size ...`).
 
+mod failover;
 mod validate;
 pub mod values;
 
@@ -26,6 +27,7 @@ use figment::{
 };
 use serde::Deserialize;
 
+pub use failover::{AttachMode, BindConfig, FailoverConfig};
 pub use validate::Problem;
 pub use values::{ByteSize, HealthCheck, IpCidr};
 
@@ -85,6 +87,13 @@ pub struct Config {
     /// The virtual IP that follows the primary (used by `blockctl promote`/`demote`).
     #[serde(default)]
     pub vip: Option<VipConfig>,
+    /// How `blockctl promote`/`demote` attach volumes, bound steps and announce the VIP.
+    #[serde(default)]
+    pub failover: FailoverConfig,
+    /// Bind mounts made after the volumes are mounted (state that must live on the mirror,
+    /// such as `/var/lib/nfs`), in this order; unmounted in reverse.
+    #[serde(default)]
+    pub bind: Vec<BindConfig>,
     /// Services started on the primary after the mounts and the VIP, in this order.
     #[serde(default)]
     pub service: Vec<ServiceConfig>,
@@ -292,6 +301,25 @@ pub struct ServiceConfig {
     /// "tcp://HOST:PORT" or "exec:COMMAND": healthy once it succeeds.
     #[serde(default)]
     pub check: Option<HealthCheck>,
+    /// The service's main process: a stop that does not end it within `timeout` escalates to
+    /// SIGTERM then SIGKILL of this pid, so a hung daemon cannot keep the mount busy.
+    #[serde(default)]
+    pub pidfile: Option<PathBuf>,
+    /// Deadline of the start (until `check` passes) and of the stop; absent means
+    /// `[failover] step-timeout`. Use [`ServiceConfig::deadline`].
+    #[serde(default, deserialize_with = "values::duration_opt")]
+    pub timeout: Option<Duration>,
+    /// Wait for `check` after starting (default true). False is for services that block until
+    /// something else answers (k3s waits for its datastore): started, not waited on.
+    #[serde(default = "yes")]
+    pub wait: bool,
+}
+
+impl ServiceConfig {
+    /// The start and stop deadline: `timeout`, else the failover step timeout.
+    pub fn deadline(&self, failover: &FailoverConfig) -> Duration {
+        self.timeout.unwrap_or(failover.step_timeout)
+    }
 }
 
 impl Config {
@@ -534,6 +562,10 @@ mod tests {
         assert_eq!(c.volume[1].filesystem, Some(Filesystem::Xfs));
         assert_eq!(c.vip.as_ref().map(|v| v.address.prefix), Some(24));
         assert_eq!(c.service.len(), 2);
+        assert_eq!(c.failover, FailoverConfig::default(), "the example shows the defaults");
+        assert_eq!(c.bind.len(), 1);
+        assert_eq!(c.service[0].deadline(&c.failover), Duration::from_secs(60));
+        assert!(c.service[0].pidfile.is_some() && c.service[0].wait);
         let beta = c.local_node(Some("beta")).unwrap();
         assert_eq!(beta.control_socket(), Path::new("/run/blockd/control.sock"));
         assert!(!fs::read_to_string(&path).unwrap().is_empty());

@@ -81,6 +81,8 @@ impl Config {
         self.check_nbd(&mut p);
         self.check_vip(&mut p);
         self.check_services(&mut p);
+        self.check_failover(&mut p);
+        self.check_binds(&mut p);
         p.0
     }
 
@@ -250,6 +252,7 @@ impl Config {
                 p.add(&key, Some(quote(&s.name)), format!("also the name of service[{j}]"));
             }
             check_service_commands(p, i, s);
+            super::failover::check_service_extras(p, i, s);
         }
     }
 }
@@ -321,26 +324,31 @@ fn safe_name(name: &str) -> Result<(), String> {
 }
 
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(super) struct Problems(pub(super) Vec<Problem>);
 
 impl Problems {
-    fn add(&mut self, key: impl Into<String>, value: Option<String>, reason: impl Into<String>) {
+    pub(super) fn add(
+        &mut self,
+        key: impl Into<String>,
+        value: Option<String>,
+        reason: impl Into<String>,
+    ) {
         self.0.push(Problem { key: key.into(), value, reason: reason.into() });
     }
 
     /// The daemon runs with `/` as its working directory: relative paths would surprise.
-    fn absolute(&mut self, key: &str, path: &Path) {
+    pub(super) fn absolute(&mut self, key: &str, path: &Path) {
         if !path.is_absolute() {
             self.add(key, Some(quote_path(path)), "must be an absolute path");
         }
     }
 }
 
-fn quote(v: impl fmt::Display) -> String {
+pub(super) fn quote(v: impl fmt::Display) -> String {
     format!("{:?}", v.to_string())
 }
 
-fn quote_path(p: &Path) -> String {
+pub(super) fn quote_path(p: &Path) -> String {
     quote(p.display())
 }
 
