@@ -15,6 +15,13 @@
 //! file, as in production (DESIGN §9); a test that needs the nodes to disagree (volume size,
 //! addresses) writes a second file with [`Cluster::write_config`].
 //!
+//! [`Cluster::with_lan`] is the failover variant (module [`lan`]): the nodes and a client
+//! namespace on a bridge, and each node in a mount namespace of its own ([`mountns`]) where
+//! its daemon, its `blockctl` and [`Cluster::run_on`] run, so both nodes mount the same paths
+//! as real servers do. [`failover`] adds what failover tests do to such a cluster
+//! (`kill_node`, `promote`, `check_clean`, `prepare_filesystem`); [`mariadb`] and
+//! [`ganesha`] are the services on the mirror and their clients.
+//!
 //! [`Cluster`] is a guard: its `Drop` kills both daemons by pid, deletes the nftables tables
 //! and the namespaces (which deletes the veth), prints both daemons' logs when the test is
 //! panicking, and removes the directory (kept when the test failed and `BLOCKD_TEST_KEEP` is
@@ -22,6 +29,11 @@
 //! and run fio, and a 2-core machine running several of them at once would make both flaky.
 
 pub mod clients;
+pub mod failover;
+pub mod ganesha;
+pub mod lan;
+pub mod mariadb;
+pub mod mountns;
 mod netns;
 pub mod peer;
 
@@ -100,6 +112,12 @@ pub struct Spec {
     /// `replication` of alpha and beta, as written in the file.
     pub replication: [String; 2],
     pub size: String,
+    /// The volume's name ([`VOL`] unless a failover test names it, e.g. "db").
+    pub volume: String,
+    /// Extra keys of the `[[volume]]` table, verbatim (`filesystem = "ext4"` ...).
+    pub volume_toml: String,
+    /// Tables appended after the volume, verbatim (`[vip]`, `[[service]]`, ...).
+    pub extra_toml: String,
 }
 
 /// Per-node files and process.
@@ -116,6 +134,9 @@ struct Daemon {
 pub struct Cluster {
     nodes: [Daemon; 2],
     netns: Vec<Netns>,
+    /// The bridge, client and mount namespaces of [`Cluster::with_lan`]; before `netns` in
+    /// drop order, since it kills what runs in the node namespaces.
+    lan: Option<lan::Lan>,
     spec: Spec,
     dir: Option<tempfile::TempDir>,
     _serial: MutexGuard<'static, ()>,
@@ -125,6 +146,24 @@ impl Cluster {
     /// Both namespaces, the veth, the shared config and secret for a `size` volume (e.g.
     /// "64MiB"); no daemon is started yet.
     pub fn new(test: &str, size: &str) -> Cluster {
+        let c = Cluster::build(test, size, |_| {});
+        netns::link(&c.netns[0], &c.netns[1], "10.99.0.1/24", "10.99.0.2/24");
+        c
+    }
+
+    /// The failover topology (module [`lan`]): both nodes and a client namespace on a bridge,
+    /// each node in its own mount namespace, where the daemon, `blockctl` and
+    /// [`Cluster::run_on`] run. `configure` adjusts the shared config (volume name,
+    /// filesystem, `[vip]`, services) before it is written.
+    pub fn with_lan(test: &str, size: &str, configure: impl FnOnce(&mut Spec)) -> Cluster {
+        let mut c = Cluster::build(test, size, configure);
+        let stem = c.netns[0].name().trim_end_matches("-a").to_string();
+        let root = c.dir().to_path_buf();
+        c.lan = Some(lan::Lan::create(&stem, [&c.netns[0], &c.netns[1]], &root));
+        c
+    }
+
+    fn build(test: &str, size: &str, configure: impl FnOnce(&mut Spec)) -> Cluster {
         crate::require("ip");
         crate::require("nft");
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -139,15 +178,19 @@ impl Cluster {
             peer_timeout: PEER_TIMEOUT,
             replication: [Alpha, Beta].map(|n| format!("{}:{PORT}", n.ip())),
             size: size.to_string(),
+            volume: VOL.to_string(),
+            volume_toml: String::new(),
+            extra_toml: String::new(),
         };
-        let mut c = Cluster { nodes, netns: Vec::new(), spec, dir: Some(dir), _serial: serial };
+        let mut c =
+            Cluster { nodes, netns: Vec::new(), lan: None, spec, dir: Some(dir), _serial: serial };
+        configure(&mut c.spec);
         write_secret(&c.spec.secret_file, 32);
         c.write_config(&root.join("blockd.toml"), &c.spec.clone());
         let stem = netns::unique_stem();
         // Pushed one by one: if the second fails, Drop still deletes the first.
         c.netns.push(Netns::create(&format!("{stem}-a")));
         c.netns.push(Netns::create(&format!("{stem}-b")));
-        netns::link(&c.netns[0], &c.netns[1], "10.99.0.1/24", "10.99.0.2/24");
         c
     }
 
@@ -181,7 +224,13 @@ impl Cluster {
                 d.run_dir.display()
             ));
         }
-        toml.push_str(&format!("[[volume]]\nname = \"{VOL}\"\nsize = \"{}\"\n", spec.size));
+        toml.push_str(&format!(
+            "[[volume]]\nname = \"{}\"\nsize = \"{}\"\n",
+            spec.volume, spec.size
+        ));
+        toml.push_str(&spec.volume_toml);
+        toml.push('\n');
+        toml.push_str(&spec.extra_toml);
         fs::write(path, toml).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 
@@ -206,7 +255,10 @@ impl Cluster {
         let mut log = OpenOptions::new().create(true).append(true).open(&d.log).expect("log");
         writeln!(log, "===== blockd start {env:?} =====").expect("write log");
         let blockd = bin("blockd");
-        let mut c = self.netns[n.index()].command(blockd.as_os_str());
+        let mut c = match &self.lan {
+            Some(lan) => lan.mount_ns(n).command(&blockd),
+            None => self.netns[n.index()].command(blockd.as_os_str()),
+        };
         c.arg("--config").arg(&d.config).arg("--node").arg(n.name());
         c.env("NO_COLOR", "1").envs(env.iter().copied()).stdin(Stdio::null());
         c.stdout(log.try_clone().expect("dup log")).stderr(log);
@@ -300,8 +352,12 @@ impl Cluster {
     }
 
     /// A `blockctl --config F --node NAME` command for `n`, arguments still to add.
+    /// With [`Cluster::with_lan`] it runs on the node (its namespaces), as an operator would.
     pub fn blockctl(&self, n: NodeId) -> std::process::Command {
-        let mut c = std::process::Command::new(bin("blockctl"));
+        let mut c = match &self.lan {
+            Some(lan) => lan.mount_ns(n).command(bin("blockctl")),
+            None => std::process::Command::new(bin("blockctl")),
+        };
         c.arg("--config").arg(self.config(n)).arg("--node").arg(n.name());
         c
     }
@@ -371,15 +427,19 @@ impl Cluster {
 
     /// `nbd+unix:///vol?socket=<run-dir of n>/vol.sock`.
     pub fn nbd_uri(&self, n: NodeId) -> String {
-        format!("nbd+unix:///{VOL}?socket={}", self.socket(n).display())
+        format!("nbd+unix:///{}?socket={}", self.spec.volume, self.socket(n).display())
     }
 
     pub fn socket(&self, n: NodeId) -> PathBuf {
-        self.nodes[n.index()].run_dir.join(format!("{VOL}.sock"))
+        self.nodes[n.index()].run_dir.join(format!("{}.sock", self.spec.volume))
     }
 
     pub fn backing(&self, n: NodeId) -> PathBuf {
-        self.nodes[n.index()].data_dir.join(format!("{VOL}.img"))
+        self.nodes[n.index()].data_dir.join(format!("{}.img", self.spec.volume))
+    }
+
+    pub fn run_dir(&self, n: NodeId) -> &Path {
+        &self.nodes[n.index()].run_dir
     }
 
     pub fn log_text(&self, n: NodeId) -> String {
@@ -459,6 +519,9 @@ impl Drop for Cluster {
                 );
             }
         }
+        // Lan::drop kills what runs on the nodes, detaches their loop devices, unmounts inside
+        // their mount namespaces and deletes the bridge and client namespaces.
+        self.lan = None;
         // Netns::drop deletes the harness's nftables table, then the namespace and its veth.
         self.netns.clear();
         let dir = self.dir.take().expect("dropped once");
