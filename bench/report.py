@@ -132,6 +132,48 @@ def raw_checks(results):
     return out
 
 
+def load_rtt(json_dir):
+    """The veth TCP 4 KiB round trip (fio net ping-pong) as (p50, p99) in µs, or None."""
+    job = load_fio(os.path.join(json_dir, "rtt.json"))
+    p50, p99 = metric(job, "write", "p50"), metric(job, "write", "p99")
+    return None if p50 is None else (p50, p99)
+
+
+def ratio_check(results, wid, kind, label, unit, factor):
+    """blockd-mirror >= factor x qsd-mirror on one higher-is-better metric."""
+    name = f"blockd-mirror >= {factor:g}x qsd-mirror on {label}"
+    ours = results.get("blockd-mirror", {}).get((wid, kind))
+    theirs = results.get("qsd-mirror", {}).get((wid, kind))
+    if ours is None or not theirs:
+        return verdict(False, f"{name}: a row is missing")
+    return verdict(ours >= factor * theirs, f"{name}: {ours:,.0f} vs {theirs:,.0f} {unit} ({ours / theirs:.2f}x)")
+
+
+def mirror_checks(results, rtt):
+    """The mirroring issue's targets: ratios to qsd-mirror and to unmirrored blockd, and QD1
+    latency against blockd + 2 round trips + 50 µs."""
+    out = [
+        ratio_check(results, "w4k1", "iops", "4k randwrite QD1", "IOPS", 2.5),
+        ratio_check(results, "w4k32", "iops", "4k randwrite QD32", "IOPS", 2.5),
+        ratio_check(results, "seq1m8", "mibs", "1M seq write QD8", "MiB/s", 2),
+    ]
+    mirror, plain = results.get("blockd-mirror", {}), results.get("blockd", {})
+    name = "blockd-mirror 1M seq write >= 60% of blockd"
+    m, b = mirror.get(("seq1m8", "mibs")), plain.get(("seq1m8", "mibs"))
+    if m is None or not b:
+        out.append(verdict(False, f"{name}: a row is missing"))
+    else:
+        out.append(verdict(m >= 0.6 * b, f"{name}: {m:,.0f} vs {b:,.0f} MiB/s ({m / b:.0%})"))
+    name = "blockd-mirror QD1 p50 <= blockd p50 + 2 x RTT + 50 µs"
+    m, b = mirror.get(("w4k1", "p50")), plain.get(("w4k1", "p50"))
+    if m is None or b is None or rtt is None:
+        out.append(verdict(False, f"{name}: a row or the round trip is missing"))
+    else:
+        limit = b + 2 * rtt[0] + 50
+        out.append(verdict(m <= limit, f"{name}: {m:.0f} vs {limit:.0f} µs ({b:.0f} + 2 x {rtt[0]:.0f} + 50)"))
+    return out
+
+
 def server_use(json_dir, row, wid, iops):
     """Server CPU in % of one core and context switches per I/O over fio's measured window."""
     try:
@@ -165,6 +207,14 @@ def main(argv):
         return 2
     json_dir, rows = argv[1], argv[2:]
     results = load_results(json_dir, rows)
+    mirrored = "blockd-mirror" in rows or "qsd-mirror" in rows
+    rtt = load_rtt(json_dir) if mirrored else None
+    if mirrored:
+        if rtt is None:
+            print("veth TCP round trip (4 KiB, fio net ping-pong): n/a")
+        else:
+            print(f"veth TCP round trip (4 KiB, fio net ping-pong): p50 {rtt[0]:.0f} µs, p99 {rtt[1]:.0f} µs")
+        print()
     print(table(results, rows))
     print()
     print("Per workload: server CPU % of one core / fio CPU % / server context switches per I/O")
@@ -172,12 +222,18 @@ def main(argv):
     for row in rows:
         print(cpu_line(json_dir, row))
     print()
-    if "blockd" not in rows:
-        print("SKIP  target checks need the blockd row")
-        return 0
-    checks = race_checks(results)
-    if "raw" in rows:
+    checks = []
+    # Without the mirror rows, the Foundation checks run whenever blockd does (as before);
+    # with them, only the checks whose rows are in the run.
+    if "blockd" in rows and (not mirrored or all(p in rows for p in PEERS)):
+        checks += race_checks(results)
+    if "blockd" in rows and "raw" in rows:
         checks += raw_checks(results)
+    if mirrored:
+        checks += mirror_checks(results, rtt)
+    if not checks:
+        print("SKIP  target checks need the blockd row and its peers, or the mirror rows")
+        return 0
     print("\n".join(checks))
     return 0 if all(c.startswith("PASS") for c in checks) else 1
 
