@@ -341,8 +341,7 @@ impl Node {
                 _ = tick.tick() => {}
             }
             for (v, seen) in self.volumes.iter().zip(seen.iter_mut()) {
-                let c = v.status().counters;
-                let written = c.peer_writes;
+                let written = v.peer_writes();
                 if written != *seen && v.machine().role == Role::Primary {
                     *seen = written;
                     if let Err(e) = v.flush().await {
@@ -351,11 +350,6 @@ impl Node {
                 }
             }
         }
-    }
-
-    /// The peer's name, if there is one.
-    pub fn peer(&self) -> Option<&str> {
-        self.peer.as_deref()
     }
 }
 

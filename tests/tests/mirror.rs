@@ -569,6 +569,29 @@ fn corrupted_frame_is_detected_and_never_applied() {
     c.assert_identical();
 }
 
+/// DESIGN §3: the primary flushes its peer once a second while writes happen, so acked writes
+/// become durable there; once writes stop, so do those flushes (a flush is not a write).
+#[test]
+fn periodic_peer_flush_follows_writes_and_stops_when_idle() {
+    let c = alpha_primary("mirror-idle-flush", "16MiB");
+    // A write without a client FLUSH: only the periodic flush can make it durable on beta.
+    let mut q =
+        cmd("qemu-io", &["-f", "raw", "-t", "none", &c.nbd_uri(Alpha), "-c", "write -P 7 0 64k"]);
+    let out = try_run(&mut q, Duration::from_secs(30));
+    assert_eq!(out.code(), 0, "{out}");
+    assert!(counter(&c, Alpha, "peer_writes") >= 1);
+    sleep(Duration::from_millis(2500)); // two flush periods after the write
+    let settled = counter(&c, Alpha, "flushes");
+    assert!(settled >= 1, "the write was followed by a peer flush: {}", c.vol(Alpha));
+    sleep(Duration::from_millis(3500));
+    assert_eq!(
+        counter(&c, Alpha, "flushes"),
+        settled,
+        "no flushes without writes: {}",
+        c.vol(Alpha)
+    );
+}
+
 /// Runs one qemu-io command against `n`'s export; panics unless it succeeds.
 fn qemu_io(c: &Cluster, n: NodeId, command: &str) {
     let mut q = cmd("qemu-io", &["-f", "raw", &c.nbd_uri(n), "-c", command]);

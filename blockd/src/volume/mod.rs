@@ -186,6 +186,11 @@ impl Volume {
             .map(|_| ClientGuard(Arc::clone(self)))
     }
 
+    /// Writes, zeroes and trims the peer has acknowledged (flushes are not counted).
+    pub fn peer_writes(&self) -> u64 {
+        self.counters.peer_writes.load(Ordering::Relaxed)
+    }
+
     /// NBD clients connected now.
     pub fn clients(&self) -> u32 {
         self.clients.load(Ordering::Acquire)
@@ -204,24 +209,13 @@ impl Volume {
     pub async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), VolumeError> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
-        {
-            let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
-            match self.route()? {
-                None => {
-                    self.io(self.store.write(offset, data).await)?;
-                    self.degraded_write().await?;
-                }
-                Some(session) => {
-                    // The peer gets its own copy: the local engine owns `data` until it completes.
-                    let msg =
-                        Message::Write { offset, data: Bytes::copy_from_slice(data.as_slice()) };
-                    let (local, remote) =
-                        tokio::join!(self.store.write(offset, data), self.call_peer(&session, msg));
-                    self.io(local)?;
-                    self.peer_done(&session, remote, len).await?;
-                }
-            }
-        }
+        self.mirrored(offset, len, len, |mirror| {
+            // The peer gets its own copy, made only when mirroring: the local engine owns `data`
+            // until it completes.
+            let copy = mirror.then(|| Bytes::copy_from_slice(data.as_slice()));
+            (self.store.write(offset, data), copy.map(|data| Message::Write { offset, data }))
+        })
+        .await?;
         if fua {
             self.flush().await?;
         }
@@ -240,8 +234,11 @@ impl Volume {
         fua: bool,
     ) -> Result<(), VolumeError> {
         self.check_range(offset, len)?;
-        let msg = Message::WriteZeroes { offset, len, punch };
-        self.mirrored(offset, len, msg, self.store.write_zeroes(offset, len, punch)).await?;
+        self.mirrored(offset, len, 0, |mirror| {
+            let msg = mirror.then_some(Message::WriteZeroes { offset, len, punch });
+            (self.store.write_zeroes(offset, len, punch), msg)
+        })
+        .await?;
         if fua {
             self.flush().await?;
         }
@@ -253,8 +250,10 @@ impl Volume {
     /// until rewritten).
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
         self.check_range(offset, len)?;
-        let msg = Message::Trim { offset, len };
-        self.mirrored(offset, len, msg, self.store.trim(offset, len)).await?;
+        self.mirrored(offset, len, 0, |mirror| {
+            (self.store.trim(offset, len), mirror.then_some(Message::Trim { offset, len }))
+        })
+        .await?;
         if fua {
             self.flush().await?;
         }
@@ -272,33 +271,41 @@ impl Volume {
                 let (local, remote) =
                     tokio::join!(self.store.flush(), self.call_peer(&session, Message::Flush));
                 self.io(local)?;
-                self.peer_done(&session, remote, 0).await?;
+                self.peer_done(&session, remote).await?;
             }
         }
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// A zero or trim: `local` runs under the range lock together with `msg` to the peer.
-    async fn mirrored(
+    /// Every write-type request: under the range lock, `prepare(mirroring)` gives the local
+    /// operation and, when mirroring, the peer's request; both run together and the result
+    /// comes once both are done. Without the peer, the local completion is acknowledged only
+    /// after the new generation is on disk. `bytes` is the payload, for the counters.
+    async fn mirrored<F>(
         &self,
         offset: u64,
         len: u64,
-        msg: Message,
-        local: impl std::future::Future<Output = io::Result<()>>,
-    ) -> Result<(), VolumeError> {
+        bytes: u64,
+        prepare: impl FnOnce(bool) -> (F, Option<Message>),
+    ) -> Result<(), VolumeError>
+    where
+        F: std::future::Future<Output = io::Result<()>>,
+    {
         let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
-        match self.route()? {
-            None => {
-                self.io(local.await)?;
-                self.degraded_write().await
-            }
-            Some(session) => {
-                let (local, remote) = tokio::join!(local, self.call_peer(&session, msg));
-                self.io(local)?;
-                self.peer_done(&session, remote, 0).await
-            }
+        let session = self.route()?;
+        let (local, msg) = prepare(session.is_some());
+        let Some((session, msg)) = session.zip(msg) else {
+            self.io(local.await)?;
+            return self.degraded_write().await;
+        };
+        let (local, remote) = tokio::join!(local, self.call_peer(&session, msg));
+        self.io(local)?;
+        if self.peer_done(&session, remote).await? {
+            self.counters.peer_writes.fetch_add(1, Ordering::Relaxed);
+            self.counters.peer_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
+        Ok(())
     }
 
     pub fn status(&self) -> VolumeStatus {

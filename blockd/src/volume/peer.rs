@@ -66,15 +66,12 @@ impl Volume {
             Message::Flush => self.io(self.store.flush().await),
             Message::ResyncData { offset, data } => match self.wait_target_ready(session).await {
                 Ok(()) => {
-                    self.apply_resync(offset, data.len() as u64, self.apply_data(offset, &data))
-                        .await
+                    self.apply_resync(data.len() as u64, self.apply_data(offset, &data)).await
                 }
                 Err(code) => return ack(code),
             },
             Message::ResyncZero { offset, len } => match self.wait_target_ready(session).await {
-                Ok(()) => {
-                    self.apply_resync(offset, len, self.apply_zeroes(offset, len, true)).await
-                }
+                Ok(()) => self.apply_resync(len, self.apply_zeroes(offset, len, true)).await,
                 Err(code) => return ack(code),
             },
             other => {
@@ -111,7 +108,6 @@ impl Volume {
 
     async fn apply_resync(
         &self,
-        _offset: u64,
         len: u64,
         apply: impl std::future::Future<Output = Result<(), VolumeError>>,
     ) -> Result<(), VolumeError> {

@@ -283,30 +283,24 @@ impl Volume {
         session.call(self.index(), msg).await
     }
 
-    /// Accounts the peer's answer to a mirrored request. Anything but a clean ack means the
-    /// peer may not have it: the session is closed and the write completes degraded, after the
-    /// new generation is on disk.
+    /// Judges the peer's answer to a mirrored request: `Ok(true)` when the peer has it.
+    /// Anything but a clean ack means the peer may not: the session is closed and the request
+    /// completes degraded (`Ok(false)`), after the new generation is on disk.
     pub(super) async fn peer_done(
         &self,
         session: &Session,
         result: Result<Message, LinkError>,
-        bytes: u64,
-    ) -> Result<(), VolumeError> {
-        use std::sync::atomic::Ordering::Relaxed;
+    ) -> Result<bool, VolumeError> {
         match result {
-            Ok(Message::Ack { error: 0 }) => {
-                self.counters.peer_writes.fetch_add(1, Relaxed);
-                self.counters.peer_bytes.fetch_add(bytes, Relaxed);
-                return Ok(());
-            }
+            Ok(Message::Ack { error: 0 }) => return Ok(true),
             Ok(Message::Ack { error }) => {
                 session.close(&format!("peer failed a mirrored request (error {error})"));
             }
             Ok(other) => session.close(&format!("peer answered a mirrored request with {other:?}")),
             Err(_) => {} // the session is already gone
         }
-        self.counters.degraded_writes.fetch_add(1, Relaxed);
-        self.ensure_moved_on().await
+        self.counters.degraded_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ensure_moved_on().await.map(|()| false)
     }
 
     /// A write completed without the peer: make sure the new generation is on disk first.
