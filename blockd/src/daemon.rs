@@ -70,6 +70,12 @@ pub enum DaemonError {
         #[source]
         source: crate::meta::MetaError,
     },
+    #[error("cannot open the dirty bitmap and activity log of volume {volume}")]
+    Tracking {
+        volume: String,
+        #[source]
+        source: VolumeError,
+    },
     #[error("cannot record the start in the metadata of volume {volume}")]
     MarkRunning {
         volume: String,
@@ -153,6 +159,7 @@ pub async fn run_with_events(
         peer_name(&config, &node),
         volumes.clone(),
         config.source.clone(),
+        config.resync.clone(),
     );
     let mut serving = Serving::default();
     if let Err(e) = serving.start(&config, &node, &cluster).await {
@@ -284,9 +291,14 @@ fn open_volumes(config: &Config, node: &LocalNode) -> Result<Vec<Arc<Volume>>, D
             let store = Store::open(&opts)
                 .map_err(|source| DaemonError::OpenStore { volume: v.name.clone(), source })?;
             let meta_path = node.settings.data_dir.join(format!("{}.meta", v.name));
-            let (file, meta) =
-                MetaFile::open_or_create(&meta_path, v.size.bytes(), &node.name, store.created())
-                    .map_err(|source| DaemonError::Meta { volume: v.name.clone(), source })?;
+            let (file, meta) = MetaFile::open_or_create_with(
+                &meta_path,
+                v.size.bytes(),
+                &node.name,
+                store.created(),
+                config.resync.granularity(),
+            )
+            .map_err(|source| DaemonError::Meta { volume: v.name.clone(), source })?;
             tracing::info!(
                 volume = %v.name, size = v.size.bytes(), backing = %backing.display(),
                 engine = store.engine_name(), direct_io = store.is_direct(),
@@ -301,7 +313,9 @@ fn open_volumes(config: &Config, node: &LocalNode) -> Result<Vec<Arc<Volume>>, D
                 socket: node.nbd_socket(&v.name),
                 backing,
             };
-            Ok(Arc::new(Volume::new(info, store, meta, file)))
+            let volume = Volume::open(info, store, meta, file, config.resync.al())
+                .map_err(|source| DaemonError::Tracking { volume: v.name.clone(), source })?;
+            Ok(Arc::new(volume))
         })
         .collect()
 }
@@ -430,7 +444,11 @@ async fn flush_all(volumes: &[Arc<Volume>]) -> Result<(), DaemonError> {
     let mut first = Ok(());
     for v in volumes {
         let volume = v.name().to_string();
-        let result = match tokio::time::timeout(FLUSH_TIMEOUT, v.flush()).await {
+        let flush = async {
+            v.flush().await?;
+            v.flush_bitmap().await
+        };
+        let result = match tokio::time::timeout(FLUSH_TIMEOUT, flush).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(source)) => Err(DaemonError::Flush { volume, source }),
             Err(_) => Err(DaemonError::FlushTimeout { volume }),
@@ -474,6 +492,16 @@ impl Handler for NodeHandler {
             }
             Request::PeerPromote => match self.node.peer_promote().await {
                 Ok((code, output)) => Response::Ok(Reply::PeerPromoted { code, output }),
+                Err((kind, message)) => Response::err(kind, message),
+            },
+            Request::Resolve { resolve, volume } => {
+                match self.node.resolve(volume.as_deref(), resolve) {
+                    Ok(()) => Response::Ok(Reply::Done),
+                    Err((kind, message)) => Response::err(kind, message),
+                }
+            }
+            Request::Verify { volume } => match self.node.verify(volume.as_deref()).await {
+                Ok(results) => Response::Ok(Reply::Verified(results)),
                 Err((kind, message)) => Response::err(kind, message),
             },
         }

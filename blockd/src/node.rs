@@ -25,11 +25,12 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    control::{ErrorKind, Role},
-    meta,
+    config::ResyncConfig,
+    control::{ConnState, ErrorKind, Role, Verified},
+    meta::{self, Resolve, SyncDecision},
     replication::{LinkEvent, Message, Responder, Session},
     role::{Action, Event, Refusal},
-    volume::{Transition, Volume},
+    volume::{ResyncOptions, Transition, Volume},
 };
 
 /// How often a Primary flushes its peer while writes happen, so that peer-acknowledged writes
@@ -50,6 +51,8 @@ pub struct Node {
     /// The configuration file this daemon runs with: the peer's `RunPromote` runs
     /// `blockctl --config <it> --node <name> promote`.
     config_path: PathBuf,
+    /// Rate ceiling and checksum mode of resyncs this node sends.
+    resync: ResyncConfig,
 }
 
 impl Node {
@@ -58,8 +61,9 @@ impl Node {
         peer: Option<String>,
         volumes: Vec<Arc<Volume>>,
         config_path: PathBuf,
+        resync: ResyncConfig,
     ) -> Arc<Node> {
-        Arc::new(Node { name, peer, volumes, session: Mutex::new(None), config_path })
+        Arc::new(Node { name, peer, volumes, session: Mutex::new(None), config_path, resync })
     }
 
     pub fn name(&self) -> &str {
@@ -121,32 +125,69 @@ impl Node {
         }
     }
 
-    /// The state exchange of DESIGN §5 for every volume, then the decision from generations.
+    /// The state exchange of DESIGN §5 for every volume, then the decision from generations,
+    /// bitmaps and the operator's `resolve` ([`meta::plan`]).
     async fn exchange(self: Arc<Self>, s: Session) {
         for v in &self.volumes {
-            let (state, gens, pws) = v.local_state().await;
-            let mine = Message::State {
-                role: state.role,
-                disk: state.disk,
-                gens,
-                primary_when_stopped: pws,
+            let mine = state_message(v).await;
+            let Message::State { role, gens, primary_when_stopped, dirty, resolve, .. } = mine
+            else {
+                continue;
             };
-            let (peer_role, peer_disk, peer_gens) = match s.call(v.index(), mine).await {
-                Ok(Message::State { role, disk, gens, .. }) => (role, disk, gens),
+            let theirs = match s.call(v.index(), mine).await {
+                Ok(m @ Message::State { .. }) => m,
                 other => {
                     tracing::warn!(volume = %v.name(), "state exchange failed: {other:?}");
                     s.close("state exchange failed");
                     return;
                 }
             };
-            let decision = meta::decide(&gens, &peer_gens);
+            let Message::State {
+                role: peer_role,
+                disk: peer_disk,
+                gens: peer_gens,
+                primary_when_stopped: peer_pws,
+                dirty: peer_dirty,
+                resolve: peer_resolve,
+            } = theirs
+            else {
+                continue;
+            };
+            let me = meta::Side {
+                name: &self.name,
+                dirty: dirty > 0,
+                primary: role == Role::Primary,
+                primary_when_stopped,
+                resolve,
+            };
+            let them = meta::Side {
+                name: s.peer(),
+                dirty: peer_dirty > 0,
+                primary: peer_role == Role::Primary,
+                primary_when_stopped: peer_pws,
+                resolve: peer_resolve,
+            };
+            let plan = meta::plan(&gens, me, &peer_gens, them);
             tracing::info!(
                 volume = %v.name(),
-                "generations: mine {gens:x?}, peer's {peer_gens:x?} -> {decision:?}"
+                "generations: mine {gens:x?}, peer's {peer_gens:x?}; dirty: mine {dirty}, \
+                 peer's {peer_dirty}; resolve: mine {resolve:?}, peer's {peer_resolve:?} -> {plan:?}"
             );
-            let event = Event::Connected { peer_role, peer_disk, decision };
+            if plan.decision == SyncDecision::SplitBrain {
+                tracing::error!(volume = %v.name(),
+                    "split brain: both nodes wrote since they were last in sync; nothing is \
+                     copied. On the node whose changes lose: blockctl demote, then \
+                     blockctl resolve --discard-local");
+            }
+            let opts = ResyncOptions {
+                full: plan.full,
+                peer_dirty: peer_dirty > 0,
+                max_rate: self.resync.max_rate.bytes(),
+                checksum: self.resync.checksum,
+            };
+            let event = Event::Connected { peer_role, peer_disk, decision: plan.decision };
             match v.transition(event, Some(&s)).await {
-                Ok(t) => self.perform(v, &s, t),
+                Ok(t) => self.perform(v, &s, t, opts),
                 Err(e) => {
                     tracing::error!(volume = %v.name(), error = %e, "cannot record the connection");
                     s.close("metadata update failed");
@@ -156,15 +197,15 @@ impl Node {
     }
 
     /// The actions a link-side transition left: start a resync, or report a refusal.
-    fn perform(&self, v: &Arc<Volume>, s: &Session, t: Transition) {
+    fn perform(&self, v: &Arc<Volume>, s: &Session, t: Transition, opts: ResyncOptions) {
         for action in t.actions {
             match action {
                 Action::StartResyncSource => {
                     let (v, s) = (Arc::clone(v), s.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = v.resync_source(&s).await {
+                        if let Err(e) = v.resync_source(&s, opts).await {
                             tracing::warn!(volume = %v.name(), error = %e, "resync stopped");
-                            // Reconnecting decides again and starts over.
+                            // Reconnecting decides again and resumes from the bitmap.
                             s.close("resync failed");
                         }
                     });
@@ -195,15 +236,7 @@ impl Node {
         };
         let v = Arc::clone(v);
         let answer = match msg {
-            Message::State { .. } => {
-                let (state, gens, pws) = v.local_state().await;
-                Message::State {
-                    role: state.role,
-                    disk: state.disk,
-                    gens,
-                    primary_when_stopped: pws,
-                }
-            }
+            Message::State { .. } => state_message(&v).await,
             Message::AskPromote => {
                 let granted = match v.transition(Event::PeerAsksPromote, None).await {
                     Ok(t) => {
@@ -319,6 +352,79 @@ impl Node {
         Ok(())
     }
 
+    /// `blockctl resolve`: the named volume (or every one) gives up its data at the next
+    /// handshake, which is held at once by reconnecting the link. Refused on a Primary (demote
+    /// first: a Primary never receives) and while the volume replicates normally.
+    pub fn resolve(&self, volume: Option<&str>, resolve: Resolve) -> Result<(), Refused> {
+        let targets = self.targets(volume)?;
+        for v in &targets {
+            let m = v.machine();
+            if m.role == Role::Primary {
+                return Err((
+                    ErrorKind::NotPrimary,
+                    format!(
+                        "volume {} is Primary here: demote it before giving up its data",
+                        v.name()
+                    ),
+                ));
+            }
+            if matches!(
+                m.conn,
+                ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget
+            ) {
+                return Err((
+                    ErrorKind::Busy,
+                    format!(
+                        "volume {} is {:?} with its peer: there is nothing to resolve",
+                        v.name(),
+                        m.conn
+                    ),
+                ));
+            }
+        }
+        for v in &targets {
+            tracing::warn!(volume = %v.name(), "operator: resolve {resolve:?} at the next handshake");
+            v.set_resolve(resolve);
+        }
+        if let Some(s) = self.session() {
+            s.close("resolve requested: reconnecting for a new handshake");
+        }
+        Ok(())
+    }
+
+    /// `blockctl verify`: every volume named (or all), one after the other.
+    pub async fn verify(&self, volume: Option<&str>) -> Result<Vec<Verified>, Refused> {
+        let mut out = Vec::new();
+        for v in self.targets(volume)? {
+            let m = v.machine();
+            if m.role != Role::Primary || m.conn != ConnState::Connected {
+                return Err((
+                    ErrorKind::NotPrimary,
+                    format!(
+                        "volume {}: verify runs on the Primary while Connected and in sync (now {m})",
+                        v.name()
+                    ),
+                ));
+            }
+            let (compared, differed) = v.verify().await.map_err(|e| {
+                (ErrorKind::PeerUnreachable, format!("volume {}: verify stopped: {e}", v.name()))
+            })?;
+            out.push(Verified { volume: v.name().to_string(), compared, differed });
+        }
+        Ok(out)
+    }
+
+    fn targets(&self, volume: Option<&str>) -> Result<Vec<Arc<Volume>>, Refused> {
+        match volume {
+            Some(name) => Ok(vec![Arc::clone(
+                self.volumes.iter().find(|v| v.name() == name).ok_or_else(|| {
+                    (ErrorKind::NotFound, format!("no volume named {name} on node {}", self.name))
+                })?,
+            )]),
+            None => Ok(self.volumes.clone()),
+        }
+    }
+
     /// `blockctl swap`: asks the connected peer to run its promote plan and waits for it.
     pub async fn peer_promote(&self) -> Result<(i32, String), Refused> {
         let s = self
@@ -375,6 +481,19 @@ async fn run_promote(config: &std::path::Path, node: &str) -> Message {
     };
     tracing::info!(node, code, "switchover promote finished");
     Message::PromoteResult { code, output }
+}
+
+/// This node's side of the state exchange for `v`.
+async fn state_message(v: &Volume) -> Message {
+    let (state, gens, pws) = v.local_state().await;
+    Message::State {
+        role: state.role,
+        disk: state.disk,
+        gens,
+        primary_when_stopped: pws,
+        dirty: v.dirty_bytes(),
+        resolve: v.resolve(),
+    }
 }
 
 fn ack_of<T>(r: Result<T, crate::volume::VolumeError>) -> Message {

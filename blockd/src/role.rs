@@ -284,6 +284,7 @@ fn drop_session(s: State, reason: &str) -> (State, Vec<Action>) {
 ///
 /// | condition                                      | result                                      |
 /// |------------------------------------------------|---------------------------------------------|
+/// | both Primary, `SplitBrain`                     | Drop "split brain: ..."                     |
 /// | both Primary                                   | Drop "both nodes are Primary"               |
 /// | `InSync`, I am Inconsistent, the peer UpToDate | as `Target` below                           |
 /// | `InSync`, I am UpToDate, the peer Inconsistent | as `Source` below                           |
@@ -308,6 +309,11 @@ fn connected(
 ) -> (State, Vec<Action>) {
     let (next, mut actions) = end_promotion(State { peer_role: Some(peer_role), ..*s });
     let (next, more) = match (s.role, peer_role) {
+        // The split brain is what the operator must fix (it outlives a demotion): say it.
+        (Role::Primary, Role::Primary) if decision == SyncDecision::SplitBrain => drop_session(
+            next,
+            "split brain: both nodes wrote since they were last in sync (both are Primary)",
+        ),
         (Role::Primary, Role::Primary) => drop_session(next, "both nodes are Primary"),
         (Role::Primary, Role::Secondary) | (Role::Secondary, Role::Primary | Role::Secondary) => {
             match decision {

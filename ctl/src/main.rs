@@ -23,6 +23,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use blockd::{
     config::{self, Config},
     control::{Client, ClientError, NodeStatus, Request, Role},
+    meta::Resolve,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use commands::{EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE};
@@ -50,8 +51,11 @@ enum Command {
     /// attached devices, mounts, binds, the VIP, each service's health.
     Status {
         /// Print the status as JSON (the daemon's NodeStatus plus a "failover" object).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw every second, with a progress bar per running resync, until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// Low-level role change of this node's volumes (no mount, VIP or services: see promote).
     /// Becoming Primary needs an UpToDate disk and a connected Secondary peer that agrees, or
@@ -97,6 +101,31 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime_arg)]
         wait: Duration,
     },
+    /// After a split brain (or with unrelated data): this node's data loses. It must be
+    /// Secondary (demote first); at the next handshake, held at once, it becomes the resync
+    /// target of the union of both bitmaps (--discard-local) or of the whole device
+    /// (--full-sync, the only way with unrelated data).
+    Resolve {
+        #[arg(long, required_unless_present = "full_sync", conflicts_with = "full_sync")]
+        discard_local: bool,
+        #[arg(long)]
+        full_sync: bool,
+        /// Only this volume (default: every volume of the node).
+        #[arg(long, value_name = "NAME")]
+        volume: Option<String>,
+    },
+    /// Compare every block with the peer's by checksum while the volume is in use (on the
+    /// Primary, in sync); differing blocks are marked out of sync and repaired from here.
+    Verify {
+        #[arg(long, value_name = "NAME")]
+        volume: Option<String>,
+    },
+    /// Wait until every volume is Connected, both disks UpToDate and nothing out of sync;
+    /// shows resync progress on a terminal. Fails at once on StandAlone (split brain...).
+    WaitSync {
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime_arg)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -132,7 +161,14 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e, EXIT_USAGE),
     };
     let result = match &args.command {
-        Command::Status { json } => return status(&ctx, *json),
+        Command::Status { watch: true, .. } => return commands::sync::watch(&ctx),
+        Command::Status { json, .. } => return status(&ctx, *json),
+        Command::Resolve { full_sync, volume, .. } => {
+            let r = if *full_sync { Resolve::FullSync } else { Resolve::DiscardLocal };
+            return commands::sync::resolve(&ctx, r, volume.clone());
+        }
+        Command::Verify { volume } => return commands::sync::verify(&ctx, volume.clone()),
+        Command::WaitSync { timeout } => return commands::sync::wait_sync(&ctx, *timeout),
         Command::Role { role, force, volume } => return set_role(&ctx, *role, *force, volume),
         Command::Promote { until, .. } => commands::promote(&ctx, until.as_deref()),
         Command::Demote { until, .. } => commands::demote(&ctx, until.as_deref()),

@@ -547,17 +547,31 @@ pub fn write_secret(path: &Path, len: usize) {
 
 /// `None` when the files are byte-identical; else a description of the first differences.
 pub fn compare_files(a: &Path, b: &Path) -> Option<String> {
-    const CHUNK: usize = 1 << 20;
-    let open = |p: &Path| File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
-    let (mut fa, mut fb) = (open(a), open(b));
-    let (la, lb) = (fa.metadata().expect("stat").len(), fb.metadata().expect("stat").len());
+    let (la, lb) = (len_of(a), len_of(b));
     if la != lb {
         return Some(format!("sizes differ: {la} vs {lb} bytes"));
     }
+    let blocks = differing_blocks(a, b);
+    (!blocks.is_empty()).then(|| {
+        let first: Vec<String> = blocks.iter().take(8).map(|o| format!("{o:#x}")).collect();
+        format!("{} differing 4 KiB blocks, first at {}", blocks.len(), first.join(", "))
+    })
+}
+
+fn len_of(p: &Path) -> u64 {
+    fs::metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display())).len()
+}
+
+/// Offsets of the 4 KiB blocks that differ between two files of the same length.
+pub fn differing_blocks(a: &Path, b: &Path) -> Vec<u64> {
+    const CHUNK: usize = 1 << 20;
+    let open = |p: &Path| File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let (mut fa, mut fb) = (open(a), open(b));
+    let len = len_of(a).min(len_of(b));
     let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let (mut offset, mut blocks) = (0u64, Vec::new());
-    while offset < la {
-        let n = CHUNK.min((la - offset) as usize);
+    while offset < len {
+        let n = CHUNK.min((len - offset) as usize);
         fa.read_exact(&mut ba[..n]).expect("read backing");
         fb.read_exact(&mut bb[..n]).expect("read backing");
         for (i, (x, y)) in ba[..n].chunks(4096).zip(bb[..n].chunks(4096)).enumerate() {
@@ -567,10 +581,7 @@ pub fn compare_files(a: &Path, b: &Path) -> Option<String> {
         }
         offset += n as u64;
     }
-    (!blocks.is_empty()).then(|| {
-        let first: Vec<String> = blocks.iter().take(8).map(|o| format!("{o:#x}")).collect();
-        format!("{} differing 4 KiB blocks, first at {}", blocks.len(), first.join(", "))
-    })
+    blocks
 }
 
 #[cfg(test)]

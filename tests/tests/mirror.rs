@@ -15,7 +15,7 @@ use std::{
 
 use blockd::replication::{
     auth,
-    wire::{Frame, Message},
+    wire::{Frame, Message, PROTOCOL_VERSION},
 };
 use blockd_tests::{
     cluster::{
@@ -478,10 +478,10 @@ fn fake_hello(version: u16, size: u64, nonce: [u8; 32]) -> Message {
     Message::Hello { version, node: "beta".into(), instance: 0x7e57, nonce, volumes }
 }
 
-/// A fake beta answers alpha's dial with a HELLO of protocol version 2 followed by a WRITE:
-/// alpha closes the connection, says why in its log and status, and writes nothing. The same
-/// fake peer speaking version 1 with the right secret gets through the handshake (READY), so
-/// the version alone made the difference.
+/// A fake beta answers alpha's dial with a HELLO of the next protocol version followed by a
+/// WRITE: alpha closes the connection, says why in its log and status, and writes nothing. The
+/// same fake peer speaking alpha's version with the right secret gets through the handshake
+/// (READY), so the version alone made the difference.
 #[test]
 fn wrong_protocol_version_is_refused() {
     let mut c = Cluster::new("mirror-version", "16MiB");
@@ -490,30 +490,35 @@ fn wrong_protocol_version_is_refused() {
     let addr: SocketAddr = format!("{}:{PORT}", Beta.ip()).parse().expect("addr");
     let listener = c.netns(Beta).enter(|| TcpListener::bind(addr)).expect("listen as beta");
     let mut w = Wire::accept(&listener, Duration::from_secs(10));
-    w.send(&peer::frame(fake_hello(2, size, [9; 32])));
+    let (ours, next) = (PROTOCOL_VERSION, PROTOCOL_VERSION + 1);
+    w.send(&peer::frame(fake_hello(next, size, [9; 32])));
     let data = Bytes::from(vec![0x5a; 4096]);
     w.send(&Frame { volume: 0, id: 1, reply: false, msg: Message::Write { offset: 0, data } });
-    assert!(w.closed_within(Duration::from_secs(5)), "alpha must close a version-2 connection");
+    assert!(
+        w.closed_within(Duration::from_secs(5)),
+        "alpha must close a version-{next} connection"
+    );
     let v = c.wait_for(Alpha, "conn_reason naming the version", Duration::from_secs(5), |v| {
         v["conn_reason"].as_str().is_some_and(|r| r.to_lowercase().contains("version"))
     });
     assert!(!is_connected(&v), "{v}");
     let warned = warnings(&c, Alpha);
-    let line = warned.iter().find(|l| l.contains("version 2"));
-    let line = line.unwrap_or_else(|| panic!("no warning names version 2: {warned:#?}"));
+    let line = warned.iter().find(|l| l.contains(&format!("version {next}")));
+    let line = line.unwrap_or_else(|| panic!("no warning names version {next}: {warned:#?}"));
     eprintln!("alpha: log {line}");
     let backing = std::fs::read(c.backing(Alpha)).expect("read alpha's backing");
     assert!(backing.iter().all(|&b| b == 0), "alpha applied data from a refused peer");
 
-    // Control: version 1 and the right secret get to READY.
+    // Control: alpha's own version and the right secret get to READY.
     let secret = std::fs::read(&c.spec().secret_file).expect("secret");
     let mut w = Wire::accept(&listener, Duration::from_secs(10));
     let nonce = auth::new_nonce().expect("nonce");
-    w.send(&peer::frame(fake_hello(1, size, nonce)));
+    w.send(&peer::frame(fake_hello(ours, size, nonce)));
     let hello = w.recv_no_ping(Duration::from_secs(5)).expect("alpha's HELLO");
-    let Message::Hello { version: 1, node, nonce: theirs, volumes, .. } = hello.msg else {
-        panic!("expected alpha's HELLO version 1, got {hello:?}");
+    let Message::Hello { version, node, nonce: theirs, volumes, .. } = hello.msg else {
+        panic!("expected alpha's HELLO, got {hello:?}");
     };
+    assert_eq!(version, ours);
     assert_eq!((node.as_str(), volumes), ("alpha", vec![(VOL.to_string(), size)]));
     w.send(&peer::frame(Message::Auth { mac: auth::mac(&secret, &theirs, "beta", "alpha") }));
     let answer = w.recv_no_ping(Duration::from_secs(5)).expect("alpha's AUTH");

@@ -11,6 +11,7 @@
 //! default. Errors name the key and the value (`volume[0].size = "12XB": not a size ...`).
 
 mod failover;
+mod resync;
 mod validate;
 pub mod values;
 
@@ -28,6 +29,7 @@ use figment::{
 use serde::Deserialize;
 
 pub use failover::{AttachMode, BindConfig, FailoverConfig};
+pub use resync::{ChecksumMode, ResyncConfig};
 pub use validate::Problem;
 pub use values::{ByteSize, HealthCheck, IpCidr};
 
@@ -84,6 +86,9 @@ pub struct Config {
     /// Process-wide settings of the daemon.
     #[serde(default)]
     pub daemon: DaemonConfig,
+    /// The dirty bitmap, the activity log, and resync's use of the link.
+    #[serde(default)]
+    pub resync: ResyncConfig,
     /// The virtual IP that follows the primary (used by `blockctl promote`/`demote`).
     #[serde(default)]
     pub vip: Option<VipConfig>,

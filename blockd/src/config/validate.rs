@@ -79,6 +79,7 @@ impl Config {
         self.check_cluster(&mut p);
         self.check_volumes(&mut p);
         self.check_nbd(&mut p);
+        self.resync.check(&mut p);
         self.check_vip(&mut p);
         self.check_services(&mut p);
         self.check_failover(&mut p);

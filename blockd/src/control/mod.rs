@@ -47,6 +47,20 @@ pub enum Request {
     /// Ask the connected peer to run its whole promote plan (`blockctl swap`). JSON:
     /// `{"cmd":"peer-promote"}`. Answered when the peer's plan has finished.
     PeerPromote,
+    /// After a split brain or with unrelated data: this node gives up its data at the next
+    /// handshake (the link reconnects to hold it now). JSON:
+    /// `{"cmd":"resolve","resolve":"DiscardLocal"}`.
+    Resolve {
+        resolve: crate::meta::Resolve,
+        #[serde(default)]
+        volume: Option<String>,
+    },
+    /// Compare every block with the peer's by checksum and repair differences (Primary,
+    /// connected). Answered when done. JSON: `{"cmd":"verify"}`.
+    Verify {
+        #[serde(default)]
+        volume: Option<String>,
+    },
 }
 
 impl Request {
@@ -56,6 +70,8 @@ impl Request {
             Request::Status => "status",
             Request::Role { .. } => "role",
             Request::PeerPromote => "peer-promote",
+            Request::Resolve { .. } => "resolve",
+            Request::Verify { .. } => "verify",
         }
     }
 }
@@ -72,6 +88,16 @@ pub enum Reply {
         code: i32,
         output: String,
     },
+    /// `verify` finished: per volume, bytes compared and bytes that differed (now repaired).
+    Verified(Vec<Verified>),
+}
+
+/// One volume's `verify` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verified {
+    pub volume: String,
+    pub compared: u64,
+    pub differed: u64,
 }
 
 /// What the daemon answers. JSON: `{"ok":{...}}` or `{"err":{"kind":...,"message":...}}`.

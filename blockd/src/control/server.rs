@@ -122,7 +122,10 @@ mod tests {
                     version: "v".into(),
                     volumes: vec![],
                 })),
-                Request::Role { .. } | Request::PeerPromote => {
+                Request::Role { .. }
+                | Request::PeerPromote
+                | Request::Resolve { .. }
+                | Request::Verify { .. } => {
                     Response::err(crate::control::ErrorKind::NotPrimary, "no")
                 }
             }

@@ -75,9 +75,18 @@ pub struct Counters {
     /// Writes completed locally only, because the peer was gone (degraded mode).
     #[serde(default)]
     pub degraded_writes: u64,
-    /// Bytes sent (as data or as zero requests) by resyncs from this node.
+    /// Payload bytes sent as data by resyncs from this node.
     #[serde(default)]
     pub resync_bytes: u64,
+    /// Bytes resyncs from this node covered with zero requests (holes, zero blocks).
+    #[serde(default)]
+    pub resync_zero_bytes: u64,
+    /// Bytes resyncs from this node skipped because the peer's checksums matched.
+    #[serde(default)]
+    pub resync_same_bytes: u64,
+    /// Bytes `blockctl verify` found different on the peer (and repaired).
+    #[serde(default)]
+    pub verify_differed: u64,
     /// Times the replication link came up for this volume.
     #[serde(default)]
     pub connects: u64,

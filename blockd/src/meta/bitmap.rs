@@ -160,6 +160,42 @@ impl Bitmap {
         Ok(())
     }
 
+    /// Length of the bitmap's bytes as [`bytes_at`](Self::bytes_at) serves them.
+    pub fn byte_len(&self) -> u64 {
+        self.words.len() as u64 * 8
+    }
+
+    /// Up to `max` bytes of the bitmap from byte `offset` on (little-endian words, as on
+    /// disk), for sending to the peer; empty past the end. `offset` is rounded down to a word.
+    pub fn bytes_at(&self, offset: u64, max: usize) -> Vec<u8> {
+        let first = (offset / 8) as usize;
+        let count = (max / 8).max(1);
+        self.words.iter().skip(first).take(count).flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// ORs in bytes that [`bytes_at`](Self::bytes_at) produced at `offset` on a bitmap of the
+    /// same geometry. Bits past the volume's end and bytes past the bitmap are ignored, so a
+    /// peer cannot make this node count bytes that do not exist.
+    pub fn or_bytes(&mut self, offset: u64, bytes: &[u8]) {
+        let first = (offset / 8) as usize;
+        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+            let at = first + i;
+            if at >= self.words.len() {
+                return;
+            }
+            let mut v = [0u8; 8];
+            v.copy_from_slice(chunk);
+            let old = self.words[at];
+            let new = old | (u64::from_le_bytes(v) & self.valid_mask(at));
+            if new != old {
+                self.set_bits += u64::from((new ^ old).count_ones());
+                self.words[at] = new;
+                let page = at / WORDS_PER_PAGE;
+                self.dirty_pages[page / 64] |= 1 << (page % 64);
+            }
+        }
+    }
+
     /// Pages of the bitmap that hold the bits of byte range `range`.
     pub fn pages_of(&self, range: Range<u64>) -> Range<usize> {
         let end = range.end.min(self.size);

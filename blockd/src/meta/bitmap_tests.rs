@@ -139,3 +139,31 @@ proptest! {
         }
     }
 }
+
+/// What one node serialises for its peer, the peer ORs into a bitmap of the same geometry, in
+/// chunks of any size: the union, with nothing past the volume's end.
+#[test]
+fn bytes_round_trip_in_chunks_into_a_union() {
+    let size = 40 * K4 * 64 + 512;
+    let mut a = Bitmap::new(size, 4096).unwrap();
+    a.set(K4..3 * K4);
+    a.set(size - 1..size);
+    let mut b = Bitmap::new(size, 4096).unwrap();
+    b.set(10 * K4..11 * K4);
+    let mut off = 0;
+    while off < a.byte_len() {
+        let chunk = a.bytes_at(off, 24);
+        b.or_bytes(off, &chunk);
+        off += chunk.len() as u64;
+    }
+    let mut want = a.clone();
+    want.union(&Bitmap::new(size, 4096).unwrap()).unwrap();
+    want.set(10 * K4..11 * K4);
+    assert_eq!(b.ranges_from(0).collect::<Vec<_>>(), want.ranges_from(0).collect::<Vec<_>>());
+    assert_eq!(b.dirty_bytes(), 2 * K4 + K4 + 512);
+    // A hostile peer's all-ones bytes cannot count bytes past the end, nor write past the map.
+    let mut c = Bitmap::new(size, 4096).unwrap();
+    c.or_bytes(0, &vec![0xff; 1 << 20]);
+    assert_eq!(c.dirty_bytes(), size);
+    assert!(a.bytes_at(a.byte_len(), 64).is_empty());
+}

@@ -85,6 +85,91 @@ fn pair(i_am_ahead: bool, peer_is_ahead: bool) -> Option<SyncDecision> {
     }
 }
 
+/// What an operator asked a node to give up at its next handshake (`blockctl resolve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Resolve {
+    #[default]
+    None,
+    /// After a split brain: this node's changes lose; it receives the union of both bitmaps.
+    DiscardLocal,
+    /// Unrelated data (or a split brain): this node receives the whole device.
+    FullSync,
+}
+
+/// One node's side of a handshake, besides its generations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Side<'a> {
+    pub name: &'a str,
+    /// Its dirty bitmap marks something.
+    pub dirty: bool,
+    pub primary: bool,
+    /// It was Primary when it last stopped (cleanly or not).
+    pub primary_when_stopped: bool,
+    pub resolve: Resolve,
+}
+
+/// The handshake's conclusion: the direction, and whether the whole device is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub decision: SyncDecision,
+    pub full: bool,
+}
+
+/// The whole handshake decision: [`decide`] on generations, then what the bitmaps and the
+/// operator add. First matching row wins; every row has its mirror, so both nodes agree:
+///
+/// | row | condition                                                   | plan                |
+/// |-----|-------------------------------------------------------------|---------------------|
+/// | a   | `SplitBrain`, only I resolve (discard-local or full-sync)   | `Target` (full if full-sync) |
+/// | b   | `SplitBrain`, only the peer resolves                        | `Source` (full if it asked)  |
+/// | c   | `Unrelated`, only I asked full-sync                         | `Target`, full      |
+/// | d   | `Unrelated`, only the peer asked full-sync                  | `Source`, full      |
+/// | e   | `InSync`, a bitmap marks something (a crash of the primary) | the Primary, else the one that was Primary when it stopped, else the lower name, is `Source` |
+/// | f   | otherwise                                                   | `decide` as is      |
+///
+/// Row e is DESIGN §5's "equal → resync the union of bitmaps after a crash, from the
+/// primary-at-crash": the crashed primary's activity-log extents are in its bitmap, and which
+/// copy of those ranges wins does not matter as long as both end up equal; the primary's is
+/// what its clients last read. Resolving when both nodes ask to lose is refused (rows a/b
+/// need exactly one).
+pub fn plan(mine: &Generations, me: Side<'_>, peer: &Generations, them: Side<'_>) -> Plan {
+    let decision = decide(mine, peer);
+    let keep = Plan { decision, full: false };
+    let (i_give, they_give) = (me.resolve != Resolve::None, them.resolve != Resolve::None);
+    match decision {
+        SyncDecision::SplitBrain => match (i_give, they_give) {
+            (true, false) => {
+                Plan { decision: SyncDecision::Target, full: me.resolve == Resolve::FullSync }
+            }
+            (false, true) => {
+                Plan { decision: SyncDecision::Source, full: them.resolve == Resolve::FullSync }
+            }
+            _ => keep,
+        },
+        SyncDecision::Unrelated => {
+            match (me.resolve == Resolve::FullSync, them.resolve == Resolve::FullSync) {
+                (true, false) => Plan { decision: SyncDecision::Target, full: true },
+                (false, true) => Plan { decision: SyncDecision::Source, full: true },
+                _ => keep,
+            }
+        }
+        SyncDecision::InSync if me.dirty || them.dirty => {
+            let i_send = match (me.primary, them.primary) {
+                (true, false) => true,
+                (false, true) => false,
+                _ => match (me.primary_when_stopped, them.primary_when_stopped) {
+                    (true, false) => true,
+                    (false, true) => false,
+                    _ => me.name < them.name,
+                },
+            };
+            let decision = if i_send { SyncDecision::Source } else { SyncDecision::Target };
+            Plan { decision, full: false }
+        }
+        SyncDecision::InSync | SyncDecision::Source | SyncDecision::Target => keep,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::ZEROES;
@@ -196,6 +281,77 @@ mod tests {
                 assert_eq!(decide(a, b), decide(b, a).mirror(), "{a:?} vs {b:?}");
             }
         }
+    }
+
+    fn side(name: &str) -> Side<'_> {
+        Side {
+            name,
+            dirty: false,
+            primary: false,
+            primary_when_stopped: false,
+            resolve: Resolve::None,
+        }
+    }
+
+    /// `plan` seen from both nodes: directions mirror, `full` agrees.
+    fn check_plan(
+        a: (Generations, Side<'_>),
+        b: (Generations, Side<'_>),
+        want: SyncDecision,
+        full: bool,
+    ) {
+        let p = plan(&a.0, a.1, &b.0, b.1);
+        assert_eq!(p, Plan { decision: want, full }, "{a:?} vs {b:?}");
+        let q = plan(&b.0, b.1, &a.0, a.1);
+        assert_eq!(q, Plan { decision: want.mirror(), full }, "{b:?} vs {a:?}");
+    }
+
+    #[test]
+    fn plan_row_a_b_split_brain_resolved_by_the_loser() {
+        let (a, b) = (g(8, 7, [0, 0]), g(9, 7, [0, 0]));
+        let loser = Side { resolve: Resolve::DiscardLocal, ..side("beta") };
+        check_plan((b, loser), (a, side("alpha")), Target, false);
+        let full = Side { resolve: Resolve::FullSync, ..side("beta") };
+        check_plan((b, full), (a, side("alpha")), Target, true);
+        // Both asking to lose is no answer.
+        check_plan(
+            (b, loser),
+            (a, Side { resolve: Resolve::DiscardLocal, ..side("alpha") }),
+            SplitBrain,
+            false,
+        );
+        // Without a resolve, still refused.
+        check_plan((b, side("beta")), (a, side("alpha")), SplitBrain, false);
+    }
+
+    #[test]
+    fn plan_row_c_d_unrelated_needs_full_sync_not_discard() {
+        let (a, b) = (g(8, 0, [0, 0]), g(9, 0, [0, 0]));
+        let full = Side { resolve: Resolve::FullSync, ..side("beta") };
+        check_plan((b, full), (a, side("alpha")), Target, true);
+        let discard = Side { resolve: Resolve::DiscardLocal, ..side("beta") };
+        check_plan((b, discard), (a, side("alpha")), Unrelated, false);
+    }
+
+    #[test]
+    fn plan_row_e_in_sync_with_bitmap_resyncs_from_the_primary_at_crash() {
+        let x = g(7, 0, [3, 0]);
+        let crashed = Side { dirty: true, primary_when_stopped: true, ..side("beta") };
+        check_plan((x, crashed), (x, side("alpha")), Source, false);
+        // A Primary now wins over the one that was Primary before.
+        let now = Side { primary: true, ..side("alpha") };
+        check_plan((x, crashed), (x, now), Target, false);
+        // Neither: the lower name sends.
+        let dirty = Side { dirty: true, ..side("beta") };
+        check_plan((x, dirty), (x, side("alpha")), Target, false);
+        // Clean bitmaps on both: nothing to do.
+        check_plan((x, side("beta")), (x, side("alpha")), InSync, false);
+    }
+
+    #[test]
+    fn plan_row_f_generations_decide_the_rest() {
+        let dirty = Side { dirty: true, resolve: Resolve::DiscardLocal, ..side("beta") };
+        check_plan((g(8, 7, [0, 0]), dirty), (g(7, 0, [0, 0]), side("alpha")), Source, false);
     }
 
     proptest::proptest! {

@@ -223,6 +223,14 @@ impl Dirty {
         }
     }
 
+    /// True when a write into `range` would take more than a quarter of the log's extents:
+    /// such writes (a discard of the whole device, say) mark their range in the bitmap durably
+    /// instead of through the log, so they never flush the log of everything else.
+    pub fn is_wide(&self, range: Range<u64>) -> bool {
+        let e = self.extents_of(range);
+        e.end - e.start > u64::from(self.areas.al.extents / 4).max(1)
+    }
+
     /// What must happen before a data write into `range` may start; see [`Admit`]. On `Go`,
     /// `Persist` and `After` the range's extents are pinned until [`write_done`](Self::write_done).
     pub fn before_write(&mut self, range: Range<u64>) -> Result<Admit, DirtyError> {
@@ -285,6 +293,18 @@ impl Dirty {
         let size = self.areas.al.extent_size;
         for e in hot {
             self.bitmap.set(e * size..(e + 1) * size);
+        }
+        let pages = self.take_pages(0..self.bitmap.pages());
+        let tx = self.al.clear();
+        Some(self.meta_write(pages, Some(&tx)))
+    }
+
+    /// This node stops writing as Primary (demoted, nothing in flight): the bits of its hot
+    /// extents are written out, then the log is emptied, so that a later crash as Secondary
+    /// adds nothing to the bitmap. None when the log is already empty.
+    pub fn retire_log(&mut self) -> Option<MetaWrite> {
+        if self.al.hot_extents().is_empty() {
+            return None;
         }
         let pages = self.take_pages(0..self.bitmap.pages());
         let tx = self.al.clear();

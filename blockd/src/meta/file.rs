@@ -127,6 +127,18 @@ impl MetaFile {
         node: &str,
         created_backing: bool,
     ) -> Result<(MetaFile, Meta), MetaError> {
+        Self::open_or_create_with(path, size, node, created_backing, DEFAULT_GRANULARITY)
+    }
+
+    /// [`open_or_create`](Self::open_or_create), creating with bitmap `granularity` (an
+    /// existing file keeps the granularity it was created with).
+    pub fn open_or_create_with(
+        path: &Path,
+        size: u64,
+        node: &str,
+        created_backing: bool,
+        granularity: u32,
+    ) -> Result<(MetaFile, Meta), MetaError> {
         match OpenOptions::new().read(true).write(true).open(path) {
             Ok(file) if created_backing => {
                 drop(file);
@@ -145,7 +157,7 @@ impl MetaFile {
                         primary_when_stopped: false,
                         clean_shutdown: true,
                     },
-                    granularity: DEFAULT_GRANULARITY,
+                    granularity,
                 };
                 let mf = Self::create(path, &meta)?;
                 Ok((mf, meta))

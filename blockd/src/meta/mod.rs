@@ -27,7 +27,7 @@ pub use al::{
     ActivityLog, AlConfig, AlError, Transaction, DEFAULT_EXTENTS, DEFAULT_EXTENT_SIZE, MAX_EXTENTS,
 };
 pub use bitmap::{Bitmap, BitmapError, Ranges};
-pub use decide::{decide, SyncDecision};
+pub use decide::{decide, plan, Plan, Resolve, Side, SyncDecision};
 pub use dirty::{Admit, Dirty, DirtyError, FileIo, MetaIo, MetaWrite};
 pub use file::{MetaError, MetaFile};
 pub use format::{Areas, Flags, Meta, DEFAULT_GRANULARITY, FORMAT_VERSION, NODE_MAX};

@@ -277,7 +277,7 @@ fn nbd_error(e: &VolumeError) -> u32 {
         e if e.is_no_space() => errno::ENOSPC,
         // validate() checked the range first; should it still happen, it is the client's range.
         VolumeError::OutOfRange { .. } => errno::EINVAL,
-        VolumeError::Io(_) | VolumeError::Metadata(_) => errno::EIO,
+        VolumeError::Io(_) | VolumeError::Metadata(_) | VolumeError::DirtyLog(_) => errno::EIO,
         // The node was demoted under this connection: like a read-only export (NBD-NOTES §2.7).
         VolumeError::NotPrimary => errno::EPERM,
     }

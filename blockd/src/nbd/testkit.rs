@@ -67,7 +67,7 @@ fn build(dir: &TempDir, name: &str, size: u64, info: VolumeInfo, store: Store) -
     let meta = dir.path().join(format!("{name}.meta"));
     let (file, meta) =
         MetaFile::open_or_create(&meta, size, "alpha", store.created()).expect("metadata");
-    Arc::new(Volume::new(info, store, meta, file))
+    Arc::new(Volume::open(info, store, meta, file, Default::default()).expect("tracking"))
 }
 
 /// One served connection.

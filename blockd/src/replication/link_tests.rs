@@ -122,6 +122,8 @@ async fn handshake_success_and_requests_both_ways() {
         disk: crate::control::DiskState::UpToDate,
         gens: crate::meta::Generations { current: 9, bitmap: 0, history: [0, 0] },
         primary_when_stopped: false,
+        dirty: 0,
+        resolve: crate::meta::Resolve::None,
     };
     let call = tokio::spawn({
         let (sb, state) = (sb.clone(), state.clone());
@@ -214,7 +216,11 @@ async fn wrong_protocol_version_is_refused() {
         .await
         .unwrap();
     let r = refused(&mut a).await;
-    assert!(r.contains("protocol version 2") && r.contains("speaks 1"), "{r}");
+    let (theirs, ours) = (PROTOCOL_VERSION + 1, PROTOCOL_VERSION);
+    assert!(
+        r.contains(&format!("protocol version {theirs}")) && r.contains(&format!("speaks {ours}")),
+        "{r}"
+    );
 }
 
 #[tokio::test]

@@ -27,12 +27,12 @@ use crate::be::{u16_at, u32_at, u64_at};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::control::{DiskState, Role};
-use crate::meta::Generations;
+use crate::meta::{Generations, Resolve};
 
 /// "BKRP": blockd replication protocol.
 pub const MAGIC: u32 = 0x424B_5250;
 /// The protocol version this build speaks; the handshake requires both sides to be equal.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Fixed header length, including `header_crc`.
 pub const HEADER_LEN: usize = 44;
 /// The crc32 trailer after the payload.
@@ -80,6 +80,10 @@ pub mod kind {
     pub const RESYNC_DATA: u16 = 48;
     pub const RESYNC_ZERO: u16 = 49;
     pub const RESYNC_DONE: u16 = 50;
+    pub const GET_BITMAP: u16 = 51;
+    pub const BITMAP_PART: u16 = 52;
+    pub const GET_SUMS: u16 = 53;
+    pub const SUMS: u16 = 54;
     pub const ACK: u16 = 64;
 }
 
@@ -154,6 +158,10 @@ pub enum Message {
         disk: DiskState,
         gens: Generations,
         primary_when_stopped: bool,
+        /// Bytes this node's dirty bitmap marks (it may differ there from the peer).
+        dirty: u64,
+        /// What the operator asked this node to give up at this handshake.
+        resolve: Resolve,
     },
     AskPromote,
     RoleChanged(Role),
@@ -189,6 +197,24 @@ pub enum Message {
     },
     ResyncDone {
         gens: Generations,
+    },
+    /// Asks for the peer's dirty bitmap from byte `offset` of its serialised form; the reply is
+    /// a `BitmapPart`, empty past the end.
+    GetBitmap {
+        offset: u64,
+    },
+    BitmapPart {
+        offset: u64,
+        data: Bytes,
+    },
+    /// Asks for the checksums of `offset..offset+len`, one per [`SUM_BLOCK`]; the reply is
+    /// `Sums`, [`SUM_LEN`] bytes per block.
+    GetSums {
+        offset: u64,
+        len: u64,
+    },
+    Sums {
+        data: Bytes,
     },
     /// Run the whole promote plan on the receiving node (`blockctl swap`, planned switchover).
     RunPromote,
@@ -246,7 +272,12 @@ const fn shape(
 }
 
 const GENS_LEN: u32 = 32;
-const STATE_LEN: u32 = 3 + GENS_LEN;
+const STATE_LEN: u32 = 3 + GENS_LEN + 8;
+
+/// Bytes covered by one checksum of `GetSums`.
+pub const SUM_BLOCK: u64 = 4096;
+/// Bytes of one checksum (a truncated SHA-256).
+pub const SUM_LEN: usize = 8;
 
 fn shape_of(kind: u16) -> Option<Shape> {
     let data = (1, MAX_DATA as u32);
@@ -270,6 +301,10 @@ fn shape_of(kind: u16) -> Option<Shape> {
         kind::WRITE_ZEROES => shape(true, true, (0, 0), flag::PUNCH, Some(false)),
         kind::TRIM | kind::RESYNC_ZERO => shape(true, true, (0, 0), 0, Some(false)),
         kind::RESYNC_DONE => shape(false, false, (GENS_LEN, GENS_LEN), 0, Some(false)),
+        kind::GET_BITMAP => shape(true, false, (0, 0), 0, Some(false)),
+        kind::BITMAP_PART => shape(true, true, (0, MAX_DATA as u32), flag::REPLY, Some(true)),
+        kind::GET_SUMS => shape(true, true, (0, 0), 0, Some(false)),
+        kind::SUMS => shape(false, true, (0, MAX_DATA as u32), flag::REPLY, Some(true)),
         _ => return None,
     };
     Some(s)
@@ -485,6 +520,10 @@ fn message_from(h: &Header, mut p: Bytes) -> Result<Message, WireError> {
         kind::RESYNC_DATA => Message::ResyncData { offset, data: p },
         kind::RESYNC_ZERO => Message::ResyncZero { offset, len },
         kind::RESYNC_DONE => Message::ResyncDone { gens: get_gens(&mut p) },
+        kind::GET_BITMAP => Message::GetBitmap { offset },
+        kind::BITMAP_PART => Message::BitmapPart { offset, data: p },
+        kind::GET_SUMS => Message::GetSums { offset, len },
+        kind::SUMS => Message::Sums { data: p },
         kind::RUN_PROMOTE => Message::RunPromote,
         kind::PROMOTE_RESULT => {
             let code = p.get_i32();
@@ -561,12 +600,16 @@ fn parse_hello(h: &Header, p: &mut Bytes) -> Result<Message, WireError> {
 fn parse_state(kind: u16, p: &mut Bytes) -> Result<Message, WireError> {
     let role = role_from(kind, u64::from(p.get_u8()))?;
     let disk = disk_from(kind, p.get_u8())?;
-    let primary_when_stopped = match p.get_u8() {
-        0 => false,
-        1 => true,
-        v => return Err(WireError::Field { kind, field: "primary_when_stopped", value: v.into() }),
+    let bits = p.get_u8();
+    let primary_when_stopped = bits & 1 != 0;
+    let resolve = match bits >> 1 {
+        0 => Resolve::None,
+        1 => Resolve::DiscardLocal,
+        2 => Resolve::FullSync,
+        _ => return Err(WireError::Field { kind, field: "state flags", value: bits.into() }),
     };
-    Ok(Message::State { role, disk, gens: get_gens(p), primary_when_stopped })
+    let gens = get_gens(p);
+    Ok(Message::State { role, disk, gens, primary_when_stopped, dirty: p.get_u64(), resolve })
 }
 
 impl Message {
@@ -591,6 +634,10 @@ impl Message {
             Message::ResyncData { .. } => kind::RESYNC_DATA,
             Message::ResyncZero { .. } => kind::RESYNC_ZERO,
             Message::ResyncDone { .. } => kind::RESYNC_DONE,
+            Message::GetBitmap { .. } => kind::GET_BITMAP,
+            Message::BitmapPart { .. } => kind::BITMAP_PART,
+            Message::GetSums { .. } => kind::GET_SUMS,
+            Message::Sums { .. } => kind::SUMS,
             Message::RunPromote => kind::RUN_PROMOTE,
             Message::PromoteResult { .. } => kind::PROMOTE_RESULT,
             Message::Ack { .. } => kind::ACK,
@@ -602,7 +649,9 @@ impl Message {
         match self {
             Message::Write { data, .. }
             | Message::WriteFua { data, .. }
-            | Message::ResyncData { data, .. } => Some(data),
+            | Message::ResyncData { data, .. }
+            | Message::BitmapPart { data, .. }
+            | Message::Sums { data } => Some(data),
             _ => None,
         }
     }
@@ -621,9 +670,12 @@ impl Message {
             Message::WriteZeroes { offset, len, punch } => {
                 (v, if *punch { flag::PUNCH } else { 0 }, *offset, *len)
             }
-            Message::Trim { offset, len } | Message::ResyncZero { offset, len } => {
-                (v, 0, *offset, *len)
-            }
+            Message::Trim { offset, len }
+            | Message::ResyncZero { offset, len }
+            | Message::GetSums { offset, len } => (v, 0, *offset, *len),
+            Message::GetBitmap { offset } => (v, 0, *offset, 0),
+            Message::BitmapPart { offset, data } => (v, 0, *offset, data.len() as u64),
+            Message::Sums { data } => (v, 0, 0, data.len() as u64),
             _ => (v, 0, 0, 0),
         }
     }
@@ -644,11 +696,17 @@ impl Message {
             Message::Auth { mac } => out.put_slice(mac),
             Message::Ready { epoch } => out.put_u64(*epoch),
             Message::Goodbye { reason } => out.put_slice(truncate(reason, MAX_REASON).as_bytes()),
-            Message::State { role, disk, gens, primary_when_stopped } => {
+            Message::State { role, disk, gens, primary_when_stopped, dirty, resolve } => {
                 out.put_u8(role_code(*role));
                 out.put_u8(disk_code(*disk));
-                out.put_u8(u8::from(*primary_when_stopped));
+                let resolve = match resolve {
+                    Resolve::None => 0,
+                    Resolve::DiscardLocal => 1,
+                    Resolve::FullSync => 2,
+                };
+                out.put_u8(u8::from(*primary_when_stopped) | resolve << 1);
                 put_gens(out, gens);
+                out.put_u64(*dirty);
             }
             Message::ResyncDone { gens } => put_gens(out, gens),
             Message::PromoteResult { code, output } => {

@@ -17,7 +17,7 @@ fn every_message() -> Vec<Message> {
             volumes: vec![("vol0".into(), 1 << 30), ("vølume-ü".into(), 4096)],
         },
         Message::Hello {
-            version: 1,
+            version: PROTOCOL_VERSION,
             node: String::new(),
             instance: 1,
             nonce: [0; 32],
@@ -33,12 +33,16 @@ fn every_message() -> Vec<Message> {
             disk: DiskState::UpToDate,
             gens: gens(),
             primary_when_stopped: true,
+            dirty: 0,
+            resolve: Resolve::None,
         },
         Message::State {
             role: Role::Secondary,
             disk: DiskState::Inconsistent,
             gens: Generations::default(),
             primary_when_stopped: false,
+            dirty: u64::MAX,
+            resolve: Resolve::DiscardLocal,
         },
         Message::AskPromote,
         Message::RoleChanged(Role::Primary),
@@ -52,6 +56,8 @@ fn every_message() -> Vec<Message> {
         Message::ResyncData { offset: 1 << 20, data },
         Message::ResyncZero { offset: 0, len: 1 << 30 },
         Message::ResyncDone { gens: gens() },
+        Message::GetBitmap { offset: 1 << 20 },
+        Message::GetSums { offset: 4096, len: 1 << 20 },
         Message::RunPromote,
     ]
 }
@@ -59,6 +65,9 @@ fn every_message() -> Vec<Message> {
 fn every_reply() -> Vec<Message> {
     vec![
         Message::Pong,
+        Message::BitmapPart { offset: 8, data: Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8]) },
+        Message::BitmapPart { offset: 0, data: Bytes::new() },
+        Message::Sums { data: Bytes::from_static(&[9; 16]) },
         Message::PromoteResult { code: -1, output: "promote: step mount db failed".into() },
         Message::PromoteResult { code: 0, output: String::new() },
         Message::Ack { error: 0 },
@@ -70,12 +79,16 @@ fn every_reply() -> Vec<Message> {
             disk: DiskState::Outdated,
             gens: gens(),
             primary_when_stopped: false,
+            dirty: 4096,
+            resolve: Resolve::FullSync,
         },
         Message::State {
             role: Role::Primary,
             disk: DiskState::Failed,
             gens: gens(),
             primary_when_stopped: true,
+            dirty: 1 << 40,
+            resolve: Resolve::None,
         },
     ]
 }
@@ -199,10 +212,10 @@ fn magic_version_and_kind_bounds() {
         err(Header { magic: 0x4E42_4400, ..hdr(kind::PING) }, &[]),
         WireError::Magic(0x4E42_4400)
     );
-    for v in [0, 2, u16::MAX] {
+    for v in [0, PROTOCOL_VERSION + 1, u16::MAX] {
         assert_eq!(err(Header { version: v, ..hdr(kind::PING) }, &[]), WireError::Version(v));
     }
-    for k in [0, 7, 15, 22, 31, 37, 47, 51, 63, 65, u16::MAX] {
+    for k in [0, 7, 15, 22, 31, 37, 47, 55, 63, 65, u16::MAX] {
         assert_eq!(err(hdr(k), &[]), WireError::Kind(k));
     }
     assert_eq!(
@@ -250,7 +263,7 @@ fn payload_len_bounds() {
     assert_eq!(err(hdr(kind::AUTH), &[0; 31]), pl(kind::AUTH, 31));
     assert_eq!(err(hdr(kind::AUTH), &[0; 33]), pl(kind::AUTH, 33));
     assert_eq!(err(hdr(kind::READY), &[0; 7]), pl(kind::READY, 7));
-    assert_eq!(err(hdr(kind::STATE), &[1; 34]), pl(kind::STATE, 34));
+    assert_eq!(err(hdr(kind::STATE), &[1; 42]), pl(kind::STATE, 42));
     assert_eq!(err(hdr(kind::HELLO), &[0; 42]), pl(kind::HELLO, 42));
     assert_eq!(
         err(hdr(kind::GOODBYE), &[b'x'; MAX_REASON + 1]),
@@ -294,7 +307,7 @@ fn header_field_bounds() {
     assert_eq!(field(ans, &[]), "length");
     let ack = Header { flags: flag::REPLY, length: 1 << 32, ..hdr(kind::ACK) };
     assert_eq!(field(ack, &[]), "length");
-    let mut state = [1u8; 35];
+    let mut state = [1u8; 43];
     state[0] = 3;
     assert_eq!(field(hdr(kind::STATE), &state), "role");
     state[0] = 1;
@@ -303,8 +316,8 @@ fn header_field_bounds() {
     state[1] = 5;
     assert_eq!(field(hdr(kind::STATE), &state), "disk");
     state[1] = 1;
-    state[2] = 2;
-    assert_eq!(field(hdr(kind::STATE), &state), "primary_when_stopped");
+    state[2] = 7;
+    assert_eq!(field(hdr(kind::STATE), &state), "state flags");
 }
 
 #[test]

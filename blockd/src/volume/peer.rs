@@ -1,29 +1,25 @@
-//! The peer's side of the write path: applying what the primary sends, and sending a resync.
-//!
-//! Resync (this issue: the whole device, in offset order, one chunk at a time):
+//! The peer's side of the write path: applying what the primary sends, and the target's side
+//! of a resync (the source's is in `resync.rs`):
 //! ```text
-//!  source: lock chunk ─► read ─► all zero? ResyncZero : ResyncData ─► wait for ack ─► unlock
-//!  target: wait until its Inconsistent flag is on disk ─► lock chunk ─► write ─► ack
-//!  source: ResyncDone{generations} ─► target adopts them, then marks itself consistent
+//!  GetBitmap ─► parts of this node's bitmap (the source copies the union)
+//!  GetSums   ─► checksums of a chunk (the source then sends only differing blocks)
+//!  ResyncData / ResyncZero: wait until the Inconsistent flag is on disk ─► lock ─► write ─►
+//!            clear those bits here ─► ack
+//!  Flush during a resync: the data, then this node's bitmap, are made durable
+//!  ResyncDone{generations} ─► adopt them, bitmap cleared, then marked consistent
 //! ```
 //! The chunk lock is the same interval lock application writes take, on both nodes, held until
 //! the peer acknowledged: a resync block read before an application write is applied on the
 //! peer before that write, and one read after it carries it. So a stale block never lands on a
 //! newer write.
 
-use std::{sync::atomic::Ordering, time::Duration};
-
-use bytes::Bytes;
+use std::time::Duration;
 
 use super::{Volume, VolumeError};
 use crate::{
     control::Role,
     replication::{Message, Session},
 };
-
-/// Bytes per resync request: large enough to fill the link, small enough to keep the interval
-/// lock (which application writes to the chunk wait on) short.
-const RESYNC_CHUNK: u64 = 1 << 20;
 
 /// How long a resync block waits for the target's own decision to be on disk.
 const TARGET_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,15 +29,6 @@ const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
-
-/// Why a resync this node was sending stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum ResyncError {
-    #[error("local read failed")]
-    Local(#[source] VolumeError),
-    #[error("the peer did not apply the resync: {0}")]
-    Peer(String),
-}
 
 impl Volume {
     /// Applies a request from the peer and returns the reply. Never panics on what the peer
@@ -63,15 +50,33 @@ impl Volume {
                 }
                 Err(e) => Err(e),
             },
-            Message::Flush => self.io(self.store.flush().await),
+            Message::Flush => match self.io(self.store.flush().await) {
+                // The source clears its bits after this flush: clear ours durably too.
+                Ok(()) if self.live().resync.is_some() => self.flush_bitmap().await,
+                other => other,
+            },
+            Message::GetBitmap { offset } => {
+                let data =
+                    self.track.with(|d| d.bitmap().bytes_at(offset, super::resync::BITMAP_PART));
+                return Message::BitmapPart { offset, data: data.into() };
+            }
+            Message::GetSums { offset, len } => {
+                return match self.local_sums(offset, len).await {
+                    Ok(data) => Message::Sums { data },
+                    Err(_) => ack(EIO),
+                };
+            }
             Message::ResyncData { offset, data } => match self.wait_target_ready(session).await {
                 Ok(()) => {
-                    self.apply_resync(data.len() as u64, self.apply_data(offset, &data)).await
+                    let len = data.len() as u64;
+                    self.apply_resync(offset, len, self.apply_data(offset, &data)).await
                 }
                 Err(code) => return ack(code),
             },
             Message::ResyncZero { offset, len } => match self.wait_target_ready(session).await {
-                Ok(()) => self.apply_resync(len, self.apply_zeroes(offset, len, true)).await,
+                Ok(()) => {
+                    self.apply_resync(offset, len, self.apply_zeroes(offset, len, true)).await
+                }
                 Err(code) => return ack(code),
             },
             other => {
@@ -108,10 +113,13 @@ impl Volume {
 
     async fn apply_resync(
         &self,
+        offset: u64,
         len: u64,
         apply: impl std::future::Future<Output = Result<(), VolumeError>>,
     ) -> Result<(), VolumeError> {
         apply.await?;
+        // Same as the source's now: this node's own mark of it (if any) is satisfied.
+        self.track.clear(offset..offset + len);
         if let Some(p) = self.live().resync.as_mut() {
             p.done = (p.done + len).min(p.total);
         }
@@ -132,55 +140,6 @@ impl Volume {
                 return Err(EINVAL);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Sends the whole device to the peer over `session`, then the generations it now shares.
-    /// Application writes go on meanwhile, mirrored as usual.
-    pub async fn resync_source(&self, session: &Session) -> Result<(), ResyncError> {
-        let size = self.size();
-        let started = std::time::Instant::now();
-        tracing::info!(volume = %self.name(), bytes = size, "resync to the peer started");
-        let mut offset = 0;
-        while offset < size {
-            let len = RESYNC_CHUNK.min(size - offset);
-            self.resync_chunk(session, offset, len).await?;
-            offset += len;
-            if let Some(p) = self.live().resync.as_mut() {
-                p.done = offset;
-            }
-            self.counters.resync_bytes.fetch_add(len, Ordering::Relaxed);
-        }
-        let gens = self.persisted.lock().await.meta.gens;
-        match self.call_peer(session, Message::ResyncDone { gens }).await {
-            Ok(Message::Ack { error: 0 }) => {}
-            other => return Err(ResyncError::Peer(format!("{other:?}"))),
-        }
-        self.finish_resync_source().await.map_err(ResyncError::Local)?;
-        let secs = started.elapsed().as_secs_f64();
-        tracing::info!(volume = %self.name(), bytes = size, "resync to the peer done in {secs:.1} s");
-        Ok(())
-    }
-
-    async fn resync_chunk(
-        &self,
-        session: &Session,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), ResyncError> {
-        let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
-        // `len` ≤ RESYNC_CHUNK, which fits u32.
-        let data =
-            self.io(self.store.read(offset, len as u32).await).map_err(ResyncError::Local)?;
-        // Zero ranges travel as zero requests, not data (DESIGN §5).
-        let msg = if data.iter().all(|&b| b == 0) {
-            Message::ResyncZero { offset, len }
-        } else {
-            Message::ResyncData { offset, data: Bytes::copy_from_slice(&data) }
-        };
-        match self.call_peer(session, msg).await {
-            Ok(Message::Ack { error: 0 }) => Ok(()),
-            other => Err(ResyncError::Peer(format!("{other:?}"))),
         }
     }
 }

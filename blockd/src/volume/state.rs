@@ -14,7 +14,7 @@ use tokio::sync::MutexGuard;
 use super::{Volume, VolumeError, VolumeInfo};
 use crate::{
     control::{ConnState, DiskState, ResyncProgress, Role},
-    meta::{new_generation, Generations, Meta, MetaFile},
+    meta::{new_generation, Generations, Meta, MetaFile, Resolve},
     replication::{LinkError, Message, Session},
     role::{self, Action, Event},
 };
@@ -41,6 +41,9 @@ pub(super) struct Live {
     /// The session whose resync this node, as target, is ready to receive (its `Inconsistent`
     /// flag is on disk); 0 for none.
     pub target_ready: u64,
+    /// `blockctl resolve`: what this node gives up at the next handshake (memory only: a
+    /// restarted node needs the operator to say it again).
+    pub resolve: Resolve,
 }
 
 /// A running resync's progress.
@@ -85,21 +88,21 @@ impl Live {
             resync: None,
             gens: meta.gens,
             target_ready: 0,
+            resolve: Resolve::None,
         };
         (live, meta.gens.bitmap != 0)
     }
 
-    /// Bytes that may differ from the peer. Without a bitmap (a later issue) that is the whole
-    /// device whenever a resync is due, and what is left of it while one runs.
-    pub fn out_of_sync(&self, size: u64) -> u64 {
+    /// Bytes that may differ from the peer: what is left of a running resync, else what the
+    /// dirty bitmap marks; an `Inconsistent` disk not being resynced does not know (the whole
+    /// device, until its source says what it sends).
+    pub fn out_of_sync(&self, size: u64, dirty: u64) -> u64 {
         if let Some(p) = &self.resync {
             return p.total.saturating_sub(p.done);
         }
-        let due = self.gens.bitmap != 0 || self.machine.disk == DiskState::Inconsistent;
-        if due {
-            size
-        } else {
-            0
+        match self.machine.disk {
+            DiskState::Inconsistent => size,
+            DiskState::UpToDate | DiskState::Outdated | DiskState::Failed => dirty,
         }
     }
 }
@@ -140,17 +143,21 @@ impl Volume {
                     left.push(Action::BecomePrimary);
                 }
                 Action::BecomeSecondary => {
+                    // Nothing is in flight (demote flushed with no clients): the log's bits go
+                    // to the bitmap and the log empties, so a later crash adds nothing.
+                    self.track.retire().await.map_err(|e| self.dirty_log_failed(e))?;
                     self.persist_with(&mut p, |m| m.flags.primary_when_stopped = false)?;
                     left.push(Action::BecomeSecondary);
                 }
                 Action::StartResyncTarget => {
                     self.persist_with(&mut p, |m| m.flags.consistent = false)?;
                     let mut live = self.live();
-                    live.resync = Some(Progress::new(self.size()));
+                    // The total is the source's to say; until then, what this side knows.
+                    live.resync = Some(Progress::new(self.track.dirty_bytes()));
                     live.target_ready = session.map_or(0, Session::id);
                 }
                 Action::StartResyncSource => {
-                    self.live().resync = Some(Progress::new(self.size()));
+                    self.live().resync = Some(Progress::new(self.track.dirty_bytes()));
                     left.push(Action::StartResyncSource);
                 }
                 Action::Drop(reason) => {
@@ -202,6 +209,8 @@ impl Volume {
         let t = self.transition(Event::Disconnected, None).await?;
         if self.live().machine.role == Role::Primary {
             self.ensure_moved_on().await?;
+            // Acknowledged by the peer but maybe not durable there: may differ.
+            self.track.link_lost().await.map_err(|e| self.dirty_log_failed(e))?;
         }
         Ok(t)
     }
@@ -225,6 +234,9 @@ impl Volume {
     ) -> Result<Transition, VolumeError> {
         {
             let mut p = self.persisted.lock().await;
+            // The source copied the union of both bitmaps: nothing marked here differs now.
+            self.track.clear(0..self.size());
+            self.flush_bitmap().await?;
             self.persist_with(&mut p, |m| {
                 m.gens.sync_done_target(source);
                 m.flags.consistent = true;
@@ -232,6 +244,7 @@ impl Volume {
             let mut live = self.live();
             live.resync = None;
             live.target_ready = 0;
+            live.resolve = Resolve::None;
         }
         self.transition(Event::ResyncDone, None).await
     }

@@ -20,6 +20,7 @@
 mod fake;
 pub mod node;
 pub mod status;
+pub mod sync;
 
 use std::{
     sync::Arc,
