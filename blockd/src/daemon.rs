@@ -32,6 +32,7 @@ use crate::{
         Handler, NodeStatus, Reply, Request, Response,
     },
     meta::MetaFile,
+    metrics,
     nbd::{self, Exports, Limits},
     node::Node,
     replication::{self, LinkConfig},
@@ -229,6 +230,11 @@ impl Serving {
             self.spawn_accept(listener, Exports::new(volumes.to_vec(), default), &limits);
         }
         start_link(config, node, cluster, self)?;
+        if let Some(addr) = config.metrics.listen {
+            let cluster = Arc::clone(cluster);
+            let status = move || node_status(&cluster);
+            metrics::http::start(addr, status, self.token.clone(), &self.tracker).await;
+        }
         let path = node.control_socket();
         let control =
             socket::bind(&path, Some(CONTROL_MODE)).await.map_err(DaemonError::ControlSocket)?;
@@ -471,6 +477,15 @@ impl Drop for BoundSockets {
     }
 }
 
+/// What `status` (control socket) and `/metrics` report: every volume of the node.
+fn node_status(node: &Node) -> NodeStatus {
+    NodeStatus {
+        node: node.name().to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        volumes: node.volumes().iter().map(|v| v.status()).collect(),
+    }
+}
+
 /// Answers control requests.
 struct NodeHandler {
     node: Arc<Node>,
@@ -479,11 +494,7 @@ struct NodeHandler {
 impl Handler for NodeHandler {
     async fn handle(&self, request: Request) -> Response {
         match request {
-            Request::Status => Response::Ok(Reply::Status(NodeStatus {
-                node: self.node.name().to_string(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                volumes: self.node.volumes().iter().map(|v| v.status()).collect(),
-            })),
+            Request::Status => Response::Ok(Reply::Status(node_status(&self.node))),
             Request::Role { role, force, volume } => {
                 match self.node.set_role(volume.as_deref(), role, force).await {
                     Ok(()) => Response::Ok(Reply::Done),

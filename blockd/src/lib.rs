@@ -16,6 +16,8 @@
 //! - [`role`]: the pure role machine (DESIGN §7): `step(state, event) -> (state, actions)`; no
 //!   I/O, no tokio: the node performs the actions.
 //! - [`control`]: the control socket (JSON lines) and the types `blockctl` shares.
+//! - [`metrics`]: latency histograms (lock-free, recorded by [`volume`]) and the Prometheus
+//!   text endpoint, rendered from the same status the control socket answers.
 //! - [`daemon`]: wiring: config → volumes → listeners, signals, orderly shutdown.
 //! - [`sys`]: process-wide settings against the same-host memory-pressure deadlock
 //!   (`PR_SET_IO_FLUSHER`, `mlockall`).
@@ -25,6 +27,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod meta;
+pub mod metrics;
 pub mod nbd;
 pub mod node;
 pub mod replication;

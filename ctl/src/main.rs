@@ -8,7 +8,8 @@
 //!   everything this run had done was undone; swap failed and this node is Primary again;
 //! - 2: usage or configuration error (bad arguments, unreadable or invalid file, unknown node,
 //!   `--until` naming no step);
-//! - 3: the daemon is not running (nothing listens on the control socket);
+//! - 3: the daemon is not running (nothing listens on the control socket; for `events`, only
+//!   with `--exit-on-loss`);
 //! - 4: demote (or the rollback of a failed promote) could not finish: the node is still
 //!   Primary with part of the stack up. Fix the cause (see the output) and run demote again.
 
@@ -126,6 +127,9 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime_arg)]
         timeout: Duration,
     },
+    /// A live stream of state changes (daemon, role, disk, conn, peer_role, peer_disk, resync,
+    /// clients), one line each, the current state first; runs until SIGINT/SIGTERM (exit 0).
+    Events(commands::events::EventsArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -169,6 +173,7 @@ fn main() -> ExitCode {
         }
         Command::Verify { volume } => return commands::sync::verify(&ctx, volume.clone()),
         Command::WaitSync { timeout } => return commands::sync::wait_sync(&ctx, *timeout),
+        Command::Events(events) => return commands::events::run(&ctx, events),
         Command::Role { role, force, volume } => return set_role(&ctx, *role, *force, volume),
         Command::Promote { until, .. } => commands::promote(&ctx, until.as_deref()),
         Command::Demote { until, .. } => commands::demote(&ctx, until.as_deref()),

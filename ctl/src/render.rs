@@ -203,6 +203,7 @@ mod tests {
                 errors: 66,
                 ..Counters::default()
             },
+            latency: Default::default(),
         }
     }
 

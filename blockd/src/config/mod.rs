@@ -11,6 +11,7 @@
 //! default. Errors name the key and the value (`volume[0].size = "12XB": not a size ...`).
 
 mod failover;
+mod metrics;
 mod resync;
 mod validate;
 pub mod values;
@@ -29,6 +30,7 @@ use figment::{
 use serde::Deserialize;
 
 pub use failover::{AttachMode, BindConfig, FailoverConfig};
+pub use metrics::MetricsConfig;
 pub use resync::{ChecksumMode, ResyncConfig};
 pub use validate::Problem;
 pub use values::{ByteSize, HealthCheck, IpCidr};
@@ -102,6 +104,9 @@ pub struct Config {
     /// Services started on the primary after the mounts and the VIP, in this order.
     #[serde(default)]
     pub service: Vec<ServiceConfig>,
+    /// The Prometheus endpoint (`GET /metrics`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The file this was read from, for messages.
     #[serde(skip)]
     pub source: PathBuf,

@@ -84,6 +84,7 @@ impl Config {
         self.check_services(&mut p);
         self.check_failover(&mut p);
         self.check_binds(&mut p);
+        self.check_metrics(&mut p);
         p.0
     }
 

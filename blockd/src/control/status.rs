@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::LatencySnapshot;
+
 /// A node's role for a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -132,6 +134,9 @@ pub struct VolumeStatus {
     #[serde(default)]
     pub generation: String,
     pub counters: Counters,
+    /// Latency histograms of successful requests, per kind; empty from an older daemon.
+    #[serde(default)]
+    pub latency: LatencySnapshot,
 }
 
 /// Everything `status` reports for one node.

@@ -36,6 +36,7 @@ use std::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -47,6 +48,7 @@ pub use state::Transition;
 use crate::{
     control::{Counters, Role, VolumeStatus},
     meta::{AlConfig, Dirty, Meta, MetaError, MetaFile, Resolve},
+    metrics::Latencies,
     replication::Message,
     role,
     storage::{AlignedBuf, ReadBuf, Store},
@@ -235,15 +237,18 @@ impl Volume {
 
     /// Reads are served locally (DESIGN §3).
     pub async fn read(&self, offset: u64, len: u32) -> Result<ReadBuf, VolumeError> {
+        let start = Instant::now();
         self.check_range(offset, u64::from(len))?;
         let buf = self.io(self.store.read(offset, len).await)?;
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
+        self.counters.latency.read.record(start.elapsed());
         Ok(buf)
     }
 
     /// Writes `data` at `offset` here and on the peer; with `fua`, durably on both.
     pub async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), VolumeError> {
+        let start = Instant::now();
         let len = data.len() as u64;
         self.check_range(offset, len)?;
         self.mirrored(offset, len, len, |mirror| {
@@ -258,6 +263,7 @@ impl Volume {
         }
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_written.fetch_add(len, Ordering::Relaxed);
+        self.counters.latency.write.record(start.elapsed());
         Ok(())
     }
 
@@ -270,6 +276,7 @@ impl Volume {
         punch: bool,
         fua: bool,
     ) -> Result<(), VolumeError> {
+        let start = Instant::now();
         self.check_range(offset, len)?;
         self.mirrored(offset, len, 0, |mirror| {
             let msg = mirror.then_some(Message::WriteZeroes { offset, len, punch });
@@ -280,12 +287,14 @@ impl Volume {
             self.flush().await?;
         }
         self.counters.zeroes.fetch_add(1, Ordering::Relaxed);
+        self.counters.latency.write_zeroes.record(start.elapsed());
         Ok(())
     }
 
     /// Discards `offset..offset+len` here and on the peer (a hint: contents are undefined
     /// until rewritten).
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        let start = Instant::now();
         self.check_range(offset, len)?;
         self.mirrored(offset, len, 0, |mirror| {
             (self.store.trim(offset, len), mirror.then_some(Message::Trim { offset, len }))
@@ -295,12 +304,14 @@ impl Volume {
             self.flush().await?;
         }
         self.counters.trims.fetch_add(1, Ordering::Relaxed);
+        self.counters.latency.trim.record(start.elapsed());
         Ok(())
     }
 
     /// Returns once every write completed before the call is on stable storage here and, when
     /// connected, on the peer.
     pub async fn flush(&self) -> Result<(), VolumeError> {
+        let start = Instant::now();
         // A Secondary flushes its own store only (at shutdown, say); its peer flushes itself.
         match self.route().ok().flatten() {
             None => self.io(self.store.flush().await)?,
@@ -316,6 +327,7 @@ impl Volume {
             }
         }
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        self.counters.latency.flush.record(start.elapsed());
         Ok(())
     }
 
@@ -435,6 +447,7 @@ impl Volume {
             resync: live.resync.as_ref().map(state::Progress::report),
             generation: format!("{gens:016x}"),
             counters: self.counters.snapshot(),
+            latency: self.counters.latency.snapshot(),
         }
     }
 
@@ -513,6 +526,8 @@ struct AtomicCounters {
     resync_same_bytes: AtomicU64,
     verify_differed: AtomicU64,
     connects: AtomicU64,
+    /// Per-kind latency histograms of successful requests (metrics/histogram.rs).
+    latency: Latencies,
 }
 
 impl AtomicCounters {
