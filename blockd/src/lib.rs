@@ -17,6 +17,9 @@
 //!   I/O, no tokio: the node performs the actions.
 //! - [`control`]: the control socket (JSON lines) and the types `blockctl` shares.
 //! - [`daemon`]: wiring: config → volumes → listeners, signals, orderly shutdown.
+//! - [`witness`]: the lease witness (DESIGN §7): the pure lease table, its protocol, the
+//!   `blockd witness` server and the [`witness::LeaseClient`] nodes use. Holds no data; never
+//!   touches storage or the peer link.
 //! - [`sys`]: process-wide settings against the same-host memory-pressure deadlock
 //!   (`PR_SET_IO_FLUSHER`, `mlockall`).
 
@@ -32,3 +35,4 @@ pub mod role;
 pub mod storage;
 pub mod sys;
 pub mod volume;
+pub mod witness;

@@ -13,6 +13,7 @@
 mod failover;
 mod validate;
 pub mod values;
+mod witness;
 
 use std::{
     collections::BTreeMap,
@@ -30,6 +31,7 @@ use serde::Deserialize;
 pub use failover::{AttachMode, BindConfig, FailoverConfig};
 pub use validate::Problem;
 pub use values::{ByteSize, HealthCheck, IpCidr};
+pub use witness::LeaseConfig;
 
 use crate::{
     nbd::Limits,
@@ -84,6 +86,9 @@ pub struct Config {
     /// Process-wide settings of the daemon.
     #[serde(default)]
     pub daemon: DaemonConfig,
+    /// How this node uses the lease witness of `cluster.witness`.
+    #[serde(default)]
+    pub lease: LeaseConfig,
     /// The virtual IP that follows the primary (used by `blockctl promote`/`demote`).
     #[serde(default)]
     pub vip: Option<VipConfig>,

@@ -83,6 +83,7 @@ impl Config {
         self.check_services(&mut p);
         self.check_failover(&mut p);
         self.check_binds(&mut p);
+        self.check_lease(&mut p);
         p.0
     }
 
