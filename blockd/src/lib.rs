@@ -19,6 +19,9 @@
 //! - [`metrics`]: latency histograms (lock-free, recorded by [`volume`]) and the Prometheus
 //!   text endpoint, rendered from the same status the control socket answers.
 //! - [`daemon`]: wiring: config → volumes → listeners, signals, orderly shutdown.
+//! - [`witness`]: the lease witness (DESIGN §7): the pure lease table, its protocol, the
+//!   `blockd witness` server and the [`witness::LeaseClient`] nodes use. Holds no data; never
+//!   touches storage or the peer link.
 //! - [`sys`]: process-wide settings against the same-host memory-pressure deadlock
 //!   (`PR_SET_IO_FLUSHER`, `mlockall`).
 
@@ -35,3 +38,4 @@ pub mod role;
 pub mod storage;
 pub mod sys;
 pub mod volume;
+pub mod witness;

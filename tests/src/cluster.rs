@@ -34,7 +34,7 @@ pub mod ganesha;
 pub mod lan;
 pub mod mariadb;
 pub mod mountns;
-mod netns;
+pub mod netns;
 pub mod peer;
 
 use std::{

@@ -13,6 +13,8 @@
 //! - [`cluster`]: [`cluster::Cluster`], two daemons ("alpha", "beta") in network namespaces
 //!   joined by veth, with `start`/`stop`/`kill`/`freeze`/`thaw`, nftables `cut`/`cut_one_way`/
 //!   `heal`, `role`, `status`, `wait_for` and `assert_identical`; undoes all of it on drop.
+//! - [`witness`]: [`witness::WitnessNet`], a real `blockd witness` in its own network namespace
+//!   with node namespaces around it, and lease clients that ask from those namespaces.
 //! - [`nbd`]: a raw NBD client over `std::os::unix::net::UnixStream` for the malformed and
 //!   corner cases no well-behaved client sends. Pure byte building lives here, not in tests.
 //!
@@ -26,6 +28,7 @@ pub mod cmd;
 pub mod mounts;
 pub mod nbd;
 pub mod node;
+pub mod witness;
 
 pub use cmd::{require, require_root, run, run_timeout, try_run, Background, Output};
 pub use mounts::{LoopMount, NbdFuse};

@@ -15,6 +15,7 @@ mod metrics;
 mod resync;
 mod validate;
 pub mod values;
+mod witness;
 
 use std::{
     collections::BTreeMap,
@@ -34,6 +35,7 @@ pub use metrics::MetricsConfig;
 pub use resync::{ChecksumMode, ResyncConfig};
 pub use validate::Problem;
 pub use values::{ByteSize, HealthCheck, IpCidr};
+pub use witness::LeaseConfig;
 
 use crate::{
     nbd::Limits,
@@ -91,6 +93,9 @@ pub struct Config {
     /// The dirty bitmap, the activity log, and resync's use of the link.
     #[serde(default)]
     pub resync: ResyncConfig,
+    /// How this node uses the lease witness of `cluster.witness`.
+    #[serde(default)]
+    pub lease: LeaseConfig,
     /// The virtual IP that follows the primary (used by `blockctl promote`/`demote`).
     #[serde(default)]
     pub vip: Option<VipConfig>,

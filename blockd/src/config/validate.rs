@@ -85,6 +85,7 @@ impl Config {
         self.check_failover(&mut p);
         self.check_binds(&mut p);
         self.check_metrics(&mut p);
+        self.check_lease(&mut p);
         p.0
     }
 

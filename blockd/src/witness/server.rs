@@ -1,0 +1,257 @@
+//! `blockd witness`: the lease service on a third host. One task accepts, one short task per
+//! connection runs the exchange of `proto.rs` and asks the lease table; nothing else runs.
+//!
+//! ```text
+//!   accept ─► (≤ MAX_CONNECTIONS at once, each ≤ CONN_TIMEOUT)
+//!     HELLO ─► CHALLENGE ─► REQUEST: verify proof ─► lock table: request(node, now)
+//!        └─ new epoch? save state file (fsync, rename, fsync dir) ─► unlock ─► GRANT/REFUSED
+//! ```
+//!
+//! The table's lock is held across the state file write (a few milliseconds, only when the
+//! holder changes), so no answer about a newer epoch can overtake the write of an older one.
+//! Time is the witness's monotonic clock, read under the lock.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::Semaphore,
+    time::Instant,
+};
+
+use super::{
+    frames::{self, FrameError},
+    lease::{Answer, Witness},
+    proto::{self, Message, Reply, WITNESS_ID},
+    state::{self, StateError},
+};
+use crate::replication::auth;
+
+/// Connections served at once; more wait in the listen backlog. Two nodes ask every few
+/// seconds: this bounds memory against a flood, it is never reached in normal operation.
+const MAX_CONNECTIONS: usize = 32;
+
+/// A connection must finish its exchange within this, or it is dropped.
+const CONN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause after a failed accept (EMFILE and the like) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What `blockd witness` needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub state: PathBuf,
+    pub term: Duration,
+    pub secret: Arc<[u8]>,
+}
+
+/// Why the witness could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The lease table and what answering needs, shared by the connection tasks.
+pub struct Shared {
+    table: Mutex<Witness>,
+    state: PathBuf,
+    secret: Arc<[u8]>,
+}
+
+impl Shared {
+    /// Loads `--state` (or creates it for a fresh witness) and builds the table, quiet for a
+    /// term if the file existed.
+    pub fn open(
+        state_path: &Path,
+        term: Duration,
+        secret: Arc<[u8]>,
+    ) -> Result<Shared, StateError> {
+        let table = match state::load(state_path)? {
+            Some(record) => {
+                let w = Witness::restored(term, record.clone(), Instant::now());
+                let quiet = term.max(record.term);
+                tracing::info!(
+                    "witness restarted from {}: epoch {}, holder {}; no new holder for {}",
+                    state_path.display(),
+                    record.epoch,
+                    record.holder.as_deref().unwrap_or("none"),
+                    humantime::format_duration(quiet)
+                );
+                w
+            }
+            None => {
+                let w = Witness::new(term);
+                // Written now so that a restart before the first grant is quiet too, and so an
+                // unwritable path fails at start rather than at the first grant.
+                state::save(state_path, &w.record())?;
+                tracing::info!("new witness state {}: epoch 0, no holder", state_path.display());
+                w
+            }
+        };
+        Ok(Shared { table: Mutex::new(table), state: state_path.to_owned(), secret })
+    }
+
+    /// Asks the table for `node` and persists a new epoch before returning it.
+    fn decide(&self, node: &str) -> Result<Reply, StateError> {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let term = table.term();
+        match table.request(node, Instant::now()) {
+            Answer::Grant(g) => {
+                if g.fresh {
+                    state::save(&self.state, &table.record())?;
+                    tracing::info!(
+                        "lease epoch {} granted to {} for {}",
+                        g.epoch,
+                        g.holder,
+                        humantime::format_duration(term)
+                    );
+                } else {
+                    tracing::debug!("lease epoch {} renewed by {}", g.epoch, g.holder);
+                }
+                let (holder, epoch, expires_in) = (g.holder, g.epoch, g.expires_in);
+                Ok(Reply::Grant { holder, epoch, term, expires_in })
+            }
+            Answer::Refused(r) => {
+                tracing::debug!("lease refused to {node}: epoch {} is {:?}'s", r.epoch, r.holder);
+                Ok(Reply::Refused { holder: r.holder, epoch: r.epoch, retry_after: r.retry_after })
+            }
+        }
+    }
+}
+
+/// Runs the witness until `shutdown` completes.
+pub async fn run(
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let shared = Arc::new(Shared::open(&cfg.state, cfg.term, cfg.secret)?);
+    let addr = cfg.listen;
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { addr, source })?;
+    tracing::info!("witness listening on {addr}, term {}", humantime::format_duration(cfg.term));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => p.ok(),
+            () = &mut shutdown => return Ok(()),
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut shutdown => return Ok(()),
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors or memory, for a moment: keep serving the lease.
+                tracing::warn!("witness cannot accept on {addr}: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(CONN_TIMEOUT, serve(&shared, stream, peer)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("witness connection from {peer}: {e:#}"),
+                Err(_) => tracing::debug!("witness connection from {peer} timed out"),
+            }
+        });
+    }
+}
+
+/// Why one connection ended without an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("sent {0} out of turn")]
+    Unexpected(&'static str),
+    #[error("node {0:?} failed authentication")]
+    Auth(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Random(#[from] auth::AuthError),
+}
+
+/// One exchange (`proto.rs`) on `s`, from the node at `peer`.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    mut s: S,
+    peer: SocketAddr,
+) -> Result<(), ConnError> {
+    let mut buf = Vec::new();
+    let (node, node_nonce) = match recv(&mut s, &mut buf).await? {
+        Message::Hello { node, nonce } if !node.is_empty() && node != WITNESS_ID => (node, nonce),
+        Message::Hello { .. } => {
+            return Err(deny(&mut s, ConnError::Unexpected("a bad name")).await)
+        }
+        _ => return Err(deny(&mut s, ConnError::Unexpected("something other than HELLO")).await),
+    };
+    let nonce = auth::new_nonce()?;
+    frames::send(&mut s, &Message::Challenge { nonce }).await?;
+    let proof = match recv(&mut s, &mut buf).await? {
+        Message::Request { proof } => proof,
+        _ => return Err(deny(&mut s, ConnError::Unexpected("something other than REQUEST")).await),
+    };
+    if !auth::verify(&shared.secret, &nonce, WITNESS_ID, &node, &proof) {
+        tracing::warn!("witness: {peer} (node {node:?}) failed authentication: wrong secret?");
+        return Err(deny(&mut s, ConnError::Auth(node)).await);
+    }
+    let reply = match shared.decide(&node) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("witness cannot persist its state, no lease granted: {e:#}");
+            return Err(deny(&mut s, e.into()).await);
+        }
+    };
+    let answer_nonce = proto::answer_nonce(&node_nonce, &reply);
+    let proof = auth::mac(&shared.secret, &answer_nonce, WITNESS_ID, &node);
+    frames::send(&mut s, &Message::Answer { reply, proof }).await?;
+    Ok(())
+}
+
+/// Reads a frame; a frame of another protocol version is answered with DENIED first.
+async fn recv<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<Message, ConnError> {
+    match frames::recv(s, buf).await {
+        Err(FrameError::Proto(e)) => {
+            let _ = frames::send(s, &Message::Denied { reason: format!("witness: {e}") }).await;
+            Err(FrameError::Proto(e).into())
+        }
+        r => Ok(r?),
+    }
+}
+
+/// Sends DENIED naming `why` (best effort) and returns it.
+async fn deny<S: AsyncWrite + Unpin>(s: &mut S, why: ConnError) -> ConnError {
+    let reason = match &why {
+        ConnError::Auth(_) => "authentication failed (is the secret file the cluster's?)".into(),
+        other => format!("witness: {other}"),
+    };
+    let _ = frames::send(s, &Message::Denied { reason }).await;
+    why
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
