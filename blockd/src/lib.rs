@@ -17,6 +17,8 @@
 //!   I/O, no tokio: the node performs the actions.
 //! - [`control`]: the control socket (JSON lines) and the types `blockctl` shares.
 //! - [`daemon`]: wiring: config → volumes → listeners, signals, orderly shutdown.
+//! - [`notify`]: systemd readiness (`READY=1`, `STOPPING=1`) and watchdog pings; no-ops
+//!   without `NOTIFY_SOCKET`.
 //! - [`sys`]: process-wide settings against the same-host memory-pressure deadlock
 //!   (`PR_SET_IO_FLUSHER`, `mlockall`).
 
@@ -27,6 +29,7 @@ pub mod daemon;
 pub mod meta;
 pub mod nbd;
 pub mod node;
+pub mod notify;
 pub mod replication;
 pub mod role;
 pub mod storage;

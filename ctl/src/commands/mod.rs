@@ -18,6 +18,7 @@
 
 #[cfg(test)]
 mod fake;
+pub mod init;
 pub mod node;
 pub mod status;
 
