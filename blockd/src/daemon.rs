@@ -171,9 +171,12 @@ pub async fn run_with_events(
         return Err(e);
     }
     log_ready(&node, &volumes);
+    crate::notify::ready(&format!("serving {} volumes", volumes.len()));
+    let _watchdog = crate::notify::watchdog();
 
     let why = events.recv().await.map_or("event channel closed".to_string(), |e| e.to_string());
     tracing::info!("{why}: shutting down");
+    crate::notify::stopping();
     serving.token.cancel();
     drain(&serving.tracker, &mut events).await;
     let flushed = flush_all(&volumes).await;

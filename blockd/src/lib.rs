@@ -22,6 +22,8 @@
 //! - [`witness`]: the lease witness (DESIGN §7): the pure lease table, its protocol, the
 //!   `blockd witness` server and the [`witness::LeaseClient`] nodes use. Holds no data; never
 //!   touches storage or the peer link.
+//! - [`notify`]: systemd readiness (`READY=1`, `STOPPING=1`) and watchdog pings; no-ops
+//!   without `NOTIFY_SOCKET`.
 //! - [`sys`]: process-wide settings against the same-host memory-pressure deadlock
 //!   (`PR_SET_IO_FLUSHER`, `mlockall`).
 
@@ -33,6 +35,7 @@ pub mod meta;
 pub mod metrics;
 pub mod nbd;
 pub mod node;
+pub mod notify;
 pub mod replication;
 pub mod role;
 pub mod storage;

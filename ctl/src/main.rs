@@ -1,11 +1,13 @@
 //! `blockctl --config FILE [--node NAME] <command>`: the operator's tool. Thin: arguments,
 //! configuration, then either one request over the node's control socket (`status`, `role`)
-//! or a failover plan (`promote`, `demote`, `swap`: commands/, plan.rs, steps/).
+//! or a failover plan (`promote`, `demote`, `swap`: commands/, plan.rs, steps/), or the
+//! read-only prerequisite check `init` (commands/init.rs).
 //!
 //! Exit codes:
 //! - 0: done;
 //! - 1: failed: the daemon refused, talking to it failed, or a promote step failed and
 //!   everything this run had done was undone; swap failed and this node is Primary again;
+//!   `init` found something required missing;
 //! - 2: usage or configuration error (bad arguments, unreadable or invalid file, unknown node,
 //!   `--until` naming no step);
 //! - 3: the daemon is not running (nothing listens on the control socket; for `events`, only
@@ -130,6 +132,10 @@ enum Command {
     /// A live stream of state changes (daemon, role, disk, conn, peer_role, peer_disk, resync,
     /// clients), one line each, the current state first; runs until SIGINT/SIGTERM (exit 0).
     Events(commands::events::EventsArgs),
+    /// Check this node's prerequisites (kernel nbd or FUSE, tools, ports, the secret's mode,
+    /// data-dir space, service units, io_uring): one line each, ok / warn / missing, and what
+    /// to do. Changes nothing; exits 1 when something required is missing.
+    Init,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -178,6 +184,7 @@ fn main() -> ExitCode {
         Command::Promote { until, .. } => commands::promote(&ctx, until.as_deref()),
         Command::Demote { until, .. } => commands::demote(&ctx, until.as_deref()),
         Command::Swap { wait } => commands::swap(&ctx, *wait),
+        Command::Init => return init(&ctx),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -233,6 +240,15 @@ fn status(ctx: &Arc<Ctx>, json: bool) -> ExitCode {
         print!("{}\n{}", render::status(&node), render::failover(&local));
     }
     ExitCode::SUCCESS
+}
+
+/// `init`: exit 0 when nothing required is missing, else 1.
+fn init(ctx: &Ctx) -> ExitCode {
+    if commands::init::init(ctx) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
 }
 
 fn set_role(ctx: &Ctx, role: RoleArg, force: bool, volume: &Option<String>) -> ExitCode {

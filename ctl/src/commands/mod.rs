@@ -19,6 +19,7 @@
 pub mod events;
 #[cfg(test)]
 mod fake;
+pub mod init;
 pub mod node;
 pub mod status;
 pub mod sync;
