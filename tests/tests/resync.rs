@@ -176,8 +176,9 @@ fn primary_crash_resyncs_activity_log_plus_peer_bitmap_by_checksum() {
         "--randseed=3",
     ];
     let mut load = FioRun::spawn(c.dir(), &c.nbd_uri(Alpha), "load", &job);
-    c.wait_for(Alpha, "writes", Duration::from_secs(20), |v| {
-        v["counters"]["peer_writes"].as_u64() > Some(20_000)
+    // Enough writes that the 8-extent log has turned over several times (64 extents in all).
+    c.wait_for(Alpha, "writes", Duration::from_secs(60), |v| {
+        v["counters"]["peer_writes"].as_u64() > Some(5_000)
     });
     c.kill(Alpha);
     let _ = load.bg.wait(Duration::from_secs(30));
