@@ -260,7 +260,10 @@ impl Cluster {
             None => self.netns[n.index()].command(blockd.as_os_str()),
         };
         c.arg("--config").arg(&d.config).arg("--node").arg(n.name());
-        c.env("NO_COLOR", "1").envs(env.iter().copied()).stdin(Stdio::null());
+        c.env("NO_COLOR", "1")
+            .env_remove("BLOCKD_TEST_KEEP")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null());
         c.stdout(log.try_clone().expect("dup log")).stderr(log);
         kill_with_parent(&mut c);
         d.child = Some(c.spawn().unwrap_or_else(|e| panic!("cannot start {c:?}: {e}")));
@@ -358,6 +361,8 @@ impl Cluster {
             Some(lan) => lan.mount_ns(n).command(bin("blockctl")),
             None => std::process::Command::new(bin("blockctl")),
         };
+        // The harness's own variable is not a configuration key.
+        c.env_remove("BLOCKD_TEST_KEEP");
         c.arg("--config").arg(self.config(n)).arg("--node").arg(n.name());
         c
     }

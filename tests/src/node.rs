@@ -133,7 +133,7 @@ impl Node {
         writeln!(log, "===== blockd start =====").expect("write log");
         let mut c = Command::new(bin("blockd"));
         c.arg("--config").arg(&self.config).arg("--node").arg(&self.name);
-        c.env("NO_COLOR", "1").stdin(Stdio::null());
+        c.env("NO_COLOR", "1").env_remove("BLOCKD_TEST_KEEP").stdin(Stdio::null());
         c.stdout(log.try_clone().expect("dup log")).stderr(log);
         kill_with_parent(&mut c);
         let child = c.spawn().unwrap_or_else(|e| panic!("cannot start blockd: {e}"));
@@ -194,6 +194,7 @@ impl Node {
     /// A `blockctl` command for this node, arguments still to add.
     pub fn blockctl(&self) -> Command {
         let mut c = Command::new(bin("blockctl"));
+        c.env_remove("BLOCKD_TEST_KEEP");
         c.arg("--config").arg(&self.config).arg("--node").arg(&self.name);
         c
     }

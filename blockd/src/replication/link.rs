@@ -7,7 +7,8 @@
 //! without one, so simultaneous dials are rare. After authentication the lower-named node alone
 //! decides: the newest authenticated connection always becomes its session (a node only dials or
 //! is dialed when the other side has lost its session, so the older one is stale), and it tells
-//! the other side with READY carrying an epoch that grows with each adoption. The higher-named
+//! the other side with READY carrying an epoch that grows with each adoption (and drops a new
+//! connection while a session with the same peer process is open). The higher-named
 //! node adopts a connection on READY unless it already has a session from the same peer instance
 //! with a higher epoch (READYs of two connections may arrive out of order). So both sides end
 //! with the same connection, and a restarted peer (new instance) always replaces the old session.
@@ -320,6 +321,17 @@ impl Manager {
     async fn adopt(&mut self, a: Authed) {
         let epoch = match a.hello.epoch {
             None => {
+                // Both nodes dial when the link heals: keep the session already up with this
+                // very peer process rather than tear it down for the second connection (that
+                // would abort whatever the first one started, a resync say).
+                let live = self
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.peer_instance == a.hello.instance && c.session.is_open());
+                if live {
+                    tracing::debug!(addr = %a.addr, "a second connection from the peer: keeping the session");
+                    return;
+                }
                 self.epoch += 1;
                 self.epoch
             }

@@ -8,9 +8,9 @@
 //!           read; all zero ─────────────────────────► ResyncZero
 //!           checksum mode: GetSums ─► compare ──────► ResyncData of the differing blocks only
 //!           else ───────────────────────────────────► ResyncData
-//!  every CHECKPOINT bytes and at the end: peer Flush, then the copied ranges are cleared and
-//!  the bitmap written back — so an interrupted resync resumes where it was, and a bit is never
-//!  cleared for data the target could still lose.
+//!  every 64 MiB or 0.5 s, and at the end: peer Flush, then the ranges copied before it are
+//!  cleared and the bitmap written back — so an interrupted resync resumes where it was, and a
+//!  bit is never cleared for data the target could still lose.
 //!  end:   ResyncDone{generations}
 //! ```
 //!
@@ -54,8 +54,12 @@ const HOLE_CHUNK: u64 = 1 << 30;
 const WINDOW: usize = 4;
 /// An application write within this long makes the resync yield.
 const BUSY_WINDOW: Duration = Duration::from_millis(50);
-/// Copied bytes between two checkpoints (peer flush, bits cleared, bitmap written).
-const CHECKPOINT: u64 = 8 << 20;
+/// A checkpoint (peer flush, bits cleared, bitmap written) after this many copied bytes or this
+/// long, whichever comes first: what an interrupted resync can lose.
+const CHECKPOINT: u64 = 64 << 20;
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// Passes over the bitmap before a resync gives up (and the link reconnects to try again).
+const MAX_PASSES: u32 = 4;
 /// Bitmap bytes per GetBitmap reply.
 pub(super) const BITMAP_PART: usize = 1 << 20;
 
@@ -106,7 +110,25 @@ impl Volume {
         }
         tracing::info!(volume = %self.name(), bytes = total, full = opts.full,
             peer_bitmap = opts.peer_dirty, "resync to the peer started");
-        let sent = self.copy_dirty(session, opts, &own).await?;
+        // Normally one pass. A range marked again while it was being copied keeps its bits (the
+        // checkpoint does not clear them) and is copied by the next pass.
+        let mut sent = Sent::default();
+        for pass in 1.. {
+            let s = self.copy_dirty(session, opts, &own).await?;
+            sent.data += s.data;
+            sent.zero += s.zero;
+            sent.same += s.same;
+            let left = self.dirty_bytes();
+            if left == 0 {
+                break;
+            }
+            if pass == MAX_PASSES {
+                return Err(ResyncError::Peer(format!(
+                    "{left} bytes still out of sync after {pass} passes"
+                )));
+            }
+            tracing::info!(volume = %self.name(), left, pass, "ranges changed during the resync: another pass");
+        }
         let gens = self.persisted.lock().await.meta.gens;
         match self.call_peer(session, Message::ResyncDone { gens }).await {
             Ok(Message::Ack { error: 0 }) => {}
@@ -178,6 +200,8 @@ impl Volume {
         let mut in_flight = FuturesUnordered::new();
         let mut copied: Vec<Range<u64>> = Vec::new();
         let (mut since_checkpoint, mut sent_bytes) = (0u64, 0u64);
+        let mut marks = self.track.marks();
+        let mut last_checkpoint = Instant::now();
         let started = Instant::now();
         let mut offset = 0;
         loop {
@@ -210,32 +234,27 @@ impl Volume {
             if let Some(p) = self.live().resync.as_mut() {
                 p.done = (p.done + len).min(p.total);
             }
-            if since_checkpoint >= CHECKPOINT {
-                // Wait for what is in flight: their bits clear with this checkpoint too.
-                while let Some(done) = in_flight.next().await {
-                    let (range, sent) = done?;
-                    total.data += sent.data;
-                    total.zero += sent.zero;
-                    total.same += sent.same;
-                    sent_bytes += sent.data;
-                    if let Some(p) = self.live().resync.as_mut() {
-                        p.done = (p.done + range.end - range.start).min(p.total);
-                    }
-                    copied.push(range);
-                }
-                self.checkpoint(session, &mut copied).await?;
+            if since_checkpoint >= CHECKPOINT || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                // What is still in flight keeps the link busy meanwhile (already sent); its
+                // bits clear at the next checkpoint.
+                self.checkpoint(session, &mut copied, marks).await?;
+                marks = self.track.marks();
                 since_checkpoint = 0;
+                last_checkpoint = Instant::now();
             }
         }
-        self.checkpoint(session, &mut copied).await?;
+        self.checkpoint(session, &mut copied, marks).await?;
         Ok(total)
     }
 
-    /// The target made everything copied so far durable: those bits clear, on disk too.
+    /// The target made everything copied so far durable: those bits clear, on disk too —
+    /// unless something was marked since `marks` (a write the peer failed, say), in which case
+    /// they stay for the next pass: a mark must never be cleared by a copy made before it.
     async fn checkpoint(
         &self,
         session: &Session,
         copied: &mut Vec<Range<u64>>,
+        marks: u64,
     ) -> Result<(), ResyncError> {
         if copied.is_empty() {
             return Ok(());
@@ -243,6 +262,10 @@ impl Volume {
         match self.call_peer(session, Message::Flush).await {
             Ok(Message::Ack { error: 0 }) => {}
             other => return Err(ResyncError::Peer(format!("flush: {other:?}"))),
+        }
+        if self.track.marks() != marks {
+            copied.clear();
+            return Ok(());
         }
         for r in copied.drain(..) {
             self.track.clear(r);
@@ -281,6 +304,18 @@ impl Volume {
         let len = end - start;
         let _lock = self.locks.lock(self.store.lock_span(start, len)).await;
         let mut sent = Sent::default();
+        // The hole was seen before the lock: an application write may have filled part of it
+        // since. Zero only what is still a hole; the rest keeps its bits for the next pass.
+        let chunk = match chunk.hole {
+            true => match Holes::open(self.store.path()).next_data(start) {
+                Some(data) if data >= end => chunk,
+                Some(data) if data > start => Chunk { range: start..data, hole: true },
+                _ => return Ok((start..start, sent)),
+            },
+            false => chunk,
+        };
+        let Range { start, end } = chunk.range.clone();
+        let len = end - start;
         if chunk.hole {
             self.send_ok(session, Message::ResyncZero { offset: start, len }).await?;
             sent.zero = len;

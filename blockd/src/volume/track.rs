@@ -59,6 +59,9 @@ pub(super) struct Tracker {
     /// The extents a crash recovery added to the bitmap (in this process's life): they may
     /// well be identical on the peer, so a resync compares checksums there first.
     crash: Mutex<Vec<Range<u64>>>,
+    /// Counts marks (bits set because a range may differ): a resync clears the ranges it
+    /// copied only if no mark happened since it copied them.
+    marks: std::sync::atomic::AtomicU64,
 }
 
 impl Tracker {
@@ -75,6 +78,7 @@ impl Tracker {
             durable: watch::Sender::new(0),
             freed: Notify::new(),
             crash: Mutex::new(Vec::new()),
+            marks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -104,6 +108,7 @@ impl Tracker {
                     return Err(broken());
                 }
                 if inner.dirty.is_wide(range.clone()) {
+                    self.marks.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     let mw = inner.dirty.mark_out_of_sync(range.clone());
                     (Some(mw.map(|mw| Self::enqueue(&mut inner, mw))), true)
                 } else {
@@ -139,6 +144,7 @@ impl Tracker {
 
     /// `range` may differ from the peer. Returns once that survives a crash.
     pub async fn mark(&self, range: Range<u64>) -> TrackResult<()> {
+        self.marks.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let seq = {
             let mut inner = self.inner();
             match inner.dirty.mark_out_of_sync(range) {
@@ -153,6 +159,11 @@ impl Tracker {
     /// both). In memory; [`flush`](Self::flush) writes it back, and losing it only overstates.
     pub fn clear(&self, range: Range<u64>) {
         self.inner().dirty.clear_synced(range);
+    }
+
+    /// How many marks happened so far (see the `marks` field).
+    pub fn marks(&self) -> u64 {
+        self.marks.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Writes the changed bitmap pages back.
