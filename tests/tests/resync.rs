@@ -358,3 +358,36 @@ fn resync_interrupted_twice_resumes() {
     );
     c.assert_identical();
 }
+
+/// Unrelated data (alpha's backing existed before blockd, beta's is new): both refuse and say
+/// so; `resolve --full-sync` on beta copies the whole device, the holes of alpha's sparse
+/// backing as zero requests (SEEK_DATA), so only the data alpha really holds travels as data.
+#[test]
+fn unrelated_data_needs_full_sync_which_skips_holes() {
+    let mut c = Cluster::new("resync-unrelated", "256MiB");
+    let backing = c.backing(Alpha);
+    std::fs::create_dir_all(backing.parent().expect("data dir")).expect("data dir");
+    let f = std::fs::File::create(&backing).expect("create alpha's backing");
+    f.set_len(256 * MIB).expect("size");
+    let data: Vec<u8> = (0..8 * MIB).map(|i| (i % 251) as u8 + 1).collect();
+    f.write_all_at(&data, 100 * MIB).expect("write");
+    f.sync_all().expect("sync");
+    c.start(Alpha);
+    c.start(Beta);
+    for n in [Alpha, Beta] {
+        c.wait_for(n, "StandAlone: unrelated data", Duration::from_secs(20), |v| {
+            v["conn"] == "StandAlone"
+                && v["conn_reason"].as_str().is_some_and(|r| r.contains("unrelated"))
+        });
+    }
+    let refused = blockctl(&c, Beta, &["resolve", "--discard-local"]);
+    assert_ne!(refused.code(), 0, "discard-local cannot answer unrelated data:\n{refused}");
+    blockctl(&c, Beta, &["resolve", "--full-sync"]).assert_success();
+    c.wait_in_sync(Duration::from_secs(60));
+    let (data_sent, zero) =
+        (counter(&c, Alpha, "resync_bytes"), counter(&c, Alpha, "resync_zero_bytes"));
+    eprintln!("full sync: {data_sent} bytes as data, {zero} as zero requests");
+    assert_eq!(data_sent + zero, 256 * MIB, "a full sync covers the device");
+    assert!(data_sent <= 9 * MIB, "only alpha's 8 MiB of data may travel as data: {data_sent}");
+    c.assert_identical();
+}

@@ -18,8 +18,8 @@
 //! crash recovery marked, where most blocks are usually identical; ranges this node wrote
 //! without the peer certainly differ and travel as data.
 //!
-//! Rate: up to `WINDOW` chunks in flight while the application is idle, one smaller chunk at a
-//! time while it writes (its writes wait on the same link and, for a resynced range, the same
+//! Rate: up to 8 MiB (64 requests) in flight while the application is idle, one smaller chunk
+//! at a time while it writes (its writes wait on the same link and, for a resynced range, the same
 //! lock), and never above `max-rate` when one is set.
 
 use std::{
@@ -50,8 +50,11 @@ const CHUNK: u64 = 1 << 20;
 const BUSY_CHUNK: u64 = 256 << 10;
 /// A hole travels as one zero request of up to this much.
 const HOLE_CHUNK: u64 = 1 << 30;
-/// Requests in flight while the application is idle.
-const WINDOW: usize = 4;
+/// Payload bytes in flight while the application is idle (several chunks, or many small dirty
+/// runs: a scattered bitmap must not be bound by the round trip).
+const WINDOW: u64 = 8 << 20;
+/// ... and at most this many requests.
+const WINDOW_REQUESTS: usize = 64;
 /// An application write within this long makes the resync yield.
 const BUSY_WINDOW: Duration = Duration::from_millis(50);
 /// A checkpoint (peer flush, bits cleared, bitmap written) after this many copied bytes or this
@@ -198,16 +201,18 @@ impl Volume {
         let holes = Holes::open(self.store.path());
         let mut total = Sent::default();
         let mut in_flight = FuturesUnordered::new();
+        let mut in_flight_bytes = 0u64;
         let mut copied: Vec<Range<u64>> = Vec::new();
         let (mut since_checkpoint, mut sent_bytes) = (0u64, 0u64);
         let mut marks = self.track.marks();
         let mut last_checkpoint = Instant::now();
+        let mut checkpoint = None;
         let started = Instant::now();
         let mut offset = 0;
         loop {
             let busy = self.app_busy(BUSY_WINDOW);
-            let window = if busy { 1 } else { WINDOW };
-            while in_flight.len() < window {
+            let (window, requests) = if busy { (1, 1) } else { (WINDOW, WINDOW_REQUESTS) };
+            while in_flight.len() < requests && (in_flight_bytes < window || in_flight.is_empty()) {
                 let Some(chunk) = self.next_chunk(offset, busy, &holes) else { break };
                 offset = chunk.range.end;
                 let sums = match opts.checksum {
@@ -215,14 +220,32 @@ impl Volume {
                     ChecksumMode::Never => false,
                     ChecksumMode::Auto => !own.test(chunk.range.clone()),
                 } && !chunk.hole;
-                in_flight.push(self.resync_chunk(session, chunk, sums));
+                // A hole travels as one small zero request, whatever its length.
+                let payload = if chunk.hole { 0 } else { chunk.range.end - chunk.range.start };
+                in_flight_bytes += payload;
+                let copy = self.resync_chunk(session, chunk, sums);
+                in_flight.push(async move { (payload, copy.await) });
                 if opts.max_rate > 0 {
                     // Stay under the ceiling: wait until the bytes sent so far are due.
                     let due = Duration::from_secs_f64(sent_bytes as f64 / opts.max_rate as f64);
                     tokio::time::sleep_until((started + due).into()).await;
                 }
             }
-            let Some(done) = in_flight.next().await else { break };
+            if in_flight.is_empty() {
+                break; // nothing left to copy in this pass
+            }
+            // A checkpoint runs beside the copy: its peer flush and bitmap write must not
+            // leave the link idle.
+            let next = tokio::select! {
+                next = in_flight.next() => next,
+                result = async { checkpoint.as_mut().expect("guarded").await }, if checkpoint.is_some() => {
+                    checkpoint = None;
+                    result?;
+                    continue;
+                }
+            };
+            let Some((payload, done)) = next else { break };
+            in_flight_bytes -= payload;
             let (range, sent) = done?;
             total.data += sent.data;
             total.zero += sent.zero;
@@ -234,16 +257,21 @@ impl Volume {
             if let Some(p) = self.live().resync.as_mut() {
                 p.done = (p.done + len).min(p.total);
             }
-            if since_checkpoint >= CHECKPOINT || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-                // What is still in flight keeps the link busy meanwhile (already sent); its
-                // bits clear at the next checkpoint.
-                self.checkpoint(session, &mut copied, marks).await?;
+            let due =
+                since_checkpoint >= CHECKPOINT || last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
+            if due && checkpoint.is_none() {
+                // Covers what completed so far; what is in flight clears at the next one.
+                let batch = std::mem::take(&mut copied);
+                checkpoint = Some(Box::pin(self.checkpoint(session, batch, marks)));
                 marks = self.track.marks();
                 since_checkpoint = 0;
                 last_checkpoint = Instant::now();
             }
         }
-        self.checkpoint(session, &mut copied, marks).await?;
+        if let Some(pending) = checkpoint {
+            pending.await?;
+        }
+        self.checkpoint(session, copied, marks).await?;
         Ok(total)
     }
 
@@ -253,7 +281,7 @@ impl Volume {
     async fn checkpoint(
         &self,
         session: &Session,
-        copied: &mut Vec<Range<u64>>,
+        copied: Vec<Range<u64>>,
         marks: u64,
     ) -> Result<(), ResyncError> {
         if copied.is_empty() {
@@ -264,10 +292,9 @@ impl Volume {
             other => return Err(ResyncError::Peer(format!("flush: {other:?}"))),
         }
         if self.track.marks() != marks {
-            copied.clear();
             return Ok(());
         }
-        for r in copied.drain(..) {
+        for r in copied {
             self.track.clear(r);
         }
         self.flush_bitmap().await.map_err(ResyncError::Local)
