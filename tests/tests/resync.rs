@@ -333,13 +333,15 @@ fn resync_interrupted_twice_resumes() {
             v["resync"]["done"].as_u64().is_some_and(|d| d >= min)
         })
     };
-    progressed(&c, 40 * MIB);
+    progressed(&c, 64 * MIB);
     disconnect(&c);
     let left = c.vol(Alpha)["out_of_sync"].as_u64().expect("out_of_sync");
     eprintln!("after the cut: {left} bytes left");
-    assert!(left < dirty - 32 * MIB, "a cut must keep what was copied: {left} left");
+    // Checkpoints come every 0.5 s (12 MiB at this rate) plus what was in flight: at least
+    // half of the 64 MiB copied must have been kept.
+    assert!(left <= dirty - 32 * MIB, "a cut must keep what was copied: {left} left");
     c.heal();
-    progressed(&c, 16 * MIB);
+    progressed(&c, 32 * MIB);
     c.kill(Beta);
     c.wait_for(Alpha, "peer gone", PEER_TIMEOUT + Duration::from_secs(2), |v| !is_connected(v));
     let left2 = c.vol(Alpha)["out_of_sync"].as_u64().expect("out_of_sync");
@@ -351,11 +353,8 @@ fn resync_interrupted_twice_resumes() {
     c.wait_in_sync(Duration::from_secs(60));
     let sent = counter(&c, Alpha, "resync_bytes");
     eprintln!("{dirty} dirty bytes, {sent} sent over three connections");
-    assert!(
-        sent < dirty + dirty / 4,
-        "sent {sent}: a restart from the start would send ≥ {}",
-        dirty + 56 * MIB
-    );
+    // From the start each time: 128 + 64 + 96 MiB at least (2.25×).
+    assert!(sent < dirty + dirty / 2, "sent {sent} for {dirty} dirty: resumed from the start?");
     c.assert_identical();
 }
 
