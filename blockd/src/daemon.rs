@@ -31,6 +31,7 @@ use crate::{
         socket::{self, SocketError},
         Handler, NodeStatus, Reply, Request, Response,
     },
+    fence::{self, Fence},
     meta::MetaFile,
     metrics,
     nbd::{self, Exports, Limits},
@@ -39,6 +40,7 @@ use crate::{
     storage::{StorageError, Store, StoreOptions},
     sys,
     volume::{Volume, VolumeError, VolumeInfo},
+    witness::LeaseClient,
 };
 
 /// How long shutdown waits for NBD connections to finish their in-flight requests.
@@ -161,6 +163,7 @@ pub async fn run_with_events(
         volumes.clone(),
         config.source.clone(),
         config.resync.clone(),
+        config.cluster.witness.map(|addr| Arc::new(Fence::new(addr))),
     );
     let mut serving = Serving::default();
     if let Err(e) = serving.start(&config, &node, &cluster).await {
@@ -233,6 +236,7 @@ impl Serving {
             self.spawn_accept(listener, Exports::new(volumes.to_vec(), default), &limits);
         }
         start_link(config, node, cluster, self)?;
+        start_lease(config, node, cluster, self)?;
         if let Some(addr) = config.metrics.listen {
             let cluster = Arc::clone(cluster);
             let status = move || node_status(&cluster);
@@ -360,6 +364,32 @@ fn start_link(
     let events = replication::spawn(cfg, serving.token.clone()).map_err(DaemonError::Link)?;
     let task = Arc::clone(node).run_link(events, serving.tracker.clone(), serving.token.clone());
     serving.tracker.spawn(task);
+    Ok(())
+}
+
+/// With `cluster.witness` on a two-node setup: keeps this node's lease while it is Primary, so
+/// that degraded writes can complete (see `fence.rs`).
+fn start_lease(
+    config: &Config,
+    local: &LocalNode,
+    node: &Arc<Node>,
+    serving: &Serving,
+) -> Result<(), DaemonError> {
+    let (Some(addr), Some(fence)) = (config.cluster.witness, node.fence().cloned()) else {
+        return Ok(());
+    };
+    if peer_name(config, local).is_none() {
+        return Ok(());
+    }
+    let secret_file = config.cluster.secret_file.clone().unwrap_or_default();
+    let secret = replication::load_secret(&secret_file).map_err(DaemonError::Secret)?;
+    let client = LeaseClient::new(addr, &local.name, secret, config.lease.client_settings());
+    let (node, token) = (Arc::clone(node), serving.token.clone());
+    tracing::info!(witness = %addr, "degraded writes are fenced by the witness lease");
+    serving.tracker.spawn(async move {
+        let primary = || node.any_primary();
+        fence::keep_lease(&fence, client, primary, fence::ask_witness, token).await;
+    });
     Ok(())
 }
 

@@ -11,6 +11,8 @@
 //!   drive one connection. Never touches storage directly: every request goes through [`volume`].
 //! - [`volume`]: the write path. Interval ordering of overlapping writes, counters, error
 //!   accounting; where the decision "when is a write acknowledged" lives.
+//! - [`fence`]: the witness lease as the write path sees it: a Primary without its peer
+//!   acknowledges degraded writes only while it holds the lease; the task that keeps it.
 //! - [`node`]: the node's volumes and its peer link: link events and operator requests become
 //!   role-machine events; the state exchange and resync start live here.
 //! - [`role`]: the pure role machine (DESIGN §7): `step(state, event) -> (state, actions)`; no
@@ -31,6 +33,7 @@ mod be;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod fence;
 pub mod meta;
 pub mod metrics;
 pub mod nbd;

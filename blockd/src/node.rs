@@ -27,6 +27,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::ResyncConfig,
     control::{ConnState, ErrorKind, Role, Verified},
+    fence::Fence,
     meta::{self, Resolve, SyncDecision},
     replication::{LinkEvent, Message, Responder, Session},
     role::{Action, Event, Refusal},
@@ -53,6 +54,8 @@ pub struct Node {
     config_path: PathBuf,
     /// Rate ceiling and checksum mode of resyncs this node sends.
     resync: ResyncConfig,
+    /// The witness lease degraded writes need (with `cluster.witness`); reset on role changes.
+    fence: Option<Arc<Fence>>,
 }
 
 impl Node {
@@ -62,8 +65,23 @@ impl Node {
         volumes: Vec<Arc<Volume>>,
         config_path: PathBuf,
         resync: ResyncConfig,
+        fence: Option<Arc<Fence>>,
     ) -> Arc<Node> {
-        Arc::new(Node { name, peer, volumes, session: Mutex::new(None), config_path, resync })
+        if let Some(f) = &fence {
+            volumes.iter().for_each(|v| v.set_fence(Arc::clone(f)));
+        }
+        let session = Mutex::new(None);
+        Arc::new(Node { name, peer, volumes, session, config_path, resync, fence })
+    }
+
+    /// The witness fence, when configured.
+    pub fn fence(&self) -> Option<&Arc<Fence>> {
+        self.fence.as_ref()
+    }
+
+    /// True while any volume is Primary here: the node then keeps the witness lease.
+    pub fn any_primary(&self) -> bool {
+        self.volumes.iter().any(|v| v.machine().role == Role::Primary)
     }
 
     pub fn name(&self) -> &str {
@@ -278,11 +296,17 @@ impl Node {
             }
             None => self.volumes.iter().collect(),
         };
+        let changes = targets.iter().any(|v| v.machine().role != role);
         for v in targets {
             match role {
                 Role::Primary => self.promote(v, force).await?,
                 Role::Secondary => self.demote(v).await?,
             }
+        }
+        if let Some(f) = self.fence.as_ref().filter(|_| changes) {
+            // A new role starts with a fresh lease: a lost epoch blocks only the old Primary
+            // (asking for the role it already has, or a refused change, does not clear it).
+            f.reset();
         }
         Ok(())
     }

@@ -132,6 +132,9 @@ enum Command {
     /// A live stream of state changes (daemon, role, disk, conn, peer_role, peer_disk, resync,
     /// clients), one line each, the current state first; runs until SIGINT/SIGTERM (exit 0).
     Events(commands::events::EventsArgs),
+    /// Automatic failover: promotes this node when its peer is gone and the witness lease is
+    /// won; demotes it when it lost the lease while Primary (systemd: blockctl-agent.service).
+    Agent(commands::agent::AgentArgs),
     /// Check this node's prerequisites (kernel nbd or FUSE, tools, ports, the secret's mode,
     /// data-dir space, service units, io_uring): one line each, ok / warn / missing, and what
     /// to do. Changes nothing; exits 1 when something required is missing.
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
         Command::Verify { volume } => return commands::sync::verify(&ctx, volume.clone()),
         Command::WaitSync { timeout } => return commands::sync::wait_sync(&ctx, *timeout),
         Command::Events(events) => return commands::events::run(&ctx, events),
+        Command::Agent(agent) => return commands::agent::run(&ctx, agent),
         Command::Role { role, force, volume } => return set_role(&ctx, *role, *force, volume),
         Command::Promote { until, .. } => commands::promote(&ctx, until.as_deref()),
         Command::Demote { until, .. } => commands::demote(&ctx, until.as_deref()),
@@ -214,6 +218,8 @@ struct FullStatus<'a> {
     #[serde(flatten)]
     node: &'a NodeStatus,
     failover: &'a commands::status::Failover,
+    /// `blockctl agent`'s last decision on this node; null if no agent ever ran here.
+    agent: Option<&'a commands::agent::AgentState>,
 }
 
 fn status(ctx: &Arc<Ctx>, json: bool) -> ExitCode {
@@ -232,12 +238,18 @@ fn status(ctx: &Arc<Ctx>, json: bool) -> ExitCode {
             return fail(&e.into(), code);
         }
     };
+    let agent = commands::agent::read_state(ctx);
     if json {
-        let full = FullStatus { node: &node, failover: &local };
+        let full = FullStatus { node: &node, failover: &local, agent: agent.as_ref() };
         // Strings, numbers and booleans only: serializing cannot fail.
         println!("{}", serde_json::to_string_pretty(&full).unwrap_or_default());
     } else {
-        print!("{}\n{}", render::status(&node), render::failover(&local));
+        print!(
+            "{}\n{}{}",
+            render::status(&node),
+            render::failover(&local),
+            render::agent(agent.as_ref())
+        );
     }
     ExitCode::SUCCESS
 }

@@ -3,9 +3,12 @@
 
 use std::fmt::Write;
 
-use blockd::control::{NodeStatus, VolumeStatus};
+use blockd::control::{LeaseStatus, NodeStatus, VolumeStatus};
 
-use crate::commands::status::{AttachView, Failover};
+use crate::commands::{
+    agent::AgentState,
+    status::{AttachView, Failover},
+};
 
 /// The whole status as text, ending with a newline.
 pub fn status(s: &NodeStatus) -> String {
@@ -36,6 +39,12 @@ fn volume(out: &mut String, v: &VolumeStatus) {
     ];
     if v.peer.is_some() {
         rows.push(("out-sync", format!("{} ({} bytes)", human(v.out_of_sync), v.out_of_sync)));
+    }
+    if let Some(why) = &v.frozen {
+        rows.push(("frozen", why.clone()));
+    }
+    if let Some(l) = &v.lease {
+        rows.push(("lease", lease(l)));
     }
     if let Some(r) = &v.resync {
         let pct = if r.total == 0 { 100.0 } else { r.done as f64 * 100.0 / r.total as f64 };
@@ -71,6 +80,26 @@ fn volume(out: &mut String, v: &VolumeStatus) {
     for (label, value) in &rows {
         let _ = writeln!(out, "  {label:<9}{value}");
     }
+}
+
+/// "epoch 3 held by alpha, valid 2.7 s more (witness 10.0.0.3:7790)", or who holds it and why
+/// this node does not.
+fn lease(l: &LeaseStatus) -> String {
+    let holder = l.holder.as_deref().unwrap_or("unknown");
+    let mut s = match (l.epoch, l.valid_for_ms) {
+        (Some(e), ms) if ms > 0 => {
+            format!("epoch {e} held by {holder}, valid {:.1} s more", ms as f64 / 1000.0)
+        }
+        _ => format!("not held here (holder {holder})"),
+    };
+    if let Some(e) = l.lost {
+        s.push_str(&format!("; epoch {e} LOST to the peer"));
+    }
+    if let Some(err) = &l.error {
+        s.push_str(&format!("; {err}"));
+    }
+    s.push_str(&format!(" (witness {})", l.witness));
+    s
 }
 
 /// "Connected to beta (Secondary, UpToDate)", "Connecting to beta", "StandAlone: why".
@@ -119,6 +148,14 @@ pub fn failover(f: &Failover) -> String {
         let _ = writeln!(out, "  {label:<9}{value}");
     }
     out
+}
+
+/// The agent's line: "agent    wait: Secondary, peer connected (since ..., pid 7)", or that
+/// none runs. Empty when no agent ever ran on this node.
+pub fn agent(a: Option<&AgentState>) -> String {
+    let Some(a) = a else { return String::new() };
+    let run = if a.running { format!("pid {}", a.pid) } else { "NOT RUNNING".into() };
+    format!("  {:<9}{}: {} (since {}, {run})\n", "agent", a.decision, a.detail, a.since)
 }
 
 /// "fuse /dev/loop0, nbdfuse pid 42", "ERROR: fuse /dev/loop0, nbdfuse pid 42 is gone".
@@ -203,6 +240,8 @@ mod tests {
                 errors: 66,
                 ..Counters::default()
             },
+            frozen: None,
+            lease: None,
             latency: Default::default(),
         }
     }
@@ -305,5 +344,61 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+        assert!(!text.contains("frozen") && !text.contains("lease"), "{text}");
+    }
+
+    #[test]
+    fn agent_line_shows_decision_and_liveness() {
+        assert_eq!(agent(None), "");
+        let mut a = AgentState {
+            pid: 7,
+            decision: "wait".into(),
+            detail: "Secondary, peer connected".into(),
+            since: "2026-01-02T03:04:05.000Z".into(),
+            running: true,
+        };
+        assert_eq!(
+            agent(Some(&a)),
+            "  agent    wait: Secondary, peer connected (since 2026-01-02T03:04:05.000Z, pid 7)\n"
+        );
+        a.running = false;
+        assert!(agent(Some(&a)).contains("NOT RUNNING"));
+    }
+
+    #[test]
+    fn frozen_volume_shows_why_and_the_lease() {
+        let mut v = sample();
+        v.peer = Some("beta".into());
+        v.frozen = Some("no peer and no valid witness lease (x); 2 writes waiting".into());
+        v.lease = Some(LeaseStatus {
+            witness: "10.0.0.3:7790".into(),
+            holder: Some("beta".into()),
+            epoch: Some(4),
+            valid_for_ms: 0,
+            lost: Some(4),
+            error: Some("lease epoch 4 lost to another node".into()),
+        });
+        let s =
+            NodeStatus { node: "alpha".into(), version: "9.9".into(), volumes: vec![v.clone()] };
+        let text = status(&s);
+        for want in [
+            "frozen   no peer and no valid witness lease (x); 2 writes waiting",
+            "lease    not held here (holder beta); epoch 4 LOST to the peer; lease epoch 4 lost \
+             to another node (witness 10.0.0.3:7790)",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        v.frozen = None;
+        v.lease = Some(LeaseStatus {
+            holder: Some("alpha".into()),
+            valid_for_ms: 2700,
+            lost: None,
+            error: None,
+            ..v.lease.unwrap()
+        });
+        let s = NodeStatus { node: "alpha".into(), version: "9.9".into(), volumes: vec![v] };
+        let text = status(&s);
+        let want = "lease    epoch 4 held by alpha, valid 2.7 s more (witness 10.0.0.3:7790)";
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }

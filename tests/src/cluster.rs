@@ -118,6 +118,8 @@ pub struct Spec {
     pub volume_toml: String,
     /// Tables appended after the volume, verbatim (`[vip]`, `[[service]]`, ...).
     pub extra_toml: String,
+    /// Extra keys of the `[cluster]` table, verbatim (`witness = "..."`).
+    pub cluster_toml: String,
 }
 
 /// Per-node files and process.
@@ -181,6 +183,7 @@ impl Cluster {
             volume: VOL.to_string(),
             volume_toml: String::new(),
             extra_toml: String::new(),
+            cluster_toml: String::new(),
         };
         let mut c =
             Cluster { nodes, netns: Vec::new(), lan: None, spec, dir: Some(dir), _serial: serial };
@@ -211,9 +214,10 @@ impl Cluster {
     /// Writes `spec` as a config file at `path` (every node reads its own section).
     pub fn write_config(&self, path: &Path, spec: &Spec) {
         let mut toml = format!(
-            "[cluster]\nsecret-file = \"{}\"\npeer-timeout = \"{}ms\"\n\n",
+            "[cluster]\nsecret-file = \"{}\"\npeer-timeout = \"{}ms\"\n{}\n",
             spec.secret_file.display(),
-            spec.peer_timeout.as_millis()
+            spec.peer_timeout.as_millis(),
+            spec.cluster_toml
         );
         for d in &self.nodes {
             toml.push_str(&format!(

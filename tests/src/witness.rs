@@ -182,10 +182,15 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// A veth from `ns` (as `bd0`, addressed `addr`) to the witness's bridge (as `leg`).
 fn plug(witness: &Netns, ns: &Netns, leg: &str, addr: &str) {
+    plug_as(witness, ns, netns::VETH, leg, addr);
+}
+
+/// A veth from `ns` (as `iface`, addressed `addr`) to the witness's bridge (as `leg`).
+fn plug_as(witness: &Netns, ns: &Netns, iface: &str, leg: &str, addr: &str) {
     let add = [
         "link",
         "add",
-        netns::VETH,
+        iface,
         "netns",
         ns.name(),
         "type",
@@ -198,8 +203,108 @@ fn plug(witness: &Netns, ns: &Netns, leg: &str, addr: &str) {
     ];
     run_timeout(&mut cmd("ip", &add), IP_TIMEOUT);
     witness.ip(&["link", "set", leg, "master", "br0", "up"]);
-    ns.ip(&["addr", "add", addr, "dev", netns::VETH]);
-    ns.ip(&["link", "set", netns::VETH, "up"]);
+    ns.ip(&["addr", "add", addr, "dev", iface]);
+    ns.ip(&["link", "set", iface, "up"]);
+}
+
+/// A witness for the two nodes of a [`crate::cluster::Cluster`], on a network of its own:
+///
+/// ```text
+///            netns <stem>-w: bridge br0 10.78.0.1/24, `blockd witness` on 10.78.0.1:7790
+///          ┌──────────────┴──────────────┐
+///   alpha's netns wt0 10.78.0.2/24   beta's netns wt0 10.78.0.3/24
+/// ```
+///
+/// Separate from the replication link (and the LAN of `with_lan`), so a test can cut a node
+/// from its peer, from the witness, or from both ([`ClusterWitness::cut`]). The process is
+/// killed by pid on drop, the namespace deleted (taking the veths with it).
+pub struct ClusterWitness {
+    process: Option<Background>,
+    starts: u32,
+    ns: Netns,
+    state: PathBuf,
+    secret: PathBuf,
+    dir: PathBuf,
+}
+
+/// The interface of a node's leg to the witness.
+pub const WITNESS_IFACE: &str = "wt0";
+
+impl ClusterWitness {
+    /// Plugs both node namespaces into a new witness namespace; `secret` is the cluster's
+    /// secret file, `dir` where the state file and logs go. Starts nothing.
+    pub fn attach(nodes: [&Netns; 2], dir: &Path, secret: &Path) -> ClusterWitness {
+        let ns = Netns::create(&format!("{}-w", netns::unique_stem()));
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "br0"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        let w = ClusterWitness {
+            process: None,
+            starts: 0,
+            ns,
+            state: dir.join("witness.state"),
+            secret: secret.to_path_buf(),
+            dir: dir.to_path_buf(),
+        };
+        for (i, n) in nodes.iter().enumerate() {
+            plug_as(&w.ns, n, WITNESS_IFACE, &format!("w{i}"), &format!("10.78.0.{}/24", i + 2));
+        }
+        w
+    }
+
+    /// The `[cluster]` key that points the nodes at this witness.
+    pub fn cluster_toml() -> String {
+        format!("witness = \"{WITNESS_ADDR}\"\n")
+    }
+
+    /// Starts `blockd witness --term term` and waits until it listens.
+    pub fn start(&mut self, term: &str) {
+        assert!(self.process.is_none(), "one witness at a time");
+        self.starts += 1;
+        let log = self.dir.join(format!("witness-{}.log", self.starts));
+        let mut c = self.ns.command(bin("blockd").as_os_str());
+        c.args(["witness", "--listen", WITNESS_ADDR, "--term", term]);
+        c.arg("--state").arg(&self.state).arg("--secret").arg(&self.secret);
+        c.env("BLOCKD_LOG", "blockd=debug");
+        let bg = Background::spawn(&mut c, &log);
+        let pid = bg.pid();
+        let mut exited = false;
+        wait_for("the witness to listen", Duration::from_secs(20), || {
+            exited = is_zombie(pid);
+            exited
+                || std::fs::read_to_string(&log).unwrap_or_default().contains("witness listening")
+        });
+        assert!(!exited, "witness exited:\n{}", bg.log_text());
+        self.process = Some(bg);
+    }
+
+    /// SIGKILL, and reaps it.
+    pub fn kill(&mut self) {
+        let mut bg = self.process.take().expect("witness running");
+        signal(bg.pid(), libc::SIGKILL);
+        bg.wait(Duration::from_secs(10));
+    }
+
+    /// Drops everything `n`'s namespace receives from the witness network (nftables in `n`;
+    /// removed by `Cluster::heal`, which clears the node's table).
+    pub fn cut(node: &Netns) {
+        node.add_rule("input", &format!("iifname \"{WITNESS_IFACE}\" drop"));
+    }
+
+    /// Everything every start of the witness logged.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|i| std::fs::read_to_string(self.dir.join(format!("witness-{i}.log"))))
+            .filter_map(Result::ok)
+            .collect()
+    }
+}
+
+impl Drop for ClusterWitness {
+    fn drop(&mut self) {
+        // The process before its namespace (Background kills by pid on drop).
+        self.process.take();
+    }
 }
 
 /// Writes a secret file with mode 0600, as `load_secret` demands.

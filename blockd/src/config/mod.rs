@@ -10,6 +10,7 @@
 //! Every struct denies unknown keys: a typo must stop the daemon, not silently fall back to a
 //! default. Errors name the key and the value (`volume[0].size = "12XB": not a size ...`).
 
+mod agent;
 mod failover;
 mod metrics;
 mod resync;
@@ -30,6 +31,7 @@ use figment::{
 };
 use serde::Deserialize;
 
+pub use agent::{AgentConfig, Failback};
 pub use failover::{AttachMode, BindConfig, FailoverConfig};
 pub use metrics::MetricsConfig;
 pub use resync::{ChecksumMode, ResyncConfig};
@@ -96,6 +98,9 @@ pub struct Config {
     /// How this node uses the lease witness of `cluster.witness`.
     #[serde(default)]
     pub lease: LeaseConfig,
+    /// What `blockctl agent` does besides failing over (failback).
+    #[serde(default)]
+    pub agent: AgentConfig,
     /// The virtual IP that follows the primary (used by `blockctl promote`/`demote`).
     #[serde(default)]
     pub vip: Option<VipConfig>,

@@ -86,6 +86,7 @@ impl Config {
         self.check_binds(&mut p);
         self.check_metrics(&mut p);
         self.check_lease(&mut p);
+        self.check_agent(&mut p);
         p.0
     }
 

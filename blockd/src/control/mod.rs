@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{Client, ClientError};
 pub use server::Handler;
-pub use status::{ConnState, Counters, DiskState, NodeStatus, ResyncProgress, Role, VolumeStatus};
+pub use status::{
+    ConnState, Counters, DiskState, LeaseStatus, NodeStatus, ResyncProgress, Role, VolumeStatus,
+};
 
 /// Longest request line the server reads; a request is a few dozen bytes.
 pub const MAX_REQUEST_LINE: usize = 64 << 10;

@@ -49,6 +49,30 @@ pub struct ResyncProgress {
     pub rate: u64,
 }
 
+/// The witness lease as this node sees it (DESIGN §7); only with `cluster.witness`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    /// The witness's address.
+    pub witness: String,
+    /// Who holds the lease: this node while its lease is valid, else whom the witness named
+    /// when it last refused (None: unknown).
+    #[serde(default)]
+    pub holder: Option<String>,
+    /// The epoch this node last held (maybe expired).
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    /// How long this node's lease is still valid, by its own clock; 0 when it holds none.
+    #[serde(default)]
+    pub valid_for_ms: u64,
+    /// The epoch this node lost to another node while Primary: degraded writes stay frozen
+    /// until its role changes.
+    #[serde(default)]
+    pub lost: Option<u64>,
+    /// The last failure to obtain or renew the lease.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
 /// Per-volume counters, each incremented on the path named in its doc.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -134,6 +158,13 @@ pub struct VolumeStatus {
     #[serde(default)]
     pub generation: String,
     pub counters: Counters,
+    /// Why degraded writes wait instead of completing (a Primary without its peer and without
+    /// a valid witness lease); None when writes complete.
+    #[serde(default)]
+    pub frozen: Option<String>,
+    /// The witness lease, when `cluster.witness` is configured.
+    #[serde(default)]
+    pub lease: Option<LeaseStatus>,
     /// Latency histograms of successful requests, per kind; empty from an older daemon.
     #[serde(default)]
     pub latency: LatencySnapshot,

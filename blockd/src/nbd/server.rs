@@ -278,6 +278,8 @@ fn nbd_error(e: &VolumeError) -> u32 {
         // validate() checked the range first; should it still happen, it is the client's range.
         VolumeError::OutOfRange { .. } => errno::EINVAL,
         VolumeError::Io(_) | VolumeError::Metadata(_) | VolumeError::DirtyLog(_) => errno::EIO,
+        // Superseded by the witness lease (fence.rs): not acknowledged, and never will be.
+        VolumeError::Fenced { .. } => errno::EIO,
         // The node was demoted under this connection: like a read-only export (NBD-NOTES §2.7).
         VolumeError::NotPrimary => errno::EPERM,
     }

@@ -14,7 +14,9 @@
 //!   before the FLUSH arrived. FUA: the request, then that flush.
 //! - Degraded (peer gone, or never connected since this node moved on): the write completes
 //!   locally only, and only after this node's new generation is on disk (DESIGN §5), so a later
-//!   handshake is guaranteed to see that the peer needs a resync.
+//!   handshake is guaranteed to see that the peer needs a resync. With a witness configured,
+//!   also only while this node holds the lease, or once a resync gave the peer the range
+//!   (`crate::fence`); until then it waits, with the range lock released.
 //!
 //! Ordering: every write-type request holds an exclusive lock on its range, widened to the
 //! backing's block size, for the whole of its execution on BOTH nodes (the lock is released only
@@ -34,7 +36,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
     },
     time::Instant,
 };
@@ -46,7 +48,8 @@ pub use resync::{ResyncError, ResyncOptions};
 pub use state::Transition;
 
 use crate::{
-    control::{Counters, Role, VolumeStatus},
+    control::{ConnState, Counters, Role, VolumeStatus},
+    fence::{Cleared, Fence},
     meta::{AlConfig, Dirty, Meta, MetaError, MetaFile, Resolve},
     metrics::Latencies,
     replication::Message,
@@ -74,6 +77,10 @@ pub enum VolumeError {
     /// differ from the peer could not be recorded, so it is not acknowledged.
     #[error("cannot record the dirty bitmap / activity log")]
     DirtyLog(#[source] io::Error),
+    /// A degraded write was done here but can never be acknowledged: this node's witness lease
+    /// (`epoch`) went to another node, which may be Primary now.
+    #[error("lease epoch {epoch} was lost to another node: not acknowledging a degraded write")]
+    Fenced { epoch: u64 },
 }
 
 impl VolumeError {
@@ -86,7 +93,8 @@ impl VolumeError {
             VolumeError::OutOfRange { .. }
             | VolumeError::Metadata(_)
             | VolumeError::NotPrimary
-            | VolumeError::DirtyLog(_) => false,
+            | VolumeError::DirtyLog(_)
+            | VolumeError::Fenced { .. } => false,
         }
     }
 }
@@ -136,6 +144,8 @@ pub struct Volume {
     /// resync can yield to a busy application.
     last_app_write: AtomicU64,
     opened: std::time::Instant,
+    /// The witness lease degraded writes need, when `cluster.witness` is configured.
+    fence: OnceLock<Arc<Fence>>,
 }
 
 impl Volume {
@@ -175,11 +185,19 @@ impl Volume {
             track,
             last_app_write: AtomicU64::new(0),
             opened: std::time::Instant::now(),
+            fence: OnceLock::new(),
         })
     }
 
     pub fn name(&self) -> &str {
         &self.info.name
+    }
+
+    /// From now on, degraded writes are acknowledged only under `fence` (set once, at start).
+    pub fn set_fence(&self, fence: Arc<Fence>) {
+        if self.fence.set(fence).is_err() {
+            tracing::warn!(volume = %self.name(), "fence already set; keeping the first");
+        }
     }
 
     /// The volume's id on the replication link.
@@ -323,6 +341,8 @@ impl Volume {
                 if self.peer_done(&session, remote).await? {
                     // What the peer acknowledged before this flush is durable there now.
                     self.track.flushed(epoch);
+                } else {
+                    self.fenced(None).await?;
                 }
             }
         }
@@ -345,7 +365,7 @@ impl Volume {
     where
         F: std::future::Future<Output = io::Result<()>>,
     {
-        let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
+        let lock = self.locks.lock(self.store.lock_span(offset, len)).await;
         let session = self.route()?;
         self.note_app_write();
         let range = offset..offset + len;
@@ -355,19 +375,25 @@ impl Volume {
             true => self.track.admit(range.clone()).await.map_err(|e| self.dirty_log_failed(e))?,
             false => false,
         };
-        let _admitted =
+        let admitted =
             Admitted { track: &self.track, range: range.clone(), pinned: tracked && !wide };
         let (local, msg) = prepare(session.is_some());
         let Some((session, msg)) = session.zip(msg) else {
             self.io(local.await)?;
             if tracked {
-                self.mark(range).await?;
+                self.mark(range.clone()).await?;
             }
-            return self.degraded_write().await;
+            self.degraded_write().await?;
+            // Done and marked here: the range is free for others (a resync) while it waits.
+            drop((admitted, lock));
+            return self.fenced(Some(range)).await;
         };
         let (local, remote) = tokio::join!(local, self.call_peer(&session, msg));
         self.io(local)?;
         if self.peer_done(&session, remote).await? {
+            if let Some(f) = self.fence.get() {
+                f.mirroring();
+            }
             self.counters.peer_writes.fetch_add(1, Ordering::Relaxed);
             self.counters.peer_bytes.fetch_add(bytes, Ordering::Relaxed);
             self.track.acked(range.clone());
@@ -376,9 +402,42 @@ impl Volume {
                 self.track.clear(range);
             }
         } else {
-            self.mark(range).await?;
+            self.mark(range.clone()).await?;
+            drop((admitted, lock));
+            self.fenced(Some(range)).await?;
         }
         Ok(())
+    }
+
+    /// A degraded request is done here (and a write's `range` marked out of sync): returns when
+    /// it may be acknowledged under the witness fence (table in `crate::fence`); without a
+    /// witness, at once.
+    async fn fenced(&self, range: Option<std::ops::Range<u64>>) -> Result<(), VolumeError> {
+        let Some(fence) = self.fence.get().filter(|_| self.info.peer.is_some()) else {
+            return Ok(());
+        };
+        let now = tokio::time::Instant::now();
+        let since = Some(fence.went_degraded(now));
+        if fence.valid_since(since, now).is_some() {
+            return Ok(());
+        }
+        tracing::debug!(volume = %self.name(), "degraded request waits for the witness lease");
+        let cleared = fence
+            .wait(since, || {
+                if self.live().machine.role != Role::Primary {
+                    return Some(Err(VolumeError::NotPrimary));
+                }
+                let copied = range
+                    .as_ref()
+                    .is_some_and(|r| !self.track.with(|d| d.bitmap().test(r.clone())));
+                copied.then_some(Ok(()))
+            })
+            .await;
+        match cleared {
+            Cleared::Lease(_) => Ok(()),
+            Cleared::Other(r) => r,
+            Cleared::Lost(epoch) => Err(VolumeError::Fenced { epoch }),
+        }
     }
 
     /// `range` may differ from the peer: recorded so that it survives a crash.
@@ -447,8 +506,22 @@ impl Volume {
             resync: live.resync.as_ref().map(state::Progress::report),
             generation: format!("{gens:016x}"),
             counters: self.counters.snapshot(),
+            frozen: self.frozen(&live),
+            lease: self.fence.get().map(|f| f.status(&self.info.node, tokio::time::Instant::now())),
             latency: self.counters.latency.snapshot(),
         }
+    }
+
+    /// Why degraded writes would wait now: a Primary that is not mirroring, without a valid
+    /// lease (only with a witness).
+    fn frozen(&self, live: &state::Live) -> Option<String> {
+        let fence = self.fence.get().filter(|_| self.info.peer.is_some())?;
+        let mirroring = matches!(live.machine.conn, ConnState::Connected | ConnState::SyncSource)
+            && live.session.as_ref().is_some_and(|s| s.is_open());
+        if live.machine.role != Role::Primary || (mirroring && fence.waiting() == 0) {
+            return None;
+        }
+        fence.frozen_reason(tokio::time::Instant::now())
     }
 
     /// The role machine's state now.
@@ -555,6 +628,10 @@ impl AtomicCounters {
 }
 
 #[cfg(test)]
+#[path = "fence_tests.rs"]
+mod fence_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
@@ -566,7 +643,7 @@ mod tests {
     const SIZE: u64 = 1 << 20;
 
     /// A volume on a fresh sparse file; with `peer`, the two-node start state (Secondary).
-    fn volume(dir: &tempfile::TempDir, peer: Option<&str>) -> Volume {
+    pub(super) fn volume(dir: &tempfile::TempDir, peer: Option<&str>) -> Volume {
         let path = dir.path().join("v.img");
         let opts = StoreOptions {
             path: path.clone(),
@@ -593,7 +670,7 @@ mod tests {
         MetaFile::open_or_create(&dir.path().join("v.meta"), SIZE, "alpha", false).unwrap().1
     }
 
-    fn data(v: &Volume, byte: u8, len: usize) -> AlignedBuf {
+    pub(super) fn data(v: &Volume, byte: u8, len: usize) -> AlignedBuf {
         let mut b = v.alloc(len);
         b.as_mut_slice().fill(byte);
         b

@@ -221,7 +221,11 @@ impl Volume {
             let mut p = self.persisted.lock().await;
             self.persist_with(&mut p, |m| m.gens.sync_done_source())?;
             self.moved_on.store(false, std::sync::atomic::Ordering::Release);
-            self.live().resync = None;
+            let mut live = self.live();
+            live.resync = None;
+            // The target adopted this node's generations and is consistent again: status (and
+            // `blockctl swap`, which checks it) must not keep the handshake's `Inconsistent`.
+            live.peer_disk = Some(DiskState::UpToDate);
         }
         self.transition(Event::ResyncDone, None).await
     }

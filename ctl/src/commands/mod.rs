@@ -16,6 +16,7 @@
 //! demote that cannot stop a service or unmount leaves the node Primary: the peer cannot be
 //! promoted while the filesystem may still be mounted here.
 
+pub mod agent;
 pub mod events;
 #[cfg(test)]
 mod fake;

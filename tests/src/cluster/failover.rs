@@ -17,6 +17,8 @@ use crate::cmd::{run_timeout, signal, try_run, Output};
 pub const PLAN_TIMEOUT: Duration = Duration::from_secs(300);
 /// Connect plus resync of a small volume.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound of one `losetup -d`.
+const LOOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Cluster {
     /// The bridge/client/mount-namespace part; panics for a plain [`Cluster::new`].
@@ -47,6 +49,24 @@ impl Cluster {
         if self.nodes[n.index()].child.is_some() {
             self.kill(n);
         }
+    }
+
+    /// After [`Cluster::kill_node`], what a reboot of `n` would clear: the mounts and loop
+    /// devices left behind, /run/mysqld, the VIP on its interface; then its link comes up. The
+    /// daemon is not started.
+    pub fn reboot_node(&self, n: NodeId) {
+        let lan = self.lan();
+        lan.mount_ns(n).kill_all();
+        lan.mount_ns(n).unmount_added();
+        for dev in self.loops(n) {
+            let _ = try_run(std::process::Command::new("losetup").args(["-d", &dev]), LOOP_TIMEOUT);
+        }
+        let script = format!(
+            "rm -rf /run/mysqld/* ; ip addr del {} dev {IFACE} 2>/dev/null; true",
+            super::lan::VIP_CIDR
+        );
+        self.run_on(n, &script);
+        self.netns(n).ip(&["link", "set", IFACE, "up"]);
     }
 
     /// `blockctl <args>` on `n`, with any exit status; its output is echoed to stderr so the

@@ -69,10 +69,18 @@ pub fn configure(spec: &mut Spec) {
 /// A started, in-sync cluster (both Secondary) whose volume holds a MariaDB datadir with
 /// database `app`, table `t (id BIGINT PRIMARY KEY)` and user `app`@'%' (password `app`).
 pub fn cluster(test: &str) -> Cluster {
+    cluster_with(test, |_| {})
+}
+
+/// [`cluster`], with `more` adjusting the config after [`configure`].
+pub fn cluster_with(test: &str, more: impl FnOnce(&mut Spec)) -> Cluster {
     for tool in ["mariadbd", "mariadb", "mariadb-install-db", "nbdfuse", "mkfs.ext4"] {
         crate::require(tool);
     }
-    let mut c = Cluster::with_lan(test, SIZE, configure);
+    let mut c = Cluster::with_lan(test, SIZE, |s| {
+        configure(s);
+        more(s);
+    });
     c.start(Alpha);
     c.start(super::Beta);
     let body = format!(

@@ -1,0 +1,535 @@
+//! Automatic failover without split brain (issue 6): the witness fence in blockd and
+//! `blockctl agent`, on the two-node harness plus a witness in its own namespace
+//! ([`ClusterWitness`]: the witness network is separate from the replication link and the
+//! LAN, so each can be cut on its own).
+//!
+//! Oracles: the acknowledged-writes log of `acked_writer.py` (raw NBD) and of `db_client.py`
+//! (MariaDB commits through the VIP): every acknowledged write must be on the node that is
+//! Primary at the end; and once resynced, both backing files are identical.
+//!
+//! Timing figures are printed with eprintln (`cargo test -- --nocapture` shows them).
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use blockd_tests::{
+    cluster::{
+        clients::{acked_rounds, acked_writer, check_acked},
+        lan::IFACE,
+        mariadb::{self, ClientLog, DbClient},
+        Alpha, Beta, Cluster, NodeId,
+    },
+    cmd::{bin, Background},
+    nbd::RawClient,
+    witness::{ClusterWitness, WITNESS_IFACE},
+};
+use serde_json::Value;
+
+const SYNC: Duration = Duration::from_secs(60);
+/// The lease term of these tests (the witness's `--term` and `lease.term`).
+const TERM: &str = "2s";
+const TERM_D: Duration = Duration::from_secs(2);
+
+/// `[lease]` matching [`TERM`]: renewals every 667 ms, a request bounded by 500 ms.
+fn lease_toml() -> String {
+    format!("[lease]\nterm = \"{TERM}\"\ntimeout = \"500ms\"\n\n")
+}
+
+fn lines(path: &PathBuf) -> usize {
+    std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
+}
+
+fn frozen(v: &Value) -> bool {
+    v["frozen"].is_string()
+}
+
+fn lease_held(v: &Value) -> bool {
+    v["lease"]["valid_for_ms"].as_u64().unwrap_or(0) > 0
+}
+
+/// Waits until the acked log grows by `n` lines past `from`; panics after `timeout`.
+fn wait_acks(log: &PathBuf, from: usize, n: usize, timeout: Duration, what: &str) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = lines(log);
+        if now >= from + n {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {now} acks, wanted {} within {timeout:?}",
+            from + n
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// DESIGN §7 in blockd alone (no agent): a Primary that loses its peer completes degraded
+/// writes only while it holds the lease. Witness down while mirroring: nothing changes.
+/// Peer and witness both gone: writes wait (none acknowledged, for seconds), reads go on,
+/// status says frozen and why. The witness back (the peer still cut): writes complete.
+/// The peer back: resync, identical backing files, every acknowledged write there.
+#[test]
+fn isolated_primary_freezes_writes_until_the_lease_returns() {
+    let mut c = Cluster::new("agent-fence", "16MiB");
+    let mut spec = c.spec();
+    spec.cluster_toml = ClusterWitness::cluster_toml();
+    spec.extra_toml = lease_toml();
+    let config = c.dir().join("witness.toml");
+    c.write_config(&config, &spec);
+    let mut w = ClusterWitness::attach([c.netns(Alpha), c.netns(Beta)], c.dir(), &spec.secret_file);
+    w.start(TERM);
+    for n in [Alpha, Beta] {
+        c.use_config(n, &config);
+        c.start(n);
+    }
+    c.wait_in_sync(SYNC);
+    c.role(Alpha, "primary", false).unwrap();
+    let v = c.wait_for(Alpha, "the lease", SYNC, lease_held);
+    assert_eq!(v["lease"]["holder"], "alpha", "{v:#}");
+    assert!(c.vol(Beta)["lease"]["valid_for_ms"] == 0, "a Secondary holds no lease");
+
+    let (mut writer, log) = acked_writer(c.dir(), &c.nbd_uri(Alpha), 64, 4);
+    wait_acks(&log, 0, 200, SYNC, "before anything");
+
+    // Witness down while both nodes are up: mirrored writes need no lease.
+    w.kill();
+    std::thread::sleep(TERM_D * 2);
+    let v = c.vol(Alpha);
+    assert!(!frozen(&v) && !lease_held(&v), "mirroring, lease expired, not frozen: {v:#}");
+    wait_acks(&log, lines(&log), 200, Duration::from_secs(10), "witness down, peer up");
+    w.start(TERM);
+    c.wait_for(Alpha, "the lease again", SYNC, lease_held);
+
+    // Peer and witness gone.
+    let cut_at = Instant::now();
+    w.kill();
+    c.cut();
+    let v = c.wait_for(Alpha, "frozen", SYNC, frozen);
+    eprintln!("cut → frozen in status: {:.2} s; {}", cut_at.elapsed().as_secs_f64(), v["frozen"]);
+    assert!(v["frozen"].as_str().unwrap().contains("no valid witness lease"), "{v:#}");
+    std::thread::sleep(Duration::from_millis(500)); // a reply already on its way is logged
+    let at_freeze = lines(&log);
+    std::thread::sleep(TERM_D * 2);
+    assert_eq!(lines(&log), at_freeze, "a write was acknowledged while frozen");
+    let v = c.vol(Alpha);
+    assert_eq!(v["role"], "Primary");
+    assert!(v["frozen"].as_str().unwrap().contains("writes waiting"), "{v:#}");
+    // Reads are served meanwhile (a second client; the writer's requests wait).
+    let (mut reader, _) = RawClient::transmission(&c.socket(Alpha), &spec.volume);
+    reader.read(0, 4096).unwrap_or_else(|e| panic!("READ while frozen failed: NBD error {e}"));
+
+    // The witness returns (the peer stays cut): the lease is renewed, the waiting writes and
+    // new ones complete degraded.
+    w.start(TERM);
+    let resumed = Instant::now();
+    let v = c.wait_for(Alpha, "not frozen", SYNC, |v| !frozen(v));
+    wait_acks(&log, at_freeze, 100, Duration::from_secs(20), "witness back");
+    eprintln!(
+        "witness back → writes acknowledged again in {:.2} s",
+        resumed.elapsed().as_secs_f64()
+    );
+    assert!(lease_held(&v), "{v:#}");
+    assert!(v["counters"]["degraded_writes"].as_u64().unwrap() > 0);
+
+    // The peer returns: resync; stop writing; everything acknowledged is on both.
+    c.heal();
+    c.wait_for(Beta, "connected", SYNC, |v| v["conn"] == "Connected" || v["conn"] == "SyncTarget");
+    drop(reader);
+    stop_writer(&mut writer);
+    c.wait_in_sync(SYNC);
+    let rounds = acked_rounds(&log);
+    let checked = check_acked(&c.socket(Alpha), &spec.volume, &rounds);
+    c.assert_identical();
+    eprintln!(
+        "{} acknowledged writes, {checked} blocks checked, backing files identical",
+        lines(&log)
+    );
+    let logs = c.log_text(Alpha);
+    assert!(logs.contains("holding the witness lease"), "{logs}");
+}
+
+/// Stops `acked_writer.py` (SIGKILL: it logs only completed writes, so its log stays exact).
+fn stop_writer(w: &mut Background) {
+    blockd_tests::cmd::signal(w.pid(), libc::SIGKILL);
+    w.wait(Duration::from_secs(10));
+}
+
+/// `blockctl agent` on node `n` (in its mount namespace: its promote mounts there).
+fn spawn_agent(c: &Cluster, n: NodeId) -> Background {
+    let mut cmd = c.lan().mount_ns(n).command(bin("blockctl"));
+    cmd.arg("--config").arg(c.config(n)).args(["--node", n.name(), "agent", "--interval", "100ms"]);
+    cmd.env("NO_COLOR", "1");
+    Background::spawn(&mut cmd, &c.dir().join(format!("agent-{}.log", n.name())))
+}
+
+/// The MariaDB cluster with a witness and agents on both nodes, alpha promoted by hand.
+fn mariadb_with_agents(test: &str) -> (Cluster, ClusterWitness, [Background; 2]) {
+    mariadb_with_agents_and(test, "")
+}
+
+/// [`mariadb_with_agents`] with `extra` tables in the config (e.g. `[agent]`).
+fn mariadb_with_agents_and(test: &str, extra: &str) -> (Cluster, ClusterWitness, [Background; 2]) {
+    let c = mariadb::cluster_with(test, |s| {
+        s.cluster_toml = ClusterWitness::cluster_toml();
+        s.extra_toml.push_str(&lease_toml());
+        s.extra_toml.push_str(extra);
+    });
+    let mut w =
+        ClusterWitness::attach([c.netns(Alpha), c.netns(Beta)], c.dir(), &c.spec().secret_file);
+    w.start(TERM);
+    c.wait_in_sync(SYNC);
+    let agents = [spawn_agent(&c, Alpha), spawn_agent(&c, Beta)];
+    c.promote(Alpha, &[]);
+    mariadb::wait_select_1(&c, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    c.wait_for(Alpha, "the lease", SYNC, lease_held);
+    (c, w, agents)
+}
+
+/// Every acknowledged id is in the table (through the VIP, on whoever is Primary).
+fn assert_no_lost_commit(c: &Cluster, log: &ClientLog) {
+    let ids = mariadb::ids(c);
+    let lost: Vec<u64> = log.acked.iter().filter(|id| !ids.contains(id)).copied().collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged ids missing: {:?}",
+        lost.len(),
+        log.acked.len(),
+        &lost[..lost.len().min(10)]
+    );
+}
+
+/// Witness down while both nodes run: nothing changes, nor when it returns. Then the
+/// primary node dies (all processes, link down): beta's agent waits for alpha's lease to run
+/// out, wins it, promotes; MariaDB answers through the VIP; no acknowledged commit is lost.
+#[test]
+fn agent_promotes_beta_when_alpha_dies_and_ignores_a_witness_outage() {
+    let (mut c, mut w, agents) = mariadb_with_agents("agent-kill");
+    let client = DbClient::start(&c);
+    client.wait_acked(0, 30, SYNC).unwrap_or_else(|e| panic!("{e}"));
+
+    w.kill();
+    std::thread::sleep(TERM_D * 3);
+    let done = client.read().acked.len();
+    client
+        .wait_acked(done, 20, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("witness down: {e}"));
+    assert_eq!(
+        (c.vol(Alpha)["role"].clone(), c.vol(Beta)["role"].clone()),
+        ("Primary".into(), "Secondary".into())
+    );
+    w.start(TERM);
+    std::thread::sleep(TERM_D * 2);
+    assert_eq!(
+        (c.vol(Alpha)["role"].clone(), c.vol(Beta)["role"].clone()),
+        ("Primary".into(), "Secondary".into())
+    );
+    c.wait_for(Alpha, "the lease again", SYNC, lease_held);
+
+    let t0 = Instant::now();
+    c.kill_node(Alpha);
+    let answered = mariadb::wait_select_1(&c, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e}\nagent beta:\n{}{}", agents[1].log_text(), c.diag(Beta)));
+    let took = answered - t0;
+    eprintln!("kill alpha → SELECT 1 through the VIP (agent on beta): {:.2} s", took.as_secs_f64());
+    let v = c.vol(Beta);
+    assert_eq!(v["role"], "Primary", "{v:#}");
+    assert_eq!(v["lease"]["holder"], "beta", "{v:#}");
+    let agent_log = agents[1].log_text();
+    assert!(agent_log.contains("agent: PROMOTE"), "{agent_log}");
+    let done = client.read().acked.len();
+    client.wait_acked(done, 20, SYNC).unwrap_or_else(|e| panic!("{e}"));
+    let log = client.stop();
+    assert_no_lost_commit(&c, &log);
+    eprintln!("{} commits acknowledged, none lost; agent on beta:\n{agent_log}", log.acked.len());
+}
+
+/// The primary node is isolated from its peer, the LAN and the witness (its interfaces stay
+/// up inside, nothing gets through): its writes freeze (status says so), beta's agent wins the
+/// lease once alpha's ran out and promotes. Healed: alpha learns its epoch was lost, fails the
+/// frozen writes (never acknowledged), its agent demotes it and gives up its local changes;
+/// it rejoins as Secondary and resyncs. No acknowledged commit is lost; once beta is demoted
+/// too, both backing files are identical.
+#[test]
+fn isolated_primary_freezes_beta_takes_over_alpha_rejoins_as_secondary() {
+    let (c, _w, agents) = mariadb_with_agents("agent-isolate");
+    let client = DbClient::start(&c);
+    client.wait_acked(0, 30, SYNC).unwrap_or_else(|e| panic!("{e}"));
+
+    let t0 = Instant::now();
+    c.netns(Alpha).ip(&["link", "set", IFACE, "down"]);
+    ClusterWitness::cut(c.netns(Alpha));
+    let v = c.wait_for(Alpha, "frozen", SYNC, frozen);
+    eprintln!("isolation → alpha frozen: {:.2} s ({})", t0.elapsed().as_secs_f64(), v["frozen"]);
+    let answered = mariadb::wait_select_1(&c, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e}\nagent beta:\n{}{}", agents[1].log_text(), c.diag(Beta)));
+    eprintln!(
+        "isolation → SELECT 1 on beta through the VIP: {:.2} s",
+        (answered - t0).as_secs_f64()
+    );
+    let v = c.vol(Beta);
+    assert_eq!(
+        (v["role"].as_str(), v["lease"]["holder"].as_str()),
+        (Some("Primary"), Some("beta"))
+    );
+    assert!(frozen(&c.vol(Alpha)), "alpha must still be frozen: {:#}", c.vol(Alpha));
+    let done = client.read().acked.len();
+    client.wait_acked(done, 20, SYNC).unwrap_or_else(|e| panic!("{e}"));
+
+    // Heal: alpha sees the lease went to beta, its agent demotes it, it resyncs from beta.
+    let healed = Instant::now();
+    c.heal();
+    c.netns(Alpha).ip(&["link", "set", IFACE, "up"]);
+    c.wait_for(Alpha, "Secondary, resynced from beta", Duration::from_secs(180), |v| {
+        v["role"] == "Secondary" && v["conn"] == "Connected" && v["disk"] == "UpToDate"
+    });
+    eprintln!("heal → alpha Secondary and in sync: {:.2} s", healed.elapsed().as_secs_f64());
+    let alog = agents[0].log_text();
+    assert!(alog.contains("agent: DEMOTE") && alog.contains("lost to beta"), "{alog}");
+    let done = client.read().acked.len();
+    client.wait_acked(done, 10, SYNC).unwrap_or_else(|e| panic!("{e}"));
+    let log = client.stop();
+    assert_no_lost_commit(&c, &log);
+    eprintln!("{} commits acknowledged, none lost; agent on alpha:\n{alog}", log.acked.len());
+    c.blockctl_run(Beta, &["demote"]).assert_success();
+    c.wait_in_sync(SYNC);
+    c.assert_identical();
+}
+
+/// `runs` automatic failovers, alternating: the Primary node dies (kill_node), the agent on
+/// the other promotes it; the dead node "reboots", rejoins as Secondary, resyncs; next. One
+/// client inserts throughout. Returns each kill → `SELECT 1` through the VIP.
+fn failover_series(test: &str, runs: usize) -> Vec<Duration> {
+    let (mut c, _w, agents) = mariadb_with_agents(test);
+    let mut agents = agents.map(Some);
+    let client = DbClient::start(&c);
+    let mut times = Vec::new();
+    for run in 0..runs {
+        let from = if run % 2 == 0 { Alpha } else { Beta };
+        let to = from.other();
+        let done = client.read().acked.len();
+        client.wait_acked(done, 10, SYNC).unwrap_or_else(|e| panic!("run {run}: {e}"));
+        let t0 = Instant::now();
+        c.kill_node(from);
+        agents[from as usize] = None; // killed with the node
+        let answered = mariadb::wait_select_1(&c, Duration::from_secs(90)).unwrap_or_else(|e| {
+            let log = agents[to as usize].as_ref().map(|a| a.log_text()).unwrap_or_default();
+            panic!("run {run}: {e}\nagent {}:\n{log}{}", to.name(), c.diag(to))
+        });
+        times.push(answered - t0);
+        eprintln!("run {run}: {} → {}: {:.2} s", from.name(), to.name(), times[run].as_secs_f64());
+        assert_eq!(c.vol(to)["role"], "Primary");
+        c.reboot_node(from);
+        c.start(from);
+        agents[from as usize] = Some(spawn_agent(&c, from));
+        let rejoined = Instant::now();
+        let v = c.wait_for(from, "back as Secondary, in sync", Duration::from_secs(120), |v| {
+            v["role"] == "Secondary"
+                && (v["conn"] == "Connected" && v["disk"] == "UpToDate"
+                    || v["conn"] == "StandAlone")
+        });
+        if v["conn"] == "StandAlone" {
+            panic!("run {run}: {} refused to rejoin: {v:#}\n{}", from.name(), c.log_text(from));
+        }
+        eprintln!(
+            "run {run}: {} back in sync in {:.2} s",
+            from.name(),
+            rejoined.elapsed().as_secs_f64()
+        );
+        assert_eq!(c.vol(to)["role"], "Primary", "exactly one Primary");
+    }
+    let log = client.stop();
+    assert_no_lost_commit(&c, &log);
+    eprintln!("{runs} failovers: {} commits acknowledged, none lost", log.acked.len());
+    times
+}
+
+fn report(what: &str, mut times: Vec<Duration>) {
+    times.sort();
+    let secs: Vec<String> = times.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect();
+    eprintln!(
+        "{what}: kill → SELECT 1 through the VIP over {} runs: {secs:?} s; median {:.2} s, max {:.2} s",
+        times.len(),
+        times[times.len() / 2].as_secs_f64(),
+        times[times.len() - 1].as_secs_f64()
+    );
+}
+
+/// Failover time with the agent (kill → `SELECT 1` through the VIP), 5 runs alternating
+/// between the nodes on one cluster, median and max.
+#[test]
+fn agent_failover_time_five_runs() {
+    report("agent failover", failover_series("agent-time", 5));
+}
+
+/// 20 automatic failovers in a row, alternating kills of alpha and beta with a resync in
+/// between: no acknowledged commit lost, exactly one Primary after each.
+#[test]
+fn twenty_failovers_in_a_row_lose_nothing() {
+    report("20 failovers", failover_series("agent-twenty", 20));
+}
+
+fn is_connected(v: &Value) -> bool {
+    ["Connected", "SyncSource", "SyncTarget"].iter().any(|s| v["conn"] == *s)
+}
+
+/// The replication link is cut, both nodes still reach the witness (and the client reaches
+/// alpha): alpha keeps the lease and keeps committing; beta's agent sees alpha renew after
+/// the link went down and does not promote. Exactly one Primary; healed, nothing is lost.
+#[test]
+fn replication_cut_with_witness_reachable_keeps_one_primary() {
+    let (c, _w, agents) = mariadb_with_agents("agent-cut");
+    let client = DbClient::start(&c);
+    client.wait_acked(0, 30, SYNC).unwrap_or_else(|e| panic!("{e}"));
+    c.add_rule(Alpha, "input", &format!("ip saddr {} drop", Beta.ip()));
+    c.add_rule(Beta, "input", &format!("ip saddr {} drop", Alpha.ip()));
+    c.wait_for(Beta, "peer gone", SYNC, |v| !is_connected(v));
+    let done = client.read().acked.len();
+    client.wait_acked(done, 30, SYNC).unwrap_or_else(|e| panic!("cut: {e}"));
+    std::thread::sleep(TERM_D * 4);
+    let (a, b) = (c.vol(Alpha), c.vol(Beta));
+    assert_eq!((a["role"].as_str(), b["role"].as_str()), (Some("Primary"), Some("Secondary")));
+    assert!(!frozen(&a) && lease_held(&a), "alpha writes degraded under its lease: {a:#}");
+    assert!(a["counters"]["degraded_writes"].as_u64().unwrap() > 0);
+    let blog = agents[1].log_text();
+    assert!(blog.contains("renewed its lease") && blog.contains("promote by hand"), "{blog}");
+    assert!(!blog.contains("PROMOTE"), "{blog}");
+    c.heal();
+    c.wait_in_sync(SYNC);
+    let log = client.stop();
+    assert_no_lost_commit(&c, &log);
+    eprintln!("{} commits acknowledged, none lost; agent on beta:\n{blog}", log.acked.len());
+}
+
+/// The witness restarts right after the primary node died: it grants nobody new for one
+/// term, so beta's lease (and promotion) comes no earlier than a term after the restart;
+/// then beta takes over and nothing is lost.
+#[test]
+fn witness_restart_mid_failover_grants_no_second_lease_within_a_term() {
+    let (mut c, mut w, agents) = mariadb_with_agents("agent-wrestart");
+    let client = DbClient::start(&c);
+    client.wait_acked(0, 30, SYNC).unwrap_or_else(|e| panic!("{e}"));
+    c.kill_node(Alpha);
+    w.kill();
+    w.start(TERM);
+    let restarted = Instant::now();
+    c.wait_for(Beta, "Primary", Duration::from_secs(90), |v| v["role"] == "Primary");
+    let after = restarted.elapsed();
+    eprintln!("witness restart → beta Primary: {:.2} s (term {TERM})", after.as_secs_f64());
+    assert!(after >= TERM_D, "beta promoted {after:?} after the restart, within a term");
+    let v = c.wait_for(Beta, "its lease", SYNC, lease_held);
+    assert_eq!(v["lease"]["holder"], "beta", "{v:#}");
+    mariadb::wait_select_1(&c, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    let done = client.read().acked.len();
+    client.wait_acked(done, 10, SYNC).unwrap_or_else(|e| panic!("{e}"));
+    let log = client.stop();
+    assert_no_lost_commit(&c, &log);
+    let wlog = w.logs();
+    eprintln!("agent on beta:\n{}", agents[1].log_text());
+    assert!(wlog.contains("beta"), "{wlog}");
+}
+
+/// The primary node freezes (every process SIGSTOPped, its links silent) for longer than
+/// the lease, then thaws: beta took over meanwhile; thawed alpha finds its epoch lost, fails
+/// what was waiting (nothing acknowledged after beta's promotion: every commit the client
+/// saw acknowledged is on beta), its agent demotes it, and it rejoins as Secondary.
+#[test]
+fn frozen_primary_thaws_into_a_secondary() {
+    let (c, _w, agents) = mariadb_with_agents("agent-freeze");
+    let client = DbClient::start(&c);
+    client.wait_acked(0, 30, SYNC).unwrap_or_else(|e| panic!("{e}"));
+    let pids = c.lan().mount_ns(Alpha).pids();
+    for &p in &pids {
+        blockd_tests::cmd::signal(p, libc::SIGSTOP);
+    }
+    c.netns(Alpha).ip(&["link", "set", IFACE, "down"]);
+    c.netns(Alpha).ip(&["link", "set", WITNESS_IFACE, "down"]);
+    let t0 = Instant::now();
+    mariadb::wait_select_1(&c, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e}\nagent beta:\n{}{}", agents[1].log_text(), c.diag(Beta)));
+    eprintln!("freeze → SELECT 1 on beta: {:.2} s", t0.elapsed().as_secs_f64());
+    std::thread::sleep(TERM_D);
+    let acked_before_thaw = client.read().acked.len();
+    c.netns(Alpha).ip(&["link", "set", IFACE, "up"]);
+    c.netns(Alpha).ip(&["link", "set", WITNESS_IFACE, "up"]);
+    for &p in &pids {
+        blockd_tests::cmd::signal(p, libc::SIGCONT);
+    }
+    let thawed = Instant::now();
+    c.wait_for(Alpha, "Secondary, resynced from beta", Duration::from_secs(180), |v| {
+        v["role"] == "Secondary" && v["conn"] == "Connected" && v["disk"] == "UpToDate"
+    });
+    eprintln!("thaw → alpha Secondary and in sync: {:.2} s", thawed.elapsed().as_secs_f64());
+    assert_eq!(c.vol(Beta)["role"], "Primary");
+    let alog = agents[0].log_text();
+    assert!(alog.contains("agent: DEMOTE"), "{alog}");
+    client.wait_acked(acked_before_thaw, 10, SYNC).unwrap_or_else(|e| panic!("{e}"));
+    let log = client.stop();
+    assert_no_lost_commit(&c, &log);
+    let a = c.log_text(Alpha);
+    assert!(a.contains("lease was lost") || a.contains("no lease"), "{a}");
+    eprintln!("{} commits acknowledged, none lost; agent on alpha:\n{alog}", log.acked.len());
+}
+
+/// `failback = "auto"`, alpha preferred: alpha dies, beta takes over; alpha returns, resyncs,
+/// and once it stayed in sync for `failback-delay` beta's agent swaps the service back to it.
+/// Nothing acknowledged is lost.
+#[test]
+fn failback_auto_returns_the_service_to_the_preferred_node() {
+    let extra = "[agent]\nfailback = \"auto\"\npreferred = \"alpha\"\nfailback-delay = \"3s\"\n\n";
+    let (mut c, _w, agents) = mariadb_with_agents_and("agent-failback", extra);
+    let mut agents = agents.map(Some);
+    let client = DbClient::start(&c);
+    client.wait_acked(0, 30, SYNC).unwrap_or_else(|e| panic!("{e}"));
+    c.kill_node(Alpha);
+    agents[0] = None;
+    mariadb::wait_select_1(&c, Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.vol(Beta)["role"], "Primary");
+    let done = client.read().acked.len();
+    client.wait_acked(done, 20, SYNC).unwrap_or_else(|e| panic!("{e}"));
+
+    c.reboot_node(Alpha);
+    c.start(Alpha);
+    agents[0] = Some(spawn_agent(&c, Alpha));
+    let back = Instant::now();
+    c.wait_for(Alpha, "in sync again", Duration::from_secs(120), |v| {
+        v["conn"] == "Connected" && v["disk"] == "UpToDate" && v["out_of_sync"] == 0
+    });
+    let synced = back.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.vol(Alpha)["role"] != "Primary" {
+        let log = |i: usize| agents[i].as_ref().map(|a| a.log_text()).unwrap_or_default();
+        assert!(
+            Instant::now() < deadline,
+            "no failback within 60 s; alpha {:#}\nbeta {:#}\nagent alpha:\n{}\nagent beta:\n{}",
+            c.vol(Alpha),
+            c.vol(Beta),
+            log(0),
+            log(1)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    mariadb::wait_select_1(&c, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "alpha back: in sync after {:.2} s, serving again after {:.2} s (failback-delay 3 s)",
+        synced.as_secs_f64(),
+        back.elapsed().as_secs_f64()
+    );
+    assert!(back.elapsed() >= synced + Duration::from_secs(3), "swapped before the delay");
+    assert_eq!(c.vol(Beta)["role"], "Secondary");
+    // The swap returns once alpha's promote (which already serves) reported back.
+    let blog = || agents[1].as_ref().map(|a| a.log_text()).unwrap_or_default();
+    let deadline = Instant::now() + SYNC;
+    while !blog().contains("failed-back in") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let blog = blog();
+    assert!(blog.contains("agent: FAILBACK") && blog.contains("failed-back in"), "{blog}");
+    let done = client.read().acked.len();
+    client.wait_acked(done, 20, SYNC).unwrap_or_else(|e| panic!("{e}"));
+    let log = client.stop();
+    assert_no_lost_commit(&c, &log);
+    eprintln!("{} commits acknowledged, none lost; agent on beta:\n{blog}", log.acked.len());
+}
