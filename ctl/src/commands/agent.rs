@@ -414,13 +414,9 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
     loop {
         let path = ctx.node.control_socket();
         let polled = tokio::task::spawn_blocking(move || {
-            Client::connect(&path, STATUS_TIMEOUT).and_then(|mut c| c.status()).map_err(|e| {
-                let mut t = e.to_string();
-                if let Some(s) = std::error::Error::source(&e) {
-                    t = format!("{t}: {s}");
-                }
-                t
-            })
+            Client::connect(&path, STATUS_TIMEOUT)
+                .and_then(|mut c| c.status())
+                .map_err(|e| super::chain(&e))
         })
         .await
         .unwrap_or_else(|e| Err(format!("status request failed: {e}")));

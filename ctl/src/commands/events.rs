@@ -33,7 +33,7 @@ use std::{collections::BTreeMap, io::Write, process::ExitCode, sync::Arc, time::
 use blockd::control::{Client, NodeStatus, VolumeStatus};
 use serde::Serialize;
 
-use super::{EXIT_FAILED, EXIT_NOT_RUNNING};
+use super::{chain, EXIT_FAILED, EXIT_NOT_RUNNING};
 use crate::step::Ctx;
 
 /// A status request that takes longer than this counts as "unreachable" (a frozen daemon).
@@ -312,17 +312,6 @@ async fn poll_loop(ctx: Arc<Ctx>, args: EventsArgs) -> u8 {
         }
         tokio::time::sleep(args.interval).await;
     }
-}
-
-/// An error and its causes on one line, as blockctl prints errors.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
-    text
 }
 
 /// Writes one line; false when stdout is gone.

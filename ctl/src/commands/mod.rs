@@ -48,6 +48,17 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_NOT_RUNNING: u8 = 3;
 pub const EXIT_LEFT_PRIMARY: u8 = 4;
 
+/// An error and its causes on one line, as blockctl prints errors ("a: b: c").
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
+}
+
 /// The peer's promote runs up to 600 s on its side (blockd's RUN_PROMOTE_TIMEOUT); wait a
 /// little longer for its answer.
 const PEER_PROMOTE_WAIT: Duration = Duration::from_secs(620);

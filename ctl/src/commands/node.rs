@@ -149,13 +149,7 @@ fn client(ctx: &Ctx) -> Result<Client, StepError> {
 
 /// The error and its causes on one line.
 pub fn control_error(e: &dyn std::error::Error) -> StepError {
-    let mut msg = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        msg.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    StepError::Other(format!("control socket: {msg}"))
+    StepError::Other(format!("control socket: {}", super::chain(e)))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use blockd::{
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{EXIT_FAILED, EXIT_NOT_RUNNING};
+use super::{chain, EXIT_FAILED, EXIT_NOT_RUNNING};
 use crate::{render, step::Ctx};
 
 /// How often `wait-sync` and `status --watch` ask.
@@ -240,15 +240,4 @@ fn call(ctx: &Ctx, request: &Request, timeout: Duration) -> Result<Reply, ExitCo
             _ => ExitCode::from(EXIT_FAILED),
         }
     })
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
