@@ -260,6 +260,11 @@ impl Dirty {
         self.al.unpin(self.extents_of(range));
     }
 
+    /// The seq of the last MetaWrite reported [`persisted`](Self::persisted) (0: none).
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
     /// MetaWrite `seq` is durable. They must be reported in order.
     pub fn persisted(&mut self, seq: u64) -> Result<(), DirtyError> {
         if seq != self.durable + 1 || seq > self.issued {

@@ -27,7 +27,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use crate::meta::{Admit, Dirty, FileIo, MetaIo, MetaWrite};
 
@@ -53,7 +53,6 @@ struct Inner {
 pub(super) struct Tracker {
     inner: Mutex<Inner>,
     io: tokio::sync::Mutex<Arc<Mutex<FileIo>>>,
-    durable: watch::Sender<u64>,
     /// A write finished: extents may have become evictable.
     freed: Notify,
     /// The extents a crash recovery added to the bitmap (in this process's life): they may
@@ -75,7 +74,6 @@ impl Tracker {
                 broken: false,
             }),
             io: tokio::sync::Mutex::new(Arc::new(Mutex::new(io))),
-            durable: watch::Sender::new(0),
             freed: Notify::new(),
             crash: Mutex::new(Vec::new()),
             marks: std::sync::atomic::AtomicU64::new(0),
@@ -208,7 +206,6 @@ impl Tracker {
             mw.apply(&mut *file)?;
         }
         inner.dirty.persisted(seq).map_err(io::Error::other)?;
-        self.durable.send_replace(seq);
         *self.crash.lock().unwrap_or_else(|p| p.into_inner()) = hot;
         Ok(inner.dirty.dirty_bytes() - before)
     }
@@ -277,11 +274,11 @@ impl Tracker {
         // write already applied, or applies what is left.
         let io = self.io.lock().await;
         loop {
-            if *self.durable.borrow() >= seq {
-                return Ok(());
-            }
             let next = {
                 let mut inner = self.inner();
+                if inner.dirty.durable() >= seq {
+                    return Ok(());
+                }
                 if inner.broken {
                     return Err(broken());
                 }
@@ -305,8 +302,6 @@ impl Tracker {
                 inner.broken = true;
                 return Err(e);
             }
-            drop(inner);
-            self.durable.send_replace(s);
         }
     }
 }
@@ -331,6 +326,40 @@ fn coalesce(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::meta::{AlConfig, MetaFile};
+
+    const SIZE: u64 = 64 << 20;
+
+    fn open(dir: &tempfile::TempDir, created: bool) -> Tracker {
+        let path = dir.path().join("v.meta");
+        let (file, meta) = MetaFile::open_or_create(&path, SIZE, "alpha", created).unwrap();
+        let (areas, mut io) = file.open_areas(&meta, AlConfig::default()).unwrap();
+        Tracker::new(Dirty::open(&mut io, areas, SIZE, meta.granularity).unwrap(), io)
+    }
+
+    fn dirty(t: &Tracker) -> Vec<Range<u64>> {
+        t.with(|d| d.ranges_from(0).collect())
+    }
+
+    /// DESIGN §3's transfer log: a peer ack is "written", not "durable". When the link is lost,
+    /// every range acknowledged since the start of the last completed peer flush becomes out of
+    /// sync, on disk; what that flush covered does not.
+    #[tokio::test]
+    async fn link_loss_marks_what_the_peer_acked_since_its_last_completed_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = open(&dir, true);
+        t.acked(0..4096); // covered by the flush below
+        let epoch = t.flush_started();
+        t.acked(8192..12288); // acknowledged while the flush runs: not covered
+        t.flushed(epoch);
+        t.acked(1 << 20..(1 << 20) + 4096);
+        assert!(dirty(&t).is_empty(), "acks alone mark nothing");
+        t.link_lost().await.unwrap();
+        let want = vec![8192..12288, 1 << 20..(1 << 20) + 4096];
+        assert_eq!(dirty(&t), want);
+        drop(t);
+        assert_eq!(dirty(&open(&dir, false)), want, "the marks are on disk");
+    }
 
     #[test]
     fn coalesce_merges_overlapping_and_touching() {
