@@ -76,14 +76,7 @@ impl WitnessNet {
     /// (its log says so), or panics with the log if it exits first.
     pub fn start(&mut self, term: &str) {
         let bg = self.spawn(term);
-        let (log, pid) = (bg.log.clone(), bg.pid());
-        let mut exited = false;
-        wait_for("the witness to listen", Duration::from_secs(20), || {
-            exited = is_zombie(pid);
-            exited
-                || std::fs::read_to_string(&log).unwrap_or_default().contains("witness listening")
-        });
-        assert!(!exited, "witness exited:\n{}", bg.log_text());
+        wait_listening(&bg);
         self.process = Some(bg);
     }
 
@@ -170,6 +163,17 @@ impl WitnessNet {
 }
 
 /// True once our child `pid` has exited (it stays a zombie until reaped).
+/// Waits until the witness's log says it listens; panics with the log if it exits first.
+fn wait_listening(bg: &Background) {
+    let pid = bg.pid();
+    let mut exited = false;
+    wait_for("the witness to listen", Duration::from_secs(20), || {
+        exited = is_zombie(pid);
+        exited || std::fs::read_to_string(&bg.log).unwrap_or_default().contains("witness listening")
+    });
+    assert!(!exited, "witness exited:\n{}", bg.log_text());
+}
+
 fn is_zombie(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // "pid (comm) S ...": the state follows the last ')'.
@@ -267,14 +271,7 @@ impl ClusterWitness {
         c.arg("--state").arg(&self.state).arg("--secret").arg(&self.secret);
         c.env("BLOCKD_LOG", "blockd=debug");
         let bg = Background::spawn(&mut c, &log);
-        let pid = bg.pid();
-        let mut exited = false;
-        wait_for("the witness to listen", Duration::from_secs(20), || {
-            exited = is_zombie(pid);
-            exited
-                || std::fs::read_to_string(&log).unwrap_or_default().contains("witness listening")
-        });
-        assert!(!exited, "witness exited:\n{}", bg.log_text());
+        wait_listening(&bg);
         self.process = Some(bg);
     }
 

@@ -109,6 +109,23 @@ fn one_percent_dirty_resyncs_only_what_was_written() {
     c.assert_identical();
 }
 
+/// Random 4 KiB writes over the first 160 MiB (two jobs of 80 MiB side by side), crc32c
+/// verified, plus `last` (`--end_fsync=1` to write, `--verify_only=1` to check them again).
+fn verify_job(last: &str) -> [&str; 10] {
+    [
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=80m",
+        "--iodepth=8",
+        "--numjobs=2",
+        "--offset_increment=80m",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--randrepeat=1",
+        last,
+    ]
+}
+
 /// Resync under a concurrent fio verify load (the resync slowed to 16 MiB/s so that the two
 /// overlap): fio's verify passes, the files end identical.
 #[test]
@@ -119,19 +136,7 @@ fn resync_under_concurrent_verify_load() {
     fio(&c, Alpha, "fill", &["--rw=write", "--bs=1m", "--size=96m", "--offset=128m"]);
     c.heal();
     c.wait_for(Alpha, "resync running", Duration::from_secs(20), |v| v["conn"] == "SyncSource");
-    let job = [
-        "--rw=randwrite",
-        "--bs=4k",
-        "--size=80m",
-        "--iodepth=8",
-        "--numjobs=2",
-        "--offset_increment=80m",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--randrepeat=1",
-        "--end_fsync=1",
-    ];
-    let load = FioRun::spawn(c.dir(), &c.nbd_uri(Alpha), "load", &job);
+    let load = FioRun::spawn(c.dir(), &c.nbd_uri(Alpha), "load", &verify_job("--end_fsync=1"));
     let during = c.vol(Alpha);
     let (written, read) = load.finish(Duration::from_secs(180));
     assert!(written > 0 && read == written, "fio verify: wrote {written}, verified {read}");
@@ -141,19 +146,7 @@ fn resync_under_concurrent_verify_load() {
         counter(&c, Alpha, "resync_bytes") >= 90 * MIB,
         "the 96 MiB written alone were resynced"
     );
-    let verify = [
-        "--rw=randwrite",
-        "--bs=4k",
-        "--size=80m",
-        "--iodepth=8",
-        "--numjobs=2",
-        "--offset_increment=80m",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--randrepeat=1",
-        "--verify_only=1",
-    ];
-    fio(&c, Alpha, "verify-again", &verify);
+    fio(&c, Alpha, "verify-again", &verify_job("--verify_only=1"));
     c.assert_identical();
 }
 

@@ -100,6 +100,14 @@ struct Sent {
     same: u64,
 }
 
+impl std::ops::AddAssign for Sent {
+    fn add_assign(&mut self, o: Sent) {
+        self.data += o.data;
+        self.zero += o.zero;
+        self.same += o.same;
+    }
+}
+
 impl Volume {
     /// Sends everything that may differ to the peer over `session`, then the generations they
     /// now share. Application writes go on meanwhile, mirrored as usual.
@@ -120,10 +128,7 @@ impl Volume {
         // checkpoint does not clear them) and is copied by the next pass.
         let mut sent = Sent::default();
         for pass in 1.. {
-            let s = self.copy_dirty(session, opts, &own).await?;
-            sent.data += s.data;
-            sent.zero += s.zero;
-            sent.same += s.same;
+            sent += self.copy_dirty(session, opts, &own).await?;
             let left = self.dirty_bytes();
             if left == 0 {
                 break;
@@ -206,7 +211,7 @@ impl Volume {
         let mut in_flight = FuturesUnordered::new();
         let mut in_flight_bytes = 0u64;
         let mut copied: Vec<Range<u64>> = Vec::new();
-        let (mut since_checkpoint, mut sent_bytes) = (0u64, 0u64);
+        let mut since_checkpoint = 0u64;
         let mut marks = self.track.marks();
         let mut last_checkpoint = Instant::now();
         let mut checkpoint = None;
@@ -226,11 +231,11 @@ impl Volume {
                 // A hole travels as one small zero request, whatever its length.
                 let payload = if chunk.hole { 0 } else { chunk.range.end - chunk.range.start };
                 in_flight_bytes += payload;
-                let copy = self.resync_chunk(session, chunk, sums);
+                let copy = self.resync_chunk(session, chunk, sums, &holes);
                 in_flight.push(async move { (payload, copy.await) });
                 if opts.max_rate > 0 {
                     // Stay under the ceiling: wait until the bytes sent so far are due.
-                    let due = Duration::from_secs_f64(sent_bytes as f64 / opts.max_rate as f64);
+                    let due = Duration::from_secs_f64(total.data as f64 / opts.max_rate as f64);
                     tokio::time::sleep_until((started + due).into()).await;
                 }
             }
@@ -250,10 +255,7 @@ impl Volume {
             let Some((payload, done)) = next else { break };
             in_flight_bytes -= payload;
             let (range, sent) = done?;
-            total.data += sent.data;
-            total.zero += sent.zero;
-            total.same += sent.same;
-            sent_bytes += sent.data;
+            total += sent;
             let len = range.end - range.start;
             since_checkpoint += len;
             copied.push(range);
@@ -329,6 +331,7 @@ impl Volume {
         session: &Session,
         chunk: Chunk,
         sums: bool,
+        holes: &Holes,
     ) -> Result<(Range<u64>, Sent), ResyncError> {
         let Range { start, end } = chunk.range.clone();
         let len = end - start;
@@ -337,7 +340,7 @@ impl Volume {
         // The hole was seen before the lock: an application write may have filled part of it
         // since. Zero only what is still a hole; the rest keeps its bits for the next pass.
         let chunk = match chunk.hole {
-            true => match Holes::open(self.store.path()).next_data(start) {
+            true => match holes.next_data(start) {
                 Some(data) if data >= end => chunk,
                 Some(data) if data > start => Chunk { range: start..data, hole: true },
                 _ => return Ok((start..start, sent)),
