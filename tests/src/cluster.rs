@@ -447,6 +447,15 @@ impl Cluster {
         self.nodes[n.index()].data_dir.join(format!("{}.img", self.spec.volume))
     }
 
+    /// Makes `n`'s backing (`<data-dir>/<volume>.img`) a symlink to `file`, e.g. a
+    /// [`crate::disk::FaultDisk`]'s; call it before the daemon first starts.
+    pub fn use_backing(&self, n: NodeId, file: &Path) {
+        let link = self.backing(n);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(file, &link)
+            .unwrap_or_else(|e| panic!("symlink {} -> {}: {e}", link.display(), file.display()));
+    }
+
     pub fn run_dir(&self, n: NodeId) -> &Path {
         &self.nodes[n.index()].run_dir
     }

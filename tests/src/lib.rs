@@ -13,6 +13,8 @@
 //! - [`cluster`]: [`cluster::Cluster`], two daemons ("alpha", "beta") in network namespaces
 //!   joined by veth, with `start`/`stop`/`kill`/`freeze`/`thaw`, nftables `cut`/`cut_one_way`/
 //!   `heal`, `role`, `status`, `wait_for` and `assert_identical`; undoes all of it on drop.
+//! - [`disk`]: [`disk::FaultDisk`], a backing file that fails like a real disk (a volatile write
+//!   cache lost at a power cut, errors on demand, hangs, delays): nbdkit filters behind nbdfuse.
 //! - [`witness`]: [`witness::WitnessNet`], a real `blockd witness` in its own network namespace
 //!   with node namespaces around it, and lease clients that ask from those namespaces.
 //! - [`nbd`]: a raw NBD client over `std::os::unix::net::UnixStream` for the malformed and
@@ -25,6 +27,7 @@
 
 pub mod cluster;
 pub mod cmd;
+pub mod disk;
 pub mod mounts;
 pub mod nbd;
 pub mod node;
