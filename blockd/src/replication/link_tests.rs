@@ -560,3 +560,56 @@ async fn raw_client(addr: std::net::SocketAddr) -> Raw {
     s.set_nodelay(true).unwrap();
     Raw(std::sync::Arc::new(tokio::sync::Mutex::new(s)))
 }
+
+/// DESIGN §3: a peer that keeps answering pings but not a request (its disk hangs) is dropped
+/// after `peer_timeout`, and the call fails so that the caller's link-loss path marks it.
+#[tokio::test]
+async fn unanswered_request_drops_a_peer_that_still_pongs() {
+    let (mut ca, mut cb) = pair();
+    ca.0.peer_timeout = Duration::from_millis(400);
+    cb.0.peer_timeout = Duration::from_millis(400);
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, _sb) = (up(&mut a).await, up(&mut b).await);
+    tokio::time::pause();
+    let t0 = tokio::time::Instant::now();
+    let call = tokio::spawn({
+        let sa = sa.clone();
+        async move { sa.call(0, write4k()).await }
+    });
+    // Held, never answered: the request's "disk" hangs; b's reader still pongs.
+    let LinkEvent::Request { reply: _held, .. } = next(&mut b).await else {
+        panic!("expected a request")
+    };
+    match next(&mut a).await {
+        LinkEvent::Down { session, reason } => {
+            assert_eq!(session, sa.id());
+            assert!(reason.contains("unanswered"), "{reason}");
+        }
+        e => panic!("expected Down, got {e:?}"),
+    }
+    assert!(matches!(call.await.unwrap(), Err(LinkError::LinkDown)));
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(390), "{waited:?}");
+    assert!(waited < Duration::from_millis(600), "{waited:?}");
+}
+
+/// `RunPromote` has no deadline: the peer answers once a whole promote plan ran.
+#[tokio::test]
+async fn run_promote_waits_longer_than_peer_timeout() {
+    let (mut ca, mut cb) = pair();
+    ca.0.peer_timeout = Duration::from_millis(400);
+    cb.0.peer_timeout = Duration::from_millis(400);
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, _sb) = (up(&mut a).await, up(&mut b).await);
+    tokio::time::pause();
+    let call = tokio::spawn({
+        let sa = sa.clone();
+        async move { sa.call(0, Message::RunPromote).await }
+    });
+    let LinkEvent::Request { reply, .. } = next(&mut b).await else { panic!("expected a request") };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(sa.is_open(), "{:?}", sa.reason());
+    let done = Message::PromoteResult { code: 0, output: String::new() };
+    reply.send(done.clone());
+    assert_eq!(call.await.unwrap().unwrap(), done);
+}

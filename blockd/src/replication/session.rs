@@ -10,11 +10,19 @@
 //!                          └─ request ─► LinkEvent::Request (in arrival order)
 //! ```
 //!
+//! Deadlines (DESIGN §3): a request of ours the peer has not answered within `peer_timeout`
+//! ends the session, pings or not: a peer whose disk hangs still pongs from its reader task.
+//! There is no timer per request: each call notes when it was sent, and the reader's one
+//! silence timer also wakes at the oldest call's deadline (ids grow, so the oldest is the first
+//! entry of the pending map). Ending the session fails every pending call with LinkDown: the
+//! caller's link-loss path marks the ranges. `RunPromote` alone has no deadline: the peer runs
+//! a whole promote plan before it answers.
+//!
 //! The writer's queue is unbounded on purpose: what flows into it is bounded elsewhere (the
 //! node's requests by the NBD queue depths, replies by the bounded event channel the reader
 //! feeds), and an unbounded queue lets [`Responder::send`] be synchronous.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -41,7 +49,21 @@ const READ_CHUNK: usize = 64 << 10;
 #[derive(Default)]
 struct Pending {
     closed: bool,
-    map: HashMap<u64, oneshot::Sender<Message>>,
+    /// Keyed by id, so the first entry is the oldest call.
+    map: BTreeMap<u64, Call>,
+}
+
+/// One call waiting for its reply; `sent` is None for calls without a deadline.
+struct Call {
+    tx: oneshot::Sender<Message>,
+    sent: Option<Instant>,
+}
+
+impl Pending {
+    /// When the oldest call with a deadline was sent.
+    fn oldest(&self) -> Option<Instant> {
+        self.map.values().find_map(|c| c.sent)
+    }
 }
 
 struct Inner {
@@ -105,8 +127,8 @@ impl Session {
     }
 
     /// Sends a request and waits for the reply; Err(LinkDown) as soon as the session ends
-    /// (timeout, error, close). There is no timeout of its own: a silent peer ends the session
-    /// after `peer_timeout`, and a peer that keeps pinging but never answers is a bug.
+    /// (timeout, error, close). A reply not in within `peer_timeout` ends the session (see the
+    /// module doc), so this waits at most about that long; `RunPromote` waits for the peer.
     pub async fn call(&self, volume: u16, msg: Message) -> Result<Message, LinkError> {
         let inner = &*self.inner;
         let alone = inner.calls_out.fetch_add(1, Ordering::Relaxed) == 0
@@ -153,15 +175,18 @@ fn goodbye(reason: &str) -> Frame {
 
 impl Inner {
     async fn call(&self, volume: u16, msg: Message, direct: bool) -> Result<Message, LinkError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        {
+        let sent = (!matches!(msg, Message::RunPromote)).then(Instant::now);
+        let id = {
             let mut p = lock(&self.pending);
             if p.closed {
                 return Err(LinkError::LinkDown);
             }
-            p.map.insert(id, tx);
-        }
+            // Taken under the lock: ids then grow in the map's order, oldest first.
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            p.map.insert(id, Call { tx, sent });
+            id
+        };
         if self.send(Frame { volume, id, reply: false, msg }, direct).is_err() {
             lock(&self.pending).map.remove(&id);
             return Err(LinkError::LinkDown);
@@ -328,8 +353,9 @@ impl Reader {
 
     /// Reads and dispatches frames until the session ends; returns why it ended.
     ///
-    /// The silence timer is one long-lived `Sleep` checked against the time of the last read,
-    /// not a timeout per read: arming a timer per frame costs more than the frame.
+    /// The silence timer is one long-lived `Sleep` checked against the time of the last read
+    /// and the oldest pending call, not a timeout per read or per call: arming a timer per
+    /// frame costs more than the frame.
     async fn read_loop(&mut self) -> String {
         let cancelled = self.inner.cancel.clone().cancelled_owned();
         tokio::pin!(cancelled);
@@ -363,7 +389,17 @@ impl Reader {
                     if last.elapsed() >= self.timeout {
                         return "peer timeout".into();
                     }
-                    silence.as_mut().reset(last + self.timeout);
+                    let oldest = lock(&self.inner.pending).oldest();
+                    if let Some(sent) = oldest.filter(|s| s.elapsed() >= self.timeout) {
+                        return format!(
+                            "peer timeout: a request unanswered for {:?} (peer-timeout {:?})",
+                            sent.elapsed(),
+                            self.timeout
+                        );
+                    }
+                    // A call made after this reset has its deadline after the wake-up.
+                    let next = oldest.map_or(last, |s| s.min(last));
+                    silence.as_mut().reset(next + self.timeout);
                 }
             }
         }
@@ -373,7 +409,7 @@ impl Reader {
         if f.reply {
             let waiter = lock(&self.inner.pending).map.remove(&f.id);
             if let Some(w) = waiter {
-                let _ = w.send(f.msg);
+                let _ = w.tx.send(f.msg);
             }
             return Ok(());
         }

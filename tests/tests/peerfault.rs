@@ -1,0 +1,147 @@
+//! A peer whose disk hangs, is slow, or is flooded (issue 17, "hung peers, bounded memory"), on
+//! the two-node harness with real faults: beta's backing is a [`FaultDisk`] (nbdkit's pause
+//! or delay filter behind nbdfuse). Every test ends with both nodes in sync, the backing files
+//! byte-identical and `blockctl verify` finding 0 differences.
+
+use std::time::{Duration, Instant};
+
+use blockd_tests::{
+    cluster::{clients::FioRun, Alpha, Beta, Cluster, NodeId, PEER_TIMEOUT},
+    cmd::{cmd, try_run, Output},
+    disk::{FaultDisk, Faults},
+};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn blockctl(c: &Cluster, n: NodeId, args: &[&str]) -> Output {
+    let mut b = c.blockctl(n);
+    b.args(args);
+    try_run(&mut b, Duration::from_secs(300))
+}
+
+fn counter(v: &Value, name: &str) -> u64 {
+    v["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name} missing: {v}"))
+}
+
+/// A cluster whose beta runs on a fault disk of `size` bytes, alpha Primary and in sync.
+///
+/// Both nodes first start on fresh (all-zero) files, in sync; then beta's file is replaced by
+/// the fault disk, zero too, so the pair is still in sync without a full resync.
+fn on_fault_disk(
+    test: &str,
+    size: u64,
+    faults: Faults,
+    env: &[(&str, &str)],
+) -> (Cluster, FaultDisk) {
+    let mut c = Cluster::new(test, &format!("{}MiB", size / MIB));
+    c.start_with_env(Alpha, env);
+    c.start_with_env(Beta, env);
+    c.wait_in_sync(Duration::from_secs(60));
+    c.stop(Beta);
+    let disk = FaultDisk::create(&c.dir().join("beta-disk"), size, faults);
+    c.use_backing(Beta, &disk.file());
+    c.start_with_env(Beta, env);
+    c.wait_in_sync(Duration::from_secs(60));
+    c.role(Alpha, "primary", false).expect("promote alpha");
+    c.wait_for(Alpha, "role Primary", Duration::from_secs(10), |v| v["role"] == "Primary");
+    (c, disk)
+}
+
+/// qemu-io through alpha's socket running `commands`; returns how long it took.
+fn qemu_io(c: &Cluster, commands: &[&str]) -> Duration {
+    let mut q = cmd("qemu-io", &["-f", "raw"]);
+    for command in commands {
+        q.args(["-c", command]);
+    }
+    q.arg(c.nbd_uri(Alpha));
+    let t0 = Instant::now();
+    let out = try_run(&mut q, Duration::from_secs(30));
+    out.assert_success();
+    t0.elapsed()
+}
+
+/// The end state every test here checks: in sync, byte-identical, verify finds nothing.
+fn assert_converged(c: &Cluster) {
+    c.wait_in_sync(Duration::from_secs(120));
+    c.assert_identical();
+    let out = blockctl(c, Alpha, &["verify"]);
+    out.assert_success();
+    assert!(out.stdout.contains(", 0 bytes differed"), "verify found differences:\n{out}");
+}
+
+fn reads_back(c: &Cluster, offset: u64, pattern: u8) {
+    let cmdline = format!("read -P {pattern:#x} {offset} 4k");
+    qemu_io(c, &[&cmdline]);
+}
+
+/// Beta's disk hangs while the pair is in sync: alpha's write and flush complete degraded
+/// within peer-timeout + 1 s (the peer is dropped although its reader still pongs); once the
+/// disk resumes the pair reconnects, resyncs, and is identical.
+#[test]
+fn hung_peer_disk_costs_at_most_peer_timeout() {
+    let faults = Faults { pause: true, ..Faults::default() };
+    let (c, disk) = on_fault_disk("hung-peer", 64 * MIB, faults, &[]);
+    qemu_io(&c, &["write -P 0x11 0 64k", "flush"]);
+    let before = counter(&c.vol(Alpha), "connects");
+
+    disk.pause();
+    let took = qemu_io(&c, &["write -P 0x5a 8m 4k", "flush"]);
+    assert!(
+        took <= PEER_TIMEOUT + Duration::from_secs(1),
+        "a write with a hung peer disk took {took:?} (peer-timeout {PEER_TIMEOUT:?})"
+    );
+    let v = c.wait_for(Alpha, "peer dropped", Duration::from_secs(5), |v| v["conn"] != "Connected");
+    assert!(v["out_of_sync"].as_u64().unwrap_or(0) >= 4096, "the write is marked: {v:#}");
+    // Alpha reconnects meanwhile (beta's link still answers) and starts a resync, which
+    // hangs too: a write may again wait for one peer-timeout, never longer.
+    let took = qemu_io(&c, &["write -P 0x6b 16m 4k", "flush"]);
+    assert!(took <= PEER_TIMEOUT + Duration::from_secs(1), "a later write took {took:?}");
+
+    disk.resume();
+    assert_converged(&c);
+    let v = c.vol(Alpha);
+    assert!(counter(&v, "connects") > before, "the pair reconnected: {v:#}");
+    reads_back(&c, 8 * MIB, 0x5a);
+    reads_back(&c, 16 * MIB, 0x6b);
+}
+
+/// Beta's disk is slow (20 ms per write and flush): writes slow down, but the peer is never
+/// dropped: no new connection, no degraded write, Connected throughout.
+#[test]
+fn slow_peer_disk_slows_writes_but_drops_nothing() {
+    let faults = Faults { delay: Some(Duration::from_millis(20)), ..Faults::default() };
+    let (c, _disk) = on_fault_disk("slow-peer", 64 * MIB, faults, &[]);
+    let before = c.vol(Alpha);
+    let load = FioRun::spawn(
+        c.dir(),
+        &c.nbd_uri(Alpha),
+        "slow",
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=32m",
+            "--time_based=1",
+            "--runtime=8",
+            "--fsync=16",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        let v = c.vol(Alpha);
+        assert_eq!(v["conn"], "Connected", "the slow peer was dropped: {v:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (written, _) = load.finish(Duration::from_secs(60));
+    assert!(written > 0);
+    let after = c.vol(Alpha);
+    assert_eq!(counter(&after, "connects"), counter(&before, "connects"), "no reconnect");
+    assert_eq!(counter(&after, "degraded_writes"), counter(&before, "degraded_writes"));
+    assert_eq!(counter(&after, "errors"), 0);
+    // 20 ms per write on the peer: a 4 KiB write round trip cannot be faster than that.
+    let took = qemu_io(&c, &["write -P 0x33 0 4k"]);
+    assert!(took >= Duration::from_millis(20), "{took:?}");
+    assert_converged(&c);
+    assert!(!c.log_text(Alpha).contains("unanswered"), "alpha dropped its peer");
+}
