@@ -360,6 +360,8 @@ fn start_link(
         secret,
         peer_timeout: config.cluster.peer_timeout,
         volumes: config.volume.iter().map(|v| (v.name.clone(), v.size.bytes())).collect(),
+        max_in_flight_bytes: usize::try_from(config.cluster.max_in_flight_bytes.bytes())
+            .unwrap_or(usize::MAX),
     };
     let events = replication::spawn(cfg, serving.token.clone()).map_err(DaemonError::Link)?;
     let task = Arc::clone(node).run_link(events, serving.tracker.clone(), serving.token.clone());

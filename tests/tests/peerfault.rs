@@ -145,3 +145,74 @@ fn slow_peer_disk_slows_writes_but_drops_nothing() {
     assert_converged(&c);
     assert!(!c.log_text(Alpha).contains("unanswered"), "alpha dropped its peer");
 }
+
+/// `VmRSS` and `VmHWM` of a process, in bytes.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).expect("field in status");
+        let kib: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("kB");
+        kib << 10
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The Secondary's ceiling in this test. The README's bound for it: idle RSS plus the ceiling
+/// plus 32 MiB x (2 + worker threads) (the frame the reader holds, the one it is reading, and
+/// one copy into an aligned buffer per worker thread).
+const FLOOD_CEILING: u64 = 32 * MIB;
+
+/// Six fio connections with 32 MiB writes at queue depth 4 on alpha (each connection may hold
+/// 128 MiB in flight: 768 MiB in all) against a beta whose disk is slowed, so frames pile up at
+/// beta: its RSS stays under the stated bound. Then in sync and identical.
+#[test]
+fn flood_of_32mib_writes_keeps_secondary_memory_bounded() {
+    let faults = Faults { delay: Some(Duration::from_millis(2)), ..Faults::default() };
+    let ceiling = format!("{}MiB", FLOOD_CEILING / MIB);
+    let env = [
+        ("BLOCKD_CLUSTER__MAX_IN_FLIGHT_BYTES", ceiling.as_str()),
+        ("BLOCKD_NBD__MAX_IN_FLIGHT_BYTES", "128MiB"),
+        // Frames queue for seconds at the slow peer: that is back-pressure, not a hang.
+        ("BLOCKD_CLUSTER__PEER_TIMEOUT", "30s"),
+    ];
+    let (c, _disk) = on_fault_disk("flood", 256 * MIB, faults, &env);
+    let beta = c.pid(Beta);
+    let (idle, _) = rss(beta);
+    let load = FioRun::spawn(
+        c.dir(),
+        &c.nbd_uri(Alpha),
+        "flood",
+        &[
+            "--rw=randwrite",
+            "--bs=32m",
+            "--iodepth=4",
+            "--numjobs=6",
+            "--size=256m",
+            "--time_based=1",
+            "--runtime=15",
+        ],
+    );
+    let mut peak_seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        peak_seen = peak_seen.max(rss(beta).0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (written, _) = load.finish(Duration::from_secs(300));
+    let (_, hwm) = rss(beta);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let bound = idle + FLOOD_CEILING + 32 * MIB * (2 + threads);
+    eprintln!(
+        "flood: {} MiB written; beta idle RSS {} MiB, peak RSS seen {} MiB, VmHWM {} MiB, \
+         bound {} MiB",
+        written / MIB,
+        idle / MIB,
+        peak_seen / MIB,
+        hwm / MIB,
+        bound / MIB
+    );
+    assert!(written >= 256 * MIB, "the flood wrote only {written} bytes");
+    assert_eq!(c.vol(Alpha)["conn"], "Connected", "back-pressure, not a drop");
+    assert!(hwm <= bound, "beta's VmHWM {hwm} exceeds the bound {bound}");
+    assert_converged(&c);
+}

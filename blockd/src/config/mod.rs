@@ -135,12 +135,25 @@ pub struct ClusterConfig {
     /// Lease witness "ADDR:PORT" (DESIGN §7); absent means no automatic promotion.
     #[serde(default)]
     pub witness: Option<SocketAddr>,
+    /// Payload bytes of the peer's requests this node holds at once (writes being applied);
+    /// beyond it the link stops reading and the peer waits. At least 32MiB.
+    #[serde(default = "default_in_flight_bytes")]
+    pub max_in_flight_bytes: ByteSize,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { secret_file: None, peer_timeout: default_peer_timeout(), witness: None }
+        ClusterConfig {
+            secret_file: None,
+            peer_timeout: default_peer_timeout(),
+            witness: None,
+            max_in_flight_bytes: default_in_flight_bytes(),
+        }
     }
+}
+
+fn default_in_flight_bytes() -> ByteSize {
+    ByteSize(128 << 20)
 }
 
 fn default_peer_timeout() -> Duration {
@@ -233,6 +246,10 @@ pub struct NbdConfig {
     /// Requests one connection may have in flight before the server stops reading.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
+    /// Payload bytes one connection may have in flight before the server stops reading (a
+    /// request larger than this still runs, alone).
+    #[serde(default = "default_in_flight_bytes")]
+    pub max_in_flight_bytes: ByteSize,
 }
 
 impl Default for NbdConfig {
@@ -242,6 +259,7 @@ impl Default for NbdConfig {
             handshake_timeout: default_handshake_timeout(),
             max_request: default_max_request(),
             max_in_flight: default_max_in_flight(),
+            max_in_flight_bytes: default_in_flight_bytes(),
         }
     }
 }
@@ -267,6 +285,8 @@ impl NbdConfig {
             max_connections: self.max_connections,
             handshake_timeout: self.handshake_timeout,
             max_in_flight: self.max_in_flight as usize,
+            max_in_flight_bytes: usize::try_from(self.max_in_flight_bytes.bytes())
+                .unwrap_or(usize::MAX),
         }
     }
 }

@@ -55,6 +55,14 @@ const MIN_MAX_REQUEST: u64 = 32 << 20;
 /// One request's buffer is allocated whole: cap it so one client cannot ask for gigabytes.
 const MAX_MAX_REQUEST: u64 = 1 << 30;
 
+/// The replication link's budget holds at least one maximal frame, and more than the resync's
+/// window (8 MiB): resync blocks waiting for the target's decision must not fill it while the
+/// reply that decides sits unread behind them.
+const MIN_LINK_IN_FLIGHT: u64 = crate::replication::wire::MAX_DATA as u64;
+
+/// Smallest per-connection NBD budget.
+const MIN_NBD_IN_FLIGHT: u64 = 1 << 20;
+
 /// Interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_IFNAME: usize = 15;
 
@@ -150,6 +158,7 @@ impl Config {
         if c.peer_timeout.is_zero() {
             p.add("cluster.peer-timeout", Some("\"0s\"".into()), "must be more than 0");
         }
+        at_least(p, "cluster.max-in-flight-bytes", c.max_in_flight_bytes, MIN_LINK_IN_FLIGHT);
         match &c.secret_file {
             Some(f) => p.absolute("cluster.secret-file", f),
             None if self.node.len() == 2 => {
@@ -224,6 +233,7 @@ impl Config {
         if n.handshake_timeout.is_zero() {
             p.add("nbd.handshake-timeout", Some("\"0s\"".into()), "must be more than 0");
         }
+        at_least(p, "nbd.max-in-flight-bytes", n.max_in_flight_bytes, MIN_NBD_IN_FLIGHT);
         let req = n.max_request.bytes();
         if !(MIN_MAX_REQUEST..=MAX_MAX_REQUEST).contains(&req) {
             let why = format!(
@@ -354,6 +364,15 @@ pub(super) fn quote(v: impl fmt::Display) -> String {
 
 pub(super) fn quote_path(p: &Path) -> String {
     quote(p.display())
+}
+
+/// A byte budget: from `min` to 4 GiB - 1 (a semaphore takes at most u32 permits at once).
+fn at_least(p: &mut Problems, key: &str, value: ByteSize, min: u64) {
+    let max = u64::from(u32::MAX);
+    if !(min..=max).contains(&value.bytes()) {
+        let why = format!("must be from {} to {}", ByteSize(min), ByteSize(max));
+        p.add(key, Some(show_size(value)), why);
+    }
 }
 
 fn show_size(s: ByteSize) -> String {

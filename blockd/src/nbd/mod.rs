@@ -58,6 +58,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Requests one connection may have in flight before the server stops reading.
     pub max_in_flight: usize,
+    /// Payload bytes one connection may have in flight before the server stops reading.
+    pub max_in_flight_bytes: usize,
 }
 
 impl Default for Limits {
@@ -67,6 +69,7 @@ impl Default for Limits {
             max_connections: 16,
             handshake_timeout: Duration::from_secs(10),
             max_in_flight: 256,
+            max_in_flight_bytes: 128 << 20,
         }
     }
 }

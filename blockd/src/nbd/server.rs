@@ -43,12 +43,10 @@ use crate::{
 const MAX_BATCH: usize = 64;
 /// Input buffer growth step: several pipelined small requests per read syscall.
 const READ_CHUNK: usize = 64 << 10;
-/// Payload bytes one connection may hold in flight (at least one maximal request).
-const BYTE_BUDGET: usize = 128 << 20;
-
-/// Payload bytes in flight allowed for a connection with these limits.
+/// Payload bytes in flight allowed for a connection with these limits (`nbd.max-in-flight-bytes`;
+/// a request larger than that takes all of it).
 fn byte_budget(limits: &Limits) -> usize {
-    BYTE_BUDGET.max(limits.max_request as usize)
+    limits.max_in_flight_bytes.clamp(1, u32::MAX as usize)
 }
 
 /// One finished reply on its way to the writer; holds the request's slot and bytes until written.
@@ -94,6 +92,7 @@ pub async fn transmission<S>(
         tx,
         slots: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
         bytes: Arc::new(Semaphore::new(byte_budget(limits))),
+        budget: byte_budget(limits) as u32,
     };
     let name = conn.volume.name().to_owned();
     tokio::select! {
@@ -127,6 +126,8 @@ struct Connection<R> {
     slots: Arc<Semaphore>,
     /// One permit per payload byte in flight ([`byte_budget`]).
     bytes: Arc<Semaphore>,
+    /// All of `bytes`: what a request larger than the budget takes (it then runs alone).
+    budget: u32,
 }
 
 impl<R: AsyncRead + Unpin> Connection<R> {
@@ -182,7 +183,10 @@ impl<R: AsyncRead + Unpin> Connection<R> {
         };
         let bytes = match payload_len {
             0 => None,
-            n => Some(Arc::clone(&self.bytes).acquire_many_owned(n).await.map_err(closed)?),
+            n => {
+                let n = n.min(self.budget);
+                Some(Arc::clone(&self.bytes).acquire_many_owned(n).await.map_err(closed)?)
+            }
         };
         let payload = match c {
             Command::Write { len, .. } => {

@@ -53,6 +53,9 @@ pub struct LinkConfig {
     pub peer_timeout: Duration,
     /// Volume names and sizes, in config order; must equal the peer's.
     pub volumes: Vec<(String, u64)>,
+    /// Payload bytes of the peer's requests held at once before the link stops reading
+    /// (`cluster.max-in-flight-bytes`; see `session.rs`).
+    pub max_in_flight_bytes: usize,
 }
 
 /// Timing knobs; the defaults are the design's, tests shorten them.
@@ -151,6 +154,7 @@ pub fn start(
     let (ended, ended_rx) = mpsc::unbounded_channel();
     let m = Manager {
         lower: cfg.node < cfg.peer,
+        budget: sess::Budget::new(cfg.max_in_flight_bytes),
         cfg: Arc::new(cfg),
         backoff: tuning.backoff_min,
         tuning,
@@ -229,6 +233,8 @@ struct Manager {
     results: mpsc::UnboundedSender<Outcome>,
     ended: mpsc::UnboundedSender<(u64, String)>,
     current: Option<Current>,
+    /// Shared by every session: a stale session's requests still hold their bytes.
+    budget: Arc<sess::Budget>,
     /// Last epoch adopted (lower node: assigned; higher: as received).
     epoch: u64,
     next_session: u64,
@@ -371,6 +377,7 @@ impl Manager {
             events: self.events.clone(),
             ended: self.ended.clone(),
             first,
+            budget: Arc::clone(&self.budget),
         };
         let (session, reader) = sess::start(a.stream, a.buf, params);
         tracing::info!(peer = %a.hello.node, addr = %a.addr, session = id, epoch, "replication link up");

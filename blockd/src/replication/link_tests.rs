@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::super::handshake::{handshake, PeerHello};
 use super::super::wire::{self, Frame, Message, PROTOCOL_VERSION};
-use super::{bind, start, LinkConfig, LinkError, LinkEvent, Session, Tuning};
+use super::{bind, start, LinkConfig, LinkError, LinkEvent, Responder, Session, Tuning};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -29,6 +29,7 @@ fn config(
         secret: b"shared secret".to_vec().into(),
         peer_timeout: Duration::from_secs(3),
         volumes: vec![("vol0".into(), 1 << 30), ("vol1".into(), 4 << 20)],
+        max_in_flight_bytes: 128 << 20,
     }
 }
 
@@ -612,4 +613,40 @@ async fn run_promote_waits_longer_than_peer_timeout() {
     let done = Message::PromoteResult { code: 0, output: String::new() };
     reply.send(done.clone());
     assert_eq!(call.await.unwrap().unwrap(), done);
+}
+
+/// Bounded memory: the peer's requests hold their bytes until answered; beyond the budget the
+/// reader stops (nothing more is delivered), and a request larger than the whole budget still
+/// runs once it can take all of it.
+#[tokio::test]
+async fn peer_requests_beyond_the_budget_wait_until_answered() {
+    let (ca, mut cb) = pair();
+    cb.0.max_in_flight_bytes = 64 << 10;
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, _sb) = (up(&mut a).await, up(&mut b).await);
+    let write = |len: usize| Message::Write { offset: 0, data: Bytes::from(vec![7; len]) };
+    let calls: Vec<_> = [40 << 10, 40 << 10, 200 << 10]
+        .into_iter()
+        .map(|len| {
+            let (sa, msg) = (sa.clone(), write(len));
+            let call = tokio::spawn(async move { sa.call(0, msg).await });
+            (len, call)
+        })
+        .collect();
+    let mut held = Vec::new();
+    for (len, _) in &calls {
+        let LinkEvent::Request { msg: Message::Write { data, .. }, reply, .. } = next(&mut b).await
+        else {
+            panic!("expected a write")
+        };
+        assert_eq!(data.len(), *len);
+        // Real time on purpose: nothing may arrive while the budget is spent.
+        let early = tokio::time::timeout(Duration::from_millis(300), b.rx.recv()).await;
+        assert!(early.is_err(), "delivered beyond the budget: {early:?}");
+        held.push(reply);
+        held.drain(..).for_each(|r: Responder| r.send(Message::Ack { error: 0 }));
+    }
+    for (_, call) in calls {
+        assert_eq!(call.await.unwrap().unwrap(), Message::Ack { error: 0 });
+    }
 }

@@ -18,6 +18,13 @@
 //! caller's link-loss path marks the ranges. `RunPromote` alone has no deadline: the peer runs
 //! a whole promote plan before it answers.
 //!
+//! Memory: a request from the peer holds a share of the link's [`Budget`] (its payload bytes
+//! plus [`REQUEST_COST`]) from the moment it is decoded until it is answered. When the budget
+//! is spent the reader waits before it dispatches the next request and reads nothing more, so
+//! the peer's frames back up in TCP and the sender blocks: bytes in flight here stay under the
+//! ceiling, plus the one frame the reader holds. A request larger than the whole budget takes
+//! all of it (it still runs, alone).
+//!
 //! The writer's queue is unbounded on purpose: what flows into it is bounded elsewhere (the
 //! node's requests by the NBD queue depths, replies by the bounded event channel the reader
 //! feeds), and an unbounded queue lets [`Responder::send`] be synchronous.
@@ -30,7 +37,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +49,38 @@ use super::writer::{self, Out};
 const EIO: u32 = 5;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 << 10;
+/// What a request costs besides its payload (its task, its frame, its event): charged to the
+/// budget so that a flood of empty requests is bounded too.
+pub(crate) const REQUEST_COST: usize = 1024;
+
+/// Bytes of the peer's requests this node may hold at once, shared by every session of a link
+/// (a stale session's requests still count until they are answered).
+#[derive(Debug)]
+pub(crate) struct Budget {
+    sem: Arc<Semaphore>,
+    ceiling: usize,
+}
+
+impl Budget {
+    pub(crate) fn new(ceiling: usize) -> Arc<Budget> {
+        let ceiling = ceiling.clamp(REQUEST_COST, u32::MAX as usize);
+        Arc::new(Budget { sem: Arc::new(Semaphore::new(ceiling)), ceiling })
+    }
+
+    /// Waits until `msg`'s share is free; a request larger than the ceiling takes all of it.
+    /// None only if the semaphore were closed, which nothing does.
+    async fn take(&self, msg: &Message) -> Option<OwnedSemaphorePermit> {
+        let payload = match msg {
+            Message::Write { data, .. }
+            | Message::WriteFua { data, .. }
+            | Message::ResyncData { data, .. } => data.len(),
+            _ => 0,
+        };
+        let n = (payload + REQUEST_COST).min(self.ceiling);
+        // `n` fits in u32: the ceiling does.
+        Arc::clone(&self.sem).acquire_many_owned(n as u32).await.ok()
+    }
+}
 
 /// Calls waiting for their reply. `closed` is set under the same lock as the map is drained, so
 /// a call either gets its sender into the map before the drain (and sees LinkDown from the
@@ -232,6 +271,8 @@ pub struct Responder {
     volume: u16,
     id: u64,
     answered: bool,
+    /// This request's share of the budget, given back when the answer is queued.
+    _budget: Option<OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for Responder {
@@ -281,6 +322,8 @@ pub(crate) struct SessionParams {
     pub ended: mpsc::UnboundedSender<(u64, String)>,
     /// Frames to send before anything else (READY).
     pub first: Option<Frame>,
+    /// The link's budget for the peer's requests.
+    pub budget: Arc<Budget>,
 }
 
 /// The reader of a session that has not started yet: see [`start`].
@@ -321,8 +364,15 @@ pub(crate) fn start(
     if let Some(f) = p.first {
         let _ = inner.send(f, true);
     }
-    let reader =
-        Reader { inner: inner.clone(), rd, buf, timeout: p.peer_timeout, events: p.events };
+    let reader = Reader {
+        inner: inner.clone(),
+        rd,
+        buf,
+        timeout: p.peer_timeout,
+        events: p.events,
+        budget: p.budget,
+        last: Instant::now(),
+    };
     let w = inner.clone();
     tokio::spawn(async move {
         let ping = || {
@@ -343,6 +393,10 @@ struct Reader {
     buf: BytesMut,
     timeout: Duration,
     events: mpsc::Sender<LinkEvent>,
+    budget: Arc<Budget>,
+    /// When the peer was last heard from; time the reader spent waiting on this node (the
+    /// budget, the event channel) does not count as the peer's silence.
+    last: Instant,
 }
 
 impl Reader {
@@ -359,8 +413,8 @@ impl Reader {
     async fn read_loop(&mut self) -> String {
         let cancelled = self.inner.cancel.clone().cancelled_owned();
         tokio::pin!(cancelled);
-        let mut last = Instant::now();
-        let silence = tokio::time::sleep_until(last + self.timeout);
+        self.last = Instant::now();
+        let silence = tokio::time::sleep_until(self.last + self.timeout);
         tokio::pin!(silence);
         loop {
             loop {
@@ -382,10 +436,11 @@ impl Reader {
                 _ = &mut cancelled => return "closed".into(),
                 r = self.rd.read_buf(&mut self.buf) => match r {
                     Ok(0) => return "peer closed the connection".into(),
-                    Ok(_) => last = Instant::now(),
+                    Ok(_) => self.last = Instant::now(),
                     Err(e) => return format!("read error: {e}"),
                 },
                 _ = &mut silence => {
+                    let last = self.last;
                     if last.elapsed() >= self.timeout {
                         return "peer timeout".into();
                     }
@@ -425,16 +480,25 @@ impl Reader {
                 Err(format!("unexpected handshake message kind {} in session", f.msg.kind()))
             }
             msg => {
+                // Back-pressure: nothing more is read until this request's share is free.
+                let budget = tokio::select! {
+                    biased;
+                    _ = self.inner.cancel.cancelled() => return Err("closed".into()),
+                    p = self.budget.take(&msg) => p,
+                };
                 self.inner.requests_in.fetch_add(1, Ordering::Relaxed);
                 let reply = Responder {
                     inner: self.inner.clone(),
                     volume: f.volume,
                     id: f.id,
                     answered: false,
+                    _budget: budget,
                 };
                 let ev =
                     LinkEvent::Request { session: self.inner.id, volume: f.volume, msg, reply };
-                self.events.send(ev).await.map_err(|_| "link event receiver gone".to_string())
+                let sent = self.events.send(ev).await;
+                self.last = Instant::now();
+                sent.map_err(|_| "link event receiver gone".to_string())
             }
         }
     }

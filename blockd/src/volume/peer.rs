@@ -15,6 +15,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::{Volume, VolumeError};
 use crate::{
     control::Role,
@@ -39,7 +41,7 @@ impl Volume {
             return ack(EPERM);
         }
         let result = match msg {
-            Message::Write { offset, data } => self.apply_data(offset, &data).await,
+            Message::Write { offset, data } => self.apply_data(offset, data).await,
             Message::WriteZeroes { offset, len, punch } => {
                 self.apply_zeroes(offset, len, punch).await
             }
@@ -69,7 +71,7 @@ impl Volume {
             Message::ResyncData { offset, data } => match self.wait_target_ready(session).await {
                 Ok(()) => {
                     let len = data.len() as u64;
-                    self.apply_resync(offset, len, self.apply_data(offset, &data)).await
+                    self.apply_resync(offset, len, self.apply_data(offset, data)).await
                 }
                 Err(code) => return ack(code),
             },
@@ -95,12 +97,15 @@ impl Volume {
         }
     }
 
-    async fn apply_data(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+    async fn apply_data(&self, offset: u64, data: Bytes) -> Result<(), VolumeError> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
-        // Received bytes are not aligned for direct I/O: one copy into an aligned buffer.
+        // Received bytes are not aligned for direct I/O: one copy into an aligned buffer. The
+        // received frame is let go at once, so a request waiting for its lock or its disk holds
+        // its payload once (the link's budget counts it once, `replication/session.rs`).
         let mut buf = self.store.alloc(data.len());
-        buf.as_mut_slice().copy_from_slice(data);
+        buf.as_mut_slice().copy_from_slice(&data);
+        drop(data);
         let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
         self.io(self.store.write(offset, buf).await)
     }
