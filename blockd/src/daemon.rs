@@ -163,7 +163,7 @@ pub async fn run_with_events(
         volumes.clone(),
         config.source.clone(),
         config.resync.clone(),
-        config.cluster.witness.map(|addr| Arc::new(Fence::new(addr))),
+        config.cluster.witness.map(|addr| Arc::new(Fence::for_volumes(addr, config.volume.len()))),
     );
     let mut serving = Serving::default();
     if let Err(e) = serving.start(&config, &node, &cluster).await {

@@ -41,8 +41,10 @@
 //! is never taken back by a running Primary: the other node may have promoted and written.
 //! Waiting and new degraded writes then fail (row 4): they can never be acknowledged, and
 //! failing them lets the filesystem on top be unmounted so that the agent can demote this node.
-//! [`Fence::reset`] is called on every role change, and a write mirrored again clears the loss
-//! ([`Fence::mirroring`]).
+//! [`Fence::reset`] is called on every role change, and writes mirrored again clear the loss
+//! ([`Fence::mirroring`]) once *every* volume has mirrored since: the lease is the node's, and
+//! one volume mirroring to a Secondary says nothing of another, which the other node may have
+//! promoted and written meanwhile.
 //!
 //! **What the lease cannot cover.** The check happens right before the reply is queued; a
 //! process paused for longer than the lease between the check and the reply's `write(2)` sends
@@ -86,6 +88,8 @@ pub struct Fence {
     renew_now: tokio::sync::Notify,
     /// Degraded writes waiting now.
     waiting: AtomicU64,
+    /// Volumes of the node: a loss ends once each of them mirrored.
+    volumes: usize,
 }
 
 /// A lease and when it was asked for.
@@ -103,6 +107,8 @@ struct Facts {
     degraded_since: Option<Instant>,
     /// The epoch this node held when another node got the lease; while set, no new lease.
     lost: Option<u64>,
+    /// Volumes (by index) that mirrored a write since `lost` was set.
+    mirrored: std::collections::BTreeSet<u16>,
     /// Who the witness last said holds the lease, when it refused.
     holder: Option<String>,
     /// The last failure to obtain or renew the lease.
@@ -121,8 +127,15 @@ pub enum Cleared<T> {
 }
 
 impl Fence {
+    /// The fence of a node with one volume.
     pub fn new(witness: SocketAddr) -> Fence {
+        Fence::for_volumes(witness, 1)
+    }
+
+    /// The fence of a node with `volumes` volumes.
+    pub fn for_volumes(witness: SocketAddr, volumes: usize) -> Fence {
         Fence {
+            volumes: volumes.max(1),
             witness,
             lease: watch::Sender::new(None),
             facts: Mutex::new(Facts::default()),
@@ -168,13 +181,22 @@ impl Fence {
         now
     }
 
-    /// The peer acknowledged a write: the next degraded write starts a new episode. Writes of
-    /// an earlier episode still waiting keep their own `since`. A lost epoch is forgotten too:
-    /// the peer takes writes only as a connected Secondary whose handshake found no split
-    /// brain, so whoever held the lease meanwhile did not write as Primary.
-    pub fn mirroring(&self) {
+    /// The peer acknowledged a write of volume `volume`: the next degraded write starts a new
+    /// episode. Writes of an earlier episode still waiting keep their own `since`. A lost
+    /// epoch is forgotten once every volume mirrored since the loss: the peer takes a volume's
+    /// writes only as its connected Secondary whose handshake found no split brain, so whoever
+    /// held the lease meanwhile did not write that volume as Primary.
+    pub fn mirroring(&self, volume: u16) {
         let mut f = self.facts();
         f.degraded_since = None;
+        if f.lost.is_none() {
+            return;
+        }
+        f.mirrored.insert(volume);
+        if f.mirrored.len() < self.volumes {
+            return;
+        }
+        f.mirrored.clear();
         if let Some(epoch) = f.lost.take() {
             tracing::info!(
                 epoch,
@@ -259,6 +281,7 @@ impl Fence {
                     "the witness lease was lost: another node held it since epoch {had}; \
                      degraded writes stay frozen until this node's role changes");
                 f.lost = Some(had);
+                f.mirrored.clear();
                 f.error = Some(format!("lease epoch {had} lost to another node"));
                 self.lease.send_replace(None);
                 RETRY
@@ -269,6 +292,7 @@ impl Fence {
                     if self.held().is_some() {
                         // Someone else holds it: whatever this node had is over.
                         f.lost = self.held().map(|l| l.epoch);
+                        f.mirrored.clear();
                         self.lease.send_replace(None);
                     }
                 }

@@ -116,7 +116,7 @@ async fn a_lost_epoch_freezes_until_the_role_changes() {
         assert!(f.valid(now).is_none(), "{loss}: a later grant is not taken back");
         let s = f.status("alpha", now);
         assert_eq!(s.lost, Some(3), "{loss}");
-        f.mirroring();
+        f.mirroring(0);
         assert!(!f.is_lost(), "{loss}: mirroring to a Secondary peer again ends the loss");
         f.record(Err(refused("beta")), now);
         assert!(!f.is_lost(), "{loss}: refused while holding nothing is no loss");
@@ -232,11 +232,29 @@ async fn only_a_lease_asked_after_going_degraded_counts() {
     assert_eq!(cleared, Cleared::Lease(1));
     assert_eq!(asked.load(Ordering::SeqCst), 2, "asked again at once, not a third term later");
     assert!(Instant::now() - since < Duration::from_millis(100), "one round trip");
-    f.mirroring();
+    f.mirroring(0);
     tokio::time::sleep(Duration::from_millis(10)).await;
     let next = f.went_degraded(Instant::now());
     assert!(next > since, "a new episode");
     assert!(f.valid_since(Some(next), Instant::now()).is_none());
     token.cancel();
     task.await.unwrap();
+}
+
+/// The lease is the node's: one volume mirroring again does not end a loss for another, which
+/// the other node may have promoted and written; once every volume mirrored, it ends.
+#[tokio::test(start_paused = true)]
+async fn a_loss_ends_only_once_every_volume_mirrored() {
+    let f = Fence::for_volumes(addr(), 2);
+    let now = Instant::now();
+    f.record(Ok(lease(3, now)), now);
+    f.record(Err(refused("beta")), now);
+    assert!(f.is_lost());
+    f.mirroring(0);
+    f.mirroring(0);
+    assert!(f.is_lost(), "volume 1 has not mirrored: still fenced");
+    let cleared = f.wait(None, || None::<()>).await;
+    assert_eq!(cleared, Cleared::Lost(3), "volume 1's degraded writes still fail");
+    f.mirroring(1);
+    assert!(!f.is_lost(), "both mirrored since the loss");
 }

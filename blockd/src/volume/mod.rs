@@ -392,7 +392,7 @@ impl Volume {
         self.io(local)?;
         if self.peer_done(&session, remote).await? {
             if let Some(f) = self.fence.get() {
-                f.mirroring();
+                f.mirroring(self.index());
             }
             self.counters.peer_writes.fetch_add(1, Ordering::Relaxed);
             self.counters.peer_bytes.fetch_add(bytes, Ordering::Relaxed);
