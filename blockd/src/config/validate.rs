@@ -60,6 +60,9 @@ const MAX_MAX_REQUEST: u64 = 1 << 30;
 /// reply that decides sits unread behind them.
 const MIN_LINK_IN_FLIGHT: u64 = crate::replication::wire::MAX_DATA as u64;
 
+/// The largest payload of a replication frame.
+const WIRE_MAX_DATA: u64 = crate::replication::wire::MAX_DATA as u64;
+
 /// Smallest per-connection NBD budget.
 const MIN_NBD_IN_FLIGHT: u64 = 1 << 20;
 
@@ -240,6 +243,13 @@ impl Config {
                 "must be from {} (what the Linux client sends) to {}",
                 ByteSize(MIN_MAX_REQUEST),
                 ByteSize(MAX_MAX_REQUEST)
+            );
+            p.add("nbd.max-request", Some(show_size(n.max_request)), why);
+        } else if self.node.len() == 2 && req > WIRE_MAX_DATA {
+            // A larger WRITE could not be mirrored: the link would drop it (and the peer).
+            let why = format!(
+                "must be at most {}, the largest write the replication link carries, with two nodes",
+                ByteSize(WIRE_MAX_DATA)
             );
             p.add("nbd.max-request", Some(show_size(n.max_request)), why);
         }
@@ -574,6 +584,26 @@ mod tests {
     fn small_max_request_is_refused() {
         let text = format!("[nbd]\nmax-request = \"1MiB\"\n{SINGLE}");
         refused(&text, "nbd.max-request", "1MiB");
+    }
+
+    #[test]
+    fn max_request_beyond_the_wire_is_refused_with_two_nodes() {
+        let two = "[cluster]\nsecret-file = \"/etc/s\"\n\
+                   [node.a]\nreplication = \"127.0.0.1:1\"\n[node.b]\nreplication = \"127.0.0.2:1\"\n\
+                   [[volume]]\nname = \"v\"\nsize = 4096";
+        let text = format!("[nbd]\nmax-request = \"64MiB\"\n{two}");
+        let err = refused(&text, "nbd.max-request", "64MiB");
+        assert!(err.contains("at most 32MiB"), "names the wire's limit: {err}");
+        // One node mirrors nothing: up to 1 GiB stays allowed.
+        load(&format!("[nbd]\nmax-request = \"64MiB\"\n{SINGLE}")).unwrap();
+    }
+
+    #[test]
+    fn in_flight_budgets_are_checked() {
+        let text = format!("[cluster]\nmax-in-flight-bytes = \"1MiB\"\n{SINGLE}");
+        refused(&text, "cluster.max-in-flight-bytes", "1MiB");
+        let text = format!("[nbd]\nmax-in-flight-bytes = 4096\n{SINGLE}");
+        refused(&text, "nbd.max-in-flight-bytes", "4096");
     }
 
     #[test]
