@@ -41,15 +41,15 @@ impl Volume {
             return ack(EPERM);
         }
         let result = match msg {
-            Message::Write { offset, data } => self.apply_data(offset, data).await,
+            Message::Write { offset, data } => self.apply_data(session, offset, data).await,
             Message::WriteZeroes { offset, len, punch } => {
-                self.apply_zeroes(offset, len, punch).await
+                self.apply_zeroes(session, offset, len, punch).await
             }
             Message::Trim { offset, len } => match self.check_range(offset, len) {
-                Ok(()) => {
-                    let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
-                    self.io(self.store.trim(offset, len).await)
-                }
+                Ok(()) => match self.lock_live(session, offset, len).await {
+                    Ok(_lock) => self.io(self.store.trim(offset, len).await),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             },
             Message::Flush => match self.io(self.store.flush().await) {
@@ -71,13 +71,14 @@ impl Volume {
             Message::ResyncData { offset, data } => match self.wait_target_ready(session).await {
                 Ok(()) => {
                     let len = data.len() as u64;
-                    self.apply_resync(offset, len, self.apply_data(offset, data)).await
+                    self.apply_resync(offset, len, self.apply_data(session, offset, data)).await
                 }
                 Err(code) => return ack(code),
             },
             Message::ResyncZero { offset, len } => match self.wait_target_ready(session).await {
                 Ok(()) => {
-                    self.apply_resync(offset, len, self.apply_zeroes(offset, len, true)).await
+                    let zero = self.apply_zeroes(session, offset, len, true);
+                    self.apply_resync(offset, len, zero).await
                 }
                 Err(code) => return ack(code),
             },
@@ -97,7 +98,12 @@ impl Volume {
         }
     }
 
-    async fn apply_data(&self, offset: u64, data: Bytes) -> Result<(), VolumeError> {
+    async fn apply_data(
+        &self,
+        session: &Session,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), VolumeError> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
         // Received bytes are not aligned for direct I/O: one copy into an aligned buffer. The
@@ -106,14 +112,41 @@ impl Volume {
         let mut buf = self.store.alloc(data.len());
         buf.as_mut_slice().copy_from_slice(&data);
         drop(data);
-        let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
+        let _lock = self.lock_live(session, offset, len).await?;
         self.io(self.store.write(offset, buf).await)
     }
 
-    async fn apply_zeroes(&self, offset: u64, len: u64, punch: bool) -> Result<(), VolumeError> {
+    async fn apply_zeroes(
+        &self,
+        session: &Session,
+        offset: u64,
+        len: u64,
+        punch: bool,
+    ) -> Result<(), VolumeError> {
         self.check_range(offset, len)?;
-        let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
+        let _lock = self.lock_live(session, offset, len).await?;
         self.io(self.store.write_zeroes(offset, len, punch).await)
+    }
+
+    /// The range lock for a request of `session`, taken only while that session lives. A
+    /// request of a session that ended while it waited must not be applied: the next session's
+    /// resync may have written the range meanwhile, and the stale bytes would land on newer
+    /// ones (the Primary marked the unacknowledged request; the resync covers it). The session
+    /// ends before the next one can start, so the check under the lock is enough. Answered EIO
+    /// (to nobody: the session is gone), without failing the disk.
+    async fn lock_live(
+        &self,
+        session: &Session,
+        offset: u64,
+        len: u64,
+    ) -> Result<super::locks::RangeGuard<'_>, VolumeError> {
+        let lock = self.locks.lock(self.store.lock_span(offset, len)).await;
+        if session.is_open() {
+            return Ok(lock);
+        }
+        tracing::debug!(volume = %self.name(), offset, len, "dropping a request of an ended session");
+        let ended = std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "session ended");
+        Err(VolumeError::Io(ended))
     }
 
     async fn apply_resync(
@@ -152,3 +185,7 @@ impl Volume {
 fn ack(error: u32) -> Message {
     Message::Ack { error }
 }
+
+#[cfg(test)]
+#[path = "peer_tests.rs"]
+mod tests;
