@@ -108,8 +108,20 @@ pub async fn transmission<S>(
         },
     }
     // Dropping the reader's sender lets the writer end after the last request task's reply.
-    drop(conn);
-    if let Err(e) = writer.await {
+    let Connection { mut input, tx, .. } = conn;
+    drop(tx);
+    let mut guard = Some(guard);
+    tokio::pin!(writer);
+    let done = loop {
+        tokio::select! {
+            r = &mut writer => break r,
+            // The client is gone once its end of the socket closes: it no longer counts as
+            // connected (so `demote` can go on) even while a request of it still runs, such as
+            // a degraded write frozen by the fence, which the demotion then fails.
+            () = input.closed(), if guard.is_some() => guard = None,
+        }
+    };
+    if let Err(e) = done {
         tracing::error!(error = %e, "NBD reply writer panicked");
     }
     drop(guard);
@@ -342,6 +354,17 @@ impl<R: AsyncRead + Unpin> Input<R> {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(ReadError::Torn),
             Err(e) => Err(ReadError::Io(e)),
+        }
+    }
+
+    /// Reads (and throws away) until the client closes its end or the socket fails.
+    async fn closed(&mut self) {
+        loop {
+            self.buf.clear();
+            self.buf.reserve(READ_CHUNK);
+            if !matches!(self.rd.read_buf(&mut self.buf).await, Ok(n) if n > 0) {
+                return;
+            }
         }
     }
 

@@ -402,3 +402,34 @@ async fn s1_backend_errors_become_nbd_values_eio_and_enospc() {
     conn.c.write(4, 0, &[1; 4096]).await;
     assert_eq!(conn.c.simple().await, (0, 4));
 }
+
+/// A client that went away while its degraded write is frozen by the fence no longer counts
+/// as connected (so `demote` is not kept waiting); the demotion then fails the write.
+#[tokio::test]
+async fn a_gone_client_with_a_frozen_write_does_not_hold_the_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = volume(&dir, "vol", SIZE, Role::Secondary);
+    let fence = Arc::new(crate::fence::Fence::new("127.0.0.1:7790".parse().unwrap()));
+    vol.set_fence(Arc::clone(&fence));
+    vol.transition(crate::role::Event::Promote { force: true }, None).await.unwrap();
+    let ex = Arc::new(Exports::new(vec![Arc::clone(&vol)], Some("vol")));
+    let mut conn = connect(&ex, Limits::default());
+    conn.c.go("vol", false).await;
+    conn.c.write(1, 0, &[1; 4096]).await;
+    let frozen = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while fence.waiting() == 0 {
+        assert!(tokio::time::Instant::now() < frozen, "the degraded write did not freeze");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(vol.clients(), 1);
+    let crate::nbd::testkit::Conn { c, task, .. } = conn;
+    drop(c); // the client is gone
+    let gone = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while vol.clients() > 0 {
+        assert!(tokio::time::Instant::now() < gone, "a gone client still counts");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(fence.waiting(), 1, "its write is still frozen");
+    vol.transition(crate::role::Event::Demote, None).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), task).await.unwrap().unwrap();
+}
