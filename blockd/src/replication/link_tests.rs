@@ -642,7 +642,7 @@ async fn peer_requests_beyond_the_budget_wait_until_answered() {
         assert_eq!(data.len(), *len);
         // Real time on purpose: nothing may arrive while the budget is spent.
         let early = tokio::time::timeout(Duration::from_millis(300), b.rx.recv()).await;
-        assert!(early.is_err(), "delivered beyond the budget: {early:?}");
+        assert!(early.is_err(), "a request was delivered beyond the budget");
         held.push(reply);
         held.drain(..).for_each(|r: Responder| r.send(Message::Ack { error: 0 }));
     }
