@@ -156,6 +156,7 @@ impl MetaFile {
                         consistent: true,
                         primary_when_stopped: false,
                         clean_shutdown: true,
+                        failed: None,
                     },
                     granularity,
                 };

@@ -21,7 +21,8 @@ use super::{
     fault::{Fault, FaultEngine, OpKind},
     sync::SyncEngine,
     uring::UringEngine,
-    AlignedBuf, Completion, DirectIo, Engine, EngineKind, Op, StorageError, Store, StoreOptions,
+    AlignedBuf, Allocate, Completion, DirectIo, Engine, EngineKind, Op, StorageError, Store,
+    StoreOptions,
 };
 
 const KIB: u64 = 1 << 10;
@@ -66,8 +67,13 @@ impl Harness {
     fn new(cfg: Cfg, size: u64) -> Harness {
         let dir = tempdir();
         let path = dir.path().join("vol.img");
-        let opts =
-            StoreOptions { path: path.clone(), size, engine: cfg.engine, direct: cfg.direct };
+        let opts = StoreOptions {
+            path: path.clone(),
+            size,
+            engine: cfg.engine,
+            direct: cfg.direct,
+            allocate: Allocate::Sparse,
+        };
         let store = Store::open(&opts).expect("open store");
         let want_engine = if cfg.engine == EngineKind::Sync { "sync" } else { "io_uring" };
         assert_eq!(store.engine_name(), want_engine);
@@ -261,8 +267,13 @@ async fn case_reopen(cfg: Cfg) {
     let mut h = Harness::new(cfg, MIB);
     h.write(4097, &pattern(8, 9000)).await;
     h.store.flush().await.expect("flush");
-    let opts =
-        StoreOptions { path: h.path.clone(), size: MIB, engine: cfg.engine, direct: cfg.direct };
+    let opts = StoreOptions {
+        path: h.path.clone(),
+        size: MIB,
+        engine: cfg.engine,
+        direct: cfg.direct,
+        allocate: Allocate::Sparse,
+    };
     h.store = Arc::new(Store::open(&opts).expect("reopen"));
     h.check_all().await;
 }
@@ -304,7 +315,13 @@ conformance! {
 }
 
 fn opts(path: PathBuf, size: u64) -> StoreOptions {
-    StoreOptions { path, size, engine: EngineKind::Auto, direct: DirectIo::Auto }
+    StoreOptions {
+        path,
+        size,
+        engine: EngineKind::Auto,
+        direct: DirectIo::Auto,
+        allocate: Allocate::Sparse,
+    }
 }
 
 #[tokio::test]
