@@ -343,8 +343,13 @@ impl Volume {
         let start = Instant::now();
         // A Secondary flushes its own store only (at shutdown, say); its peer flushes itself.
         let failed = self.detached();
-        match self.route().ok().flatten() {
-            None if failed => return Err(self.failed_error()),
+        let route = self.route();
+        let primary = route.is_ok();
+        match route.ok().flatten() {
+            // A Primary with neither its disk nor its peer cannot make anything durable.
+            None if failed && primary => return Err(self.failed_error()),
+            // A Secondary whose disk is Failed wrote nothing to it since: nothing to flush.
+            None if failed => {}
             None => self.io(DiskOp::Flush, 0, self.store.flush().await).await?,
             Some(session) => {
                 let epoch = self.track.flush_started();
