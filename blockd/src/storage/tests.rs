@@ -683,3 +683,18 @@ async fn uring_more_ops_than_the_ring_holds() {
         assert_eq!(c.buf.expect("buffer").as_slice(), &h.model[offset..offset + 4096]);
     }
 }
+
+/// Issue 17: a backing blockd creates is allocated in full unless asked for a sparse one.
+#[test]
+fn new_backing_files_are_allocated_in_full_unless_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempdir();
+    for (allocate, want_full) in [(Allocate::Full, true), (Allocate::Sparse, false)] {
+        let path = dir.path().join(format!("{allocate:?}.img"));
+        let store = Store::open(&StoreOptions { allocate, ..opts(path.clone(), 8 * MIB) });
+        assert!(store.expect("open").created());
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.len(), 8 * MIB);
+        assert_eq!(m.blocks() * 512 >= 8 * MIB, want_full, "{allocate:?}: {} blocks", m.blocks());
+    }
+}

@@ -152,3 +152,90 @@ impl Volume {
         Err(err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::tests::{data, volume};
+    use super::*;
+    use crate::{
+        meta::{AlConfig, MetaFile},
+        storage::{
+            fault::{Fault, FaultEngine, OpKind},
+            Allocate, DirectIo, EngineKind, Store, StoreOptions,
+        },
+        volume::VolumeInfo,
+    };
+
+    const SIZE: u64 = 1 << 20;
+
+    /// `volume(dir, Some("beta"))`'s files, through an engine that fails on demand.
+    fn faulty(dir: &tempfile::TempDir) -> (Volume, Arc<FaultEngine>) {
+        let path = dir.path().join("v.img");
+        let opts = StoreOptions {
+            path: path.clone(),
+            size: SIZE,
+            engine: EngineKind::Sync,
+            direct: DirectIo::Off,
+            allocate: Allocate::Sparse,
+        };
+        let mut fault = None;
+        let store = Store::open(&opts).unwrap().map_engine(|inner| {
+            let f = Arc::new(FaultEngine::new(inner));
+            fault = Some(Arc::clone(&f));
+            f
+        });
+        let meta = dir.path().join("v.meta");
+        let (file, meta) = MetaFile::open_or_create(&meta, SIZE, "alpha", store.created()).unwrap();
+        let info = VolumeInfo {
+            name: "v".into(),
+            index: 0,
+            node: "alpha".into(),
+            peer: Some("beta".into()),
+            socket: dir.path().join("v.sock"),
+            backing: path,
+        };
+        (Volume::open(info, store, meta, file, AlConfig::default()).unwrap(), fault.unwrap())
+    }
+
+    /// Issue 17: ENOSPC is a disk failure like any other. Without the peer the error goes to
+    /// the client, the range is marked first, the disk is Failed with why, in the superblock
+    /// (still Failed after a restart, never promoted), nothing more is written to it; the
+    /// operator's replacement makes it Inconsistent with every byte marked.
+    #[tokio::test]
+    async fn a_write_error_fails_the_disk_on_disk_until_it_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v, fault) = faulty(&dir);
+        v.mark_clean(false).await.unwrap();
+        v.transition(Event::Promote { force: true }, None).await.unwrap();
+        let enospc = Fault { kind: OpKind::Write, range: Some(8192..12288), errno: libc::ENOSPC };
+        fault.fail(enospc);
+        let err = v.write(8192, data(&v, 7, 4096), false).await.unwrap_err();
+        assert!(err.is_no_space(), "{err:?}");
+        let st = v.status();
+        assert_eq!(st.disk, DiskState::Failed);
+        let want = DiskFailure { op: DiskOp::Write, errno: 28, offset: 8192 };
+        assert_eq!(st.disk_failure, Some(want));
+        assert!(v.track.with(|d| d.bitmap().test(8192..12288)), "marked before the reply");
+        fault.heal();
+        assert!(v.write(0, data(&v, 9, 4096), false).await.is_err(), "no peer, no disk");
+        assert!(v.read(0, 4096).await.is_err());
+        let on_disk = std::fs::read(dir.path().join("v.img")).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0), "nothing reaches a Failed disk");
+        v.transition(Event::Demote, None).await.unwrap();
+        drop(v);
+
+        let v = volume(&dir, Some("beta"));
+        assert_eq!(v.status().disk, DiskState::Failed, "Failed survives a restart");
+        assert_eq!(v.status().disk_failure, Some(want));
+        v.transition(Event::Promote { force: true }, None).await.unwrap();
+        assert_eq!(v.machine().role, crate::control::Role::Secondary, "never promoted");
+        v.replace_disk().await.unwrap();
+        assert_eq!((v.machine().disk, v.dirty_bytes()), (DiskState::Inconsistent, SIZE));
+        drop(v);
+        let v = volume(&dir, Some("beta"));
+        assert_eq!(v.machine().disk, DiskState::Inconsistent, "replaced: a full resync target");
+        assert_eq!((v.status().disk_failure, v.dirty_bytes()), (None, SIZE));
+    }
+}
