@@ -120,6 +120,13 @@ fn eio_on_the_primary_is_served_by_the_peer_and_comes_back_by_a_full_resync() {
     let (written, read) = fio.finish(Duration::from_secs(180));
     assert_eq!((written, read), (32 * MIB, 32 * MIB), "fio must write and verify all 32 MiB");
     let v = assert_failed(&c, Alpha, 5);
+    let text = blockctl(&c, Alpha, &["status"]);
+    assert!(text.stdout.contains("Failed: Input/output error"), "status says why:\n{text}");
+    let events = blockctl(&c, Alpha, &["events", "--json", "--until", "disk=Failed"]);
+    assert!(
+        events.stdout.contains("\"Failed\"") && events.stdout.contains("Input/output"),
+        "the disk event carries why:\n{events}"
+    );
     assert!(v["out_of_sync"].as_u64().unwrap_or(0) > 0, "the failed ranges are marked: {v}");
     assert_eq!(c.vol(Alpha)["role"], "Primary");
 
