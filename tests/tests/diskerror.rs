@@ -193,19 +193,7 @@ fn eio_on_the_secondary_degrades_the_primary_and_comes_back_by_a_full_resync() {
 #[test]
 fn enospc_on_the_primary_fails_the_disk_and_loses_nothing() {
     const SIZE: u64 = 64 * MIB;
-    let mut c = Cluster::new("diskerror-enospc", "64MiB");
-    let data_dir = c.backing(Alpha).parent().expect("data dir").to_path_buf();
-    // What finding 2 had: a 40 MiB filesystem for a 64 MiB volume.
-    let small = SmallFs::mount(&c.dir().join("small.ext4"), 40 * MIB, &data_dir);
-    c.start_with_env(Alpha, &[("BLOCKD_STORAGE__ALLOCATE", "sparse")]);
-    c.start(Beta);
-    c.wait_in_sync(SYNC_TIMEOUT);
-    c.role(Alpha, "primary", false).unwrap_or_else(|e| panic!("role primary on alpha: {e}"));
-    c.wait_for(Alpha, "role Primary", Duration::from_secs(10), |v| v["role"] == "Primary");
-    let job = ["--rw=write", "--bs=64k", "--size=60m", "--iodepth=4", "--verify=crc32c"];
-    let job = [&job[..], &["--verify_fatal=1", "--end_fsync=1"]].concat();
-    let (written, read) = clients::fio_run(c.dir(), &c.nbd_uri(Alpha), "fill", &job);
-    assert_eq!((written, read), (60 * MIB, 60 * MIB), "fio must write and verify all 60 MiB");
+    let (mut c, small, job) = filled("diskerror-enospc", Alpha);
     assert_failed(&c, Alpha, 28);
 
     c.wait_for(Alpha, "no NBD clients", Duration::from_secs(10), |v| v["clients"] == 0);
@@ -224,6 +212,51 @@ fn enospc_on_the_primary_fails_the_disk_and_loses_nothing() {
     bring_back(&c, Alpha, SIZE);
     c.stop(Alpha);
     drop(small);
+}
+
+/// ENOSPC on the Secondary's disk (its data-dir with 40 MiB free for the 64 MiB sparse
+/// volume) during fio verify through alpha: fio sees no error, alpha goes on degraded with its
+/// disk UpToDate, beta is Failed (ENOSPC) across a restart and comes back by a full resync
+/// once the filesystem has room.
+#[test]
+fn enospc_on_the_secondary_degrades_the_primary_and_loses_nothing() {
+    const SIZE: u64 = 64 * MIB;
+    let (mut c, small, job) = filled("diskerror-enospc-secondary", Beta);
+    let a = c.vol(Alpha);
+    assert_eq!(a["disk"], "UpToDate", "the peer's error must not fail alpha's disk: {a}");
+    assert!(a["out_of_sync"].as_u64().unwrap_or(0) > 0, "alpha marks what beta lacks: {a}");
+    assert_failed(&c, Beta, 28);
+
+    c.stop(Beta);
+    small.make_room();
+    c.start_with_env(Beta, &[("BLOCKD_STORAGE__ALLOCATE", "sparse")]);
+    assert_failed(&c, Beta, 28);
+    bring_back(&c, Beta, SIZE);
+    let verify = [&job[..], &["--verify_only=1"]].concat();
+    let (_, read) = clients::fio_run(c.dir(), &c.nbd_uri(Alpha), "verify", &verify);
+    assert_eq!(read, 60 * MIB);
+    c.stop(Beta);
+    drop(small);
+}
+
+/// A sparse volume on `n` whose data-dir has 40 MiB free for 64 MiB (what finding 2 had),
+/// alpha Primary and in sync, and fio's job written and verified through alpha: 60 MiB of
+/// 64 KiB sequential writes, with no error (asserted). Returns the job for a verify_only run.
+fn filled(test: &str, n: NodeId) -> (Cluster, SmallFs, Vec<&'static str>) {
+    let mut c = Cluster::new(test, "64MiB");
+    let data_dir = c.backing(n).parent().expect("data dir").to_path_buf();
+    let small = SmallFs::mount(&c.dir().join("small.ext4"), 40 * MIB, &data_dir);
+    for m in [Alpha, Beta] {
+        c.start_with_env(m, &[("BLOCKD_STORAGE__ALLOCATE", "sparse")]);
+    }
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.role(Alpha, "primary", false).unwrap_or_else(|e| panic!("role primary on alpha: {e}"));
+    c.wait_for(Alpha, "role Primary", Duration::from_secs(10), |v| v["role"] == "Primary");
+    let job = ["--rw=write", "--bs=64k", "--size=60m", "--iodepth=4", "--verify=crc32c"];
+    let job = [&job[..], &["--verify_fatal=1", "--end_fsync=1"]].concat();
+    let (written, read) = clients::fio_run(c.dir(), &c.nbd_uri(Alpha), "fill", &job);
+    assert_eq!((written, read), (60 * MIB, 60 * MIB), "fio must write and verify all 60 MiB");
+    (c, small, job)
 }
 
 fn faults(errno: &'static str) -> Faults {
