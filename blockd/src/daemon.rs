@@ -300,6 +300,7 @@ fn open_volumes(config: &Config, node: &LocalNode) -> Result<Vec<Arc<Volume>>, D
                 size: v.size.bytes(),
                 engine: config.storage.engine,
                 direct: config.storage.direct_io,
+                allocate: config.storage.allocate,
             };
             let store = Store::open(&opts)
                 .map_err(|source| DaemonError::OpenStore { volume: v.name.clone(), source })?;
@@ -541,7 +542,7 @@ impl Handler for NodeHandler {
                 Err((kind, message)) => Response::err(kind, message),
             },
             Request::Resolve { resolve, volume } => {
-                match self.node.resolve(volume.as_deref(), resolve) {
+                match self.node.resolve(volume.as_deref(), resolve).await {
                     Ok(()) => Response::Ok(Reply::Done),
                     Err((kind, message)) => Response::err(kind, message),
                 }

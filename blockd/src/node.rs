@@ -378,8 +378,10 @@ impl Node {
 
     /// `blockctl resolve`: the named volume (or every one) gives up its data at the next
     /// handshake, which is held at once by reconnecting the link. Refused on a Primary (demote
-    /// first: a Primary never receives) and while the volume replicates normally.
-    pub fn resolve(&self, volume: Option<&str>, resolve: Resolve) -> Result<(), Refused> {
+    /// first: a Primary never receives) and while the volume replicates normally. A `Failed`
+    /// disk (repaired or replaced by now) becomes `Inconsistent` with every byte marked: the
+    /// target of a full resync, whichever option was given.
+    pub async fn resolve(&self, volume: Option<&str>, resolve: Resolve) -> Result<(), Refused> {
         let targets = self.targets(volume)?;
         for v in &targets {
             let m = v.machine();
@@ -408,6 +410,7 @@ impl Node {
         }
         for v in &targets {
             tracing::warn!(volume = %v.name(), "operator: resolve {resolve:?} at the next handshake");
+            v.replace_disk().await.map_err(internal)?;
             v.set_resolve(resolve);
         }
         if let Some(s) = self.session() {

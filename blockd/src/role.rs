@@ -40,6 +40,8 @@
 //! |                    | SyncTarget, other disk           | Connected, UpToDate; ResyncFinished  |
 //! |                    | not SyncSource/SyncTarget        | no-op                                |
 //! | DiskFailed         | any                              | disk Failed                          |
+//! | DiskReplaced       | Secondary, disk Failed           | disk Inconsistent                    |
+//! |                    | otherwise                        | no-op                                |
 //!
 //! (*) "ends a promotion": if promoting, not any more, and Refuse(PeerUnreachable), so the
 //! operator's pending request fails instead of hanging. Disconnected keeps `StandAlone` (a
@@ -88,6 +90,8 @@ pub enum Event {
     ResyncDone,
     /// A local I/O error.
     DiskFailed,
+    /// The operator replaced or repaired a Failed disk: its contents are unknown.
+    DiskReplaced,
 }
 
 /// What the node must do, in order.
@@ -160,6 +164,16 @@ pub fn step(s: &State, e: &Event) -> (State, Vec<Action>) {
         Event::Disconnected => disconnected(s),
         Event::ResyncDone => resync_done(s),
         Event::DiskFailed => (State { disk: DiskState::Failed, ..*s }, vec![]),
+        Event::DiskReplaced => match (s.role, s.disk) {
+            (Role::Secondary, DiskState::Failed) => {
+                (State { disk: DiskState::Inconsistent, ..*s }, vec![])
+            }
+            (Role::Primary, _)
+            | (
+                Role::Secondary,
+                DiskState::UpToDate | DiskState::Outdated | DiskState::Inconsistent,
+            ) => unchanged(s),
+        },
     }
 }
 
@@ -286,6 +300,7 @@ fn drop_session(s: State, reason: &str) -> (State, Vec<Action>) {
 /// |------------------------------------------------|---------------------------------------------|
 /// | both Primary, `SplitBrain`                     | Drop "split brain: ..."                     |
 /// | both Primary                                   | Drop "both nodes are Primary"               |
+/// | a Secondary's disk is Failed (mine or peer's)  | Drop: it can take no writes nor a resync    |
 /// | `InSync`, I am Inconsistent, the peer UpToDate | as `Target` below                           |
 /// | `InSync`, I am UpToDate, the peer Inconsistent | as `Source` below                           |
 /// | `InSync` otherwise                             | Connected                                   |
@@ -315,6 +330,15 @@ fn connected(
             "split brain: both nodes wrote since they were last in sync (both are Primary)",
         ),
         (Role::Primary, Role::Primary) => drop_session(next, "both nodes are Primary"),
+        // A Failed disk is never written again, not even by a resync, until the operator
+        // replaced it (DRBD's detach); a Failed Primary goes on serving through its peer.
+        (Role::Secondary, _) if s.disk == DiskState::Failed => drop_session(
+            next,
+            "this node's disk is Failed: repair or replace it, then blockctl resolve --full-sync",
+        ),
+        (_, Role::Secondary) if peer_disk == DiskState::Failed => {
+            drop_session(next, "the peer's disk is Failed")
+        }
         (Role::Primary, Role::Secondary) | (Role::Secondary, Role::Primary | Role::Secondary) => {
             match decision {
                 SyncDecision::InSync => match settle(s.disk, peer_disk) {

@@ -34,7 +34,7 @@ fn volume(out: &mut String, v: &VolumeStatus) {
     let mut rows: Vec<(&str, String)> = vec![
         ("size", format!("{} ({} bytes)", human(v.size), v.size)),
         ("role", format!("{:?}", v.role)),
-        ("disk", format!("{:?}", v.disk)),
+        ("disk", disk(v)),
         ("conn", connection(v)),
     ];
     if v.peer.is_some() {
@@ -100,6 +100,14 @@ fn lease(l: &LeaseStatus) -> String {
     }
     s.push_str(&format!(" (witness {})", l.witness));
     s
+}
+
+/// "UpToDate", or "Failed: Input/output error (os error 5) on Write at offset 4096".
+fn disk(v: &VolumeStatus) -> String {
+    match &v.disk_failure {
+        Some(f) => format!("{:?}: {f}", v.disk),
+        None => format!("{:?}", v.disk),
+    }
 }
 
 /// "Connected to beta (Secondary, UpToDate)", "Connecting to beta", "StandAlone: why".
@@ -216,6 +224,11 @@ mod tests {
             size: 64 << 20,
             role: Role::Primary,
             disk: DiskState::Failed,
+            disk_failure: Some(blockd::control::DiskFailure {
+                op: blockd::control::DiskOp::Write,
+                errno: 28,
+                offset: 1 << 20,
+            }),
             clients: 2,
             socket: "/run/blockd/db.sock".into(),
             backing: "/var/lib/blockd/db.img".into(),
@@ -256,7 +269,7 @@ mod tests {
             "volume db\n",
             "size     64.0 MiB (67108864 bytes)",
             "role     Primary",
-            "disk     Failed",
+            "disk     Failed: No space left on device (os error 28) on Write at offset 1048576",
             "conn     StandAlone: single-node configuration",
             "gen      0000000000000001",
             "clients  2",

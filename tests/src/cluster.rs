@@ -266,6 +266,7 @@ impl Cluster {
         c.arg("--config").arg(&d.config).arg("--node").arg(n.name());
         c.env("NO_COLOR", "1")
             .env_remove("BLOCKD_TEST_KEEP")
+            .env("BLOCKD_STORAGE__ALLOCATE", crate::TEST_ALLOCATE)
             .envs(env.iter().copied())
             .stdin(Stdio::null());
         c.stdout(log.try_clone().expect("dup log")).stderr(log);

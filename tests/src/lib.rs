@@ -37,6 +37,12 @@ pub use cmd::{require, require_root, run, run_timeout, try_run, Background, Outp
 pub use mounts::{LoopMount, NbdFuse};
 pub use node::{Node, TestDir};
 
+/// `[storage] allocate` for the daemons tests start (`BLOCKD_STORAGE__ALLOCATE`; a test's own
+/// environment overrides it). Sparse: hundreds of tests with volumes up to GiBs would otherwise
+/// reserve all of it in /var/tmp, and the resync tests count the holes they skip. The default
+/// ("full") is tested where it matters (tests/tests/diskerror.rs).
+pub const TEST_ALLOCATE: &str = "sparse";
+
 /// Deterministic pseudo-random bytes (xorshift64*), so a test can regenerate what it wrote
 /// instead of keeping it in memory, and so a failure reproduces with the same data.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {

@@ -134,6 +134,7 @@ impl Node {
         let mut c = Command::new(bin("blockd"));
         c.arg("--config").arg(&self.config).arg("--node").arg(&self.name);
         c.env("NO_COLOR", "1").env_remove("BLOCKD_TEST_KEEP").stdin(Stdio::null());
+        c.env("BLOCKD_STORAGE__ALLOCATE", crate::TEST_ALLOCATE);
         c.stdout(log.try_clone().expect("dup log")).stderr(log);
         kill_with_parent(&mut c);
         let child = c.spawn().unwrap_or_else(|e| panic!("cannot start blockd: {e}"));

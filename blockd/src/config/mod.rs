@@ -41,7 +41,7 @@ pub use witness::LeaseConfig;
 
 use crate::{
     nbd::Limits,
-    storage::{DirectIo, EngineKind},
+    storage::{Allocate, DirectIo, EngineKind},
 };
 
 /// Where `blockd` and `blockctl` look for the file when `--config` is not given.
@@ -228,6 +228,9 @@ pub struct StorageConfig {
     /// "auto" (direct unless the backing cannot), "on" or "off".
     #[serde(default)]
     pub direct_io: DirectIo,
+    /// How a missing backing file is created: "full" (fallocate, the default) or "sparse".
+    #[serde(default)]
+    pub allocate: Allocate,
 }
 
 /// `[nbd]`: limits of the NBD server, so that no client can exhaust the daemon.

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 pub use client::{Client, ClientError};
 pub use server::Handler;
 pub use status::{
-    ConnState, Counters, DiskState, LeaseStatus, NodeStatus, ResyncProgress, Role, VolumeStatus,
+    ConnState, Counters, DiskFailure, DiskOp, DiskState, LeaseStatus, NodeStatus, ResyncProgress,
+    Role, VolumeStatus,
 };
 
 /// Longest request line the server reads; a request is a few dozen bytes.

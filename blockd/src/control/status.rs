@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::meta::{DiskFailure, DiskOp};
 use crate::metrics::LatencySnapshot;
 
 /// A node's role for a volume.
@@ -18,7 +19,9 @@ pub enum DiskState {
     UpToDate,
     Outdated,
     Inconsistent,
-    /// A local I/O error happened; the error went to the client as EIO.
+    /// A local I/O error happened (`disk_failure` says which): nothing is read from or
+    /// written to the disk any more; a Primary serves through its peer. Kept on disk until the
+    /// operator's `blockctl resolve` after repairing or replacing it.
     Failed,
 }
 
@@ -126,6 +129,9 @@ pub struct VolumeStatus {
     pub size: u64,
     pub role: Role,
     pub disk: DiskState,
+    /// Why the disk is `Failed`: the first error, the operation and the offset.
+    #[serde(default)]
+    pub disk_failure: Option<DiskFailure>,
     /// NBD connections currently in the transmission phase.
     pub clients: u32,
     /// The NBD unix socket clients connect to.

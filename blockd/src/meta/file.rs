@@ -156,6 +156,7 @@ impl MetaFile {
                         consistent: true,
                         primary_when_stopped: false,
                         clean_shutdown: true,
+                        failed: None,
                     },
                     granularity,
                 };
@@ -195,7 +196,7 @@ impl MetaFile {
                 al.check().map_err(|e| self.err_invalid(e.to_string()))?;
                 let a = Areas::layout(meta.size, meta.granularity, al);
                 let len = self.file.metadata().map_err(io_err)?.len();
-                self.file.set_len(len.max(a.end())).map_err(io_err)?;
+                allocate(&self.file, len.max(a.end())).map_err(io_err)?;
                 self.file.sync_all().map_err(io_err)?;
                 self.store_slot(meta, Some(a))?;
                 a
@@ -367,6 +368,24 @@ fn pick(path: &Path, decoded: Vec<Result<Slot, SlotError>>) -> Result<Slot, Meta
         }
         None => MetaError::BadCrc { path: path_buf() },
     })
+}
+
+/// Sizes the file to `len` with every block reserved, so that a full filesystem (the backing
+/// filling it, say) can never fail a bitmap or activity-log write later (issue 17: that would
+/// fail a demotion, and the disk's record of what differs). Where the filesystem cannot
+/// reserve blocks, the file is only sized.
+fn allocate(file: &File, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let off = libc::off_t::try_from(len).map_err(io::Error::other)?;
+    // SAFETY: fallocate takes no pointers; the fd is open for the call (we borrow `file`).
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, off) };
+    if r == 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => file.set_len(len),
+        e => Err(e),
+    }
 }
 
 #[cfg(test)]

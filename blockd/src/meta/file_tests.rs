@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::*;
-use crate::storage::{DirectIo, EngineKind, Store, StoreOptions};
+use crate::storage::{Allocate, DirectIo, EngineKind, Store, StoreOptions};
 
 const SIZE: u64 = 64 << 20;
 
@@ -248,8 +248,13 @@ fn concurrent_stores_leave_one_complete_version() {
 fn store_created_tells_a_new_backing_from_an_existing_one() {
     let d = dir();
     let img = d.meta.with_extension("img");
-    let opts =
-        StoreOptions { path: img, size: 1 << 20, engine: EngineKind::Sync, direct: DirectIo::Off };
+    let opts = StoreOptions {
+        path: img,
+        size: 1 << 20,
+        engine: EngineKind::Sync,
+        direct: DirectIo::Off,
+        allocate: Allocate::Sparse,
+    };
     assert!(Store::open(&opts).expect("create backing").created());
     assert!(!Store::open(&opts).expect("reopen backing").created());
 }

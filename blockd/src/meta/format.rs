@@ -11,7 +11,8 @@
 //!   16    8  sequence number: the slot holding the higher one is the current superblock
 //!   24    8  volume size in bytes
 //!   32    4  bitmap granularity in bytes (power of two, 4 KiB..1 MiB)
-//!   36    4  flags: 1 consistent, 2 primary-when-stopped, 4 clean-shutdown; other bits refused
+//!   36    4  flags: 1 consistent, 2 primary-when-stopped, 4 clean-shutdown, 8 disk-failed;
+//!              other bits refused
 //!   40    8  generation current
 //!   48    8  generation bitmap
 //!   56   16  generation history[0], history[1]
@@ -24,7 +25,10 @@
 //!  164    4  activity-log ring slots (RING_SLOTS)
 //!  168    8  dirty-bitmap offset in the file
 //!  176    8  dirty-bitmap length in bytes (whole pages)
-//!  184  ...  reserved, written as zeroes
+//!  184    4  disk failure (flag 8 only, else 0): the operation (DiskOp code)
+//!  188    4  ... its errno (0: not an OS error)
+//!  192    8  ... the offset it was at
+//!  200  ...  reserved, written as zeroes
 //!
 //! The areas (bytes 144..184) were reserved zeroes in the first files of version 1, so they
 //! keep version 1: older files read as "no areas yet" and the caller creates them, and an
@@ -57,7 +61,11 @@ const MAX_GRANULARITY: u32 = 1 << 20;
 const FLAG_CONSISTENT: u32 = 1;
 const FLAG_PRIMARY_WHEN_STOPPED: u32 = 2;
 const FLAG_CLEAN_SHUTDOWN: u32 = 4;
-const FLAGS_KNOWN: u32 = FLAG_CONSISTENT | FLAG_PRIMARY_WHEN_STOPPED | FLAG_CLEAN_SHUTDOWN;
+/// The disk failed (DRBD's detach): never a resync source, never promoted, until the operator
+/// brings it back. A blockd from before this flag refuses the file rather than trust the disk.
+const FLAG_FAILED: u32 = 8;
+const FLAGS_KNOWN: u32 =
+    FLAG_CONSISTENT | FLAG_PRIMARY_WHEN_STOPPED | FLAG_CLEAN_SHUTDOWN | FLAG_FAILED;
 
 /// What the superblock says about a volume on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +91,52 @@ pub struct Flags {
     pub primary_when_stopped: bool,
     /// The daemon stopped in an orderly way (cleared while running); false after a crash.
     pub clean_shutdown: bool,
+    /// The local disk failed, and how: its contents are unknown from then on.
+    pub failed: Option<DiskFailure>,
+}
+
+/// The request a disk failed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DiskOp {
+    Read,
+    Write,
+    WriteZeroes,
+    Trim,
+    Flush,
+    /// The dirty bitmap or activity log (the `.meta` file).
+    Metadata,
+}
+
+/// Why a disk is `Failed`: the first error, kept in the superblock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskFailure {
+    pub op: DiskOp,
+    /// The OS error number (EIO 5, ENOSPC 28, ...); 0 when the error had none.
+    pub errno: u32,
+    pub offset: u64,
+}
+
+impl std::fmt::Display for DiskFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.errno {
+            0 => "an error".to_string(),
+            n => std::io::Error::from_raw_os_error(n as i32).to_string(),
+        };
+        write!(f, "{what} on {:?} at offset {}", self.op, self.offset)
+    }
+}
+
+const OPS: [DiskOp; 6] = [
+    DiskOp::Read,
+    DiskOp::Write,
+    DiskOp::WriteZeroes,
+    DiskOp::Trim,
+    DiskOp::Flush,
+    DiskOp::Metadata,
+];
+
+fn op_code(op: DiskOp) -> u32 {
+    OPS.iter().position(|o| *o == op).map_or(0, |i| i as u32 + 1)
 }
 
 /// Where the activity log and the dirty bitmap live in the metadata file: after the two
@@ -179,6 +233,11 @@ pub(super) fn encode_with(meta: &Meta, areas: Option<&Areas>, seq: u64) -> Box<[
     b[24..32].copy_from_slice(&meta.size.to_le_bytes());
     b[32..36].copy_from_slice(&meta.granularity.to_le_bytes());
     b[36..40].copy_from_slice(&flag_bits(meta.flags).to_le_bytes());
+    if let Some(f) = meta.flags.failed {
+        b[184..188].copy_from_slice(&op_code(f.op).to_le_bytes());
+        b[188..192].copy_from_slice(&f.errno.to_le_bytes());
+        b[192..200].copy_from_slice(&f.offset.to_le_bytes());
+    }
     let g = meta.gens;
     for (i, v) in [g.current, g.bitmap, g.history[0], g.history[1]].into_iter().enumerate() {
         b[40 + 8 * i..48 + 8 * i].copy_from_slice(&v.to_le_bytes());
@@ -218,8 +277,14 @@ pub(super) fn decode(b: &[u8; SLOT]) -> Result<Slot, SlotError> {
         bitmap: u64_at(b, 48),
         history: [u64_at(b, 56), u64_at(b, 64)],
     };
-    let meta =
-        Meta { size: u64_at(b, 24), node: node_at(b)?, gens, flags: flags(bits), granularity };
+    let mut flags = flags(bits);
+    if bits & FLAG_FAILED != 0 {
+        // An unknown operation code still means Failed: the flag is what matters.
+        let op = OPS.get((u32_at(b, 184) as usize).wrapping_sub(1)).copied();
+        let (errno, offset) = (u32_at(b, 188), u64_at(b, 192));
+        flags.failed = Some(DiskFailure { op: op.unwrap_or(DiskOp::Write), errno, offset });
+    }
+    let meta = Meta { size: u64_at(b, 24), node: node_at(b)?, gens, flags, granularity };
     let areas = decode_areas(b);
     if let Some(a) = &areas {
         a.check(meta.size, granularity).map_err(SlotError::Invalid)?;
@@ -268,6 +333,9 @@ fn flag_bits(f: Flags) -> u32 {
     if f.clean_shutdown {
         bits |= FLAG_CLEAN_SHUTDOWN;
     }
+    if f.failed.is_some() {
+        bits |= FLAG_FAILED;
+    }
     bits
 }
 
@@ -276,6 +344,7 @@ fn flags(bits: u32) -> Flags {
         consistent: bits & FLAG_CONSISTENT != 0,
         primary_when_stopped: bits & FLAG_PRIMARY_WHEN_STOPPED != 0,
         clean_shutdown: bits & FLAG_CLEAN_SHUTDOWN != 0,
+        failed: None,
     }
 }
 
@@ -300,7 +369,12 @@ mod tests {
             size: 1 << 30,
             node: "alpha".into(),
             gens: Generations { current: 0xfeed, bitmap: 0xbeef, history: [3, 4] },
-            flags: Flags { consistent: true, primary_when_stopped: false, clean_shutdown: true },
+            flags: Flags {
+                consistent: true,
+                primary_when_stopped: false,
+                clean_shutdown: true,
+                failed: None,
+            },
             granularity: DEFAULT_GRANULARITY,
         }
     }
@@ -312,6 +386,19 @@ mod tests {
             let slot = decode(&encode(&meta, 42)).expect("decodes");
             assert_eq!(slot, Slot { seq: 42, meta, areas: None });
         }
+    }
+
+    /// A Failed disk stays Failed across a restart, with why (issue 17).
+    #[test]
+    fn a_disk_failure_round_trips() {
+        for op in OPS {
+            let failed = Some(DiskFailure { op, errno: 28, offset: 1 << 33 });
+            let meta = Meta { flags: Flags { failed, ..sample().flags }, ..sample() };
+            let slot = decode(&encode(&meta, 7)).expect("decodes");
+            assert_eq!(slot.meta, meta);
+        }
+        let text = DiskFailure { op: DiskOp::Write, errno: 5, offset: 4096 }.to_string();
+        assert!(text.contains("Input/output error") && text.contains("Write at offset 4096"));
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub use bitmap::{Bitmap, BitmapError, Ranges};
 pub use decide::{decide, plan, Plan, Resolve, Side, SyncDecision};
 pub use dirty::{Admit, Dirty, DirtyError, FileIo, MetaIo, MetaWrite};
 pub use file::{MetaError, MetaFile};
-pub use format::{Areas, Flags, Meta, DEFAULT_GRANULARITY, FORMAT_VERSION, NODE_MAX};
+pub use format::{
+    Areas, DiskFailure, DiskOp, Flags, Meta, DEFAULT_GRANULARITY, FORMAT_VERSION, NODE_MAX,
+};
 
 /// The generation of a backing that blockd itself just created sparse: "all zeroes, never
 /// written". Two nodes that both start from a freshly created backing hold the same data without

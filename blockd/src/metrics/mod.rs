@@ -18,6 +18,7 @@
 //! | `blockd_volume_role`, `blockd_volume_peer_role`| gauge 0/1 | `role`          |
 //! | `blockd_volume_disk_state`, `..._peer_disk_state` | gauge 0/1 | `state`      |
 //! | `blockd_volume_connection_state`               | gauge 0/1 | `state`         |
+//! | `blockd_volume_disk_failure_info` (Failed only) | gauge (1) | `op`, `errno`, `offset` |
 //! | `blockd_volume_clients`                        | gauge     |                 |
 //! | `blockd_volume_out_of_sync_bytes`              | gauge     |                 |
 //! | `blockd_volume_resync_{active,total_bytes,done_bytes,rate_bytes_per_second}` | gauge | |
@@ -136,6 +137,14 @@ pub fn render(status: &NodeStatus) -> String {
         });
     }
     states(&mut out, status);
+    out.per_volume(status, FAILURE, "gauge", FAILURE_HELP, |out, labels, v| {
+        let Some(f) = v.disk_failure else { return };
+        let (op, errno, offset) =
+            (format!("{:?}", f.op), f.errno.to_string(), f.offset.to_string());
+        let l = with(labels, "op", &op);
+        let l = with(&l, "errno", &errno);
+        out.sample(FAILURE, &with(&l, "offset", &offset), 1);
+    });
     out.per_volume(
         status,
         "blockd_volume_requests_total",
@@ -160,6 +169,9 @@ pub fn render(status: &NodeStatus) -> String {
     out.0
 }
 
+const FAILURE: &str = "blockd_volume_disk_failure_info";
+const FAILURE_HELP: &str =
+    "Why the disk is Failed (value 1): the first error's operation, errno and offset.";
 const REQUESTS_HELP: &str = "Requests completed successfully, by kind (flush includes FUA's).";
 const DURATION: &str = "blockd_volume_request_duration_seconds";
 const DURATION_HELP: &str =

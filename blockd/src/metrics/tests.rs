@@ -30,6 +30,23 @@ fn value(text: &str, series: &str) -> String {
     hits[0].to_string()
 }
 
+/// Issue 17: why a disk is Failed, as labels; no sample while the disk is fine.
+#[test]
+fn a_failed_disk_says_why() {
+    let mut failed = volume("b");
+    failed.disk = crate::control::DiskState::Failed;
+    failed.disk_failure = Some(crate::control::DiskFailure {
+        op: crate::control::DiskOp::Flush,
+        errno: 5,
+        offset: 0,
+    });
+    let text = render(&node(vec![volume("a"), failed]));
+    let series = "blockd_volume_disk_failure_info{node=\"alpha\",volume=\"b\",op=\"Flush\",\
+                  errno=\"5\",offset=\"0\"}";
+    assert_eq!(value(&text, series), "1");
+    assert!(!text.contains("blockd_volume_disk_failure_info{node=\"alpha\",volume=\"a\""));
+}
+
 #[test]
 fn label_values_are_escaped() {
     assert_eq!(escape_label(r#"a\b"c"#), r#"a\\b\"c"#);

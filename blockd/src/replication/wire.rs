@@ -77,6 +77,8 @@ pub mod kind {
     pub const WRITE_ZEROES: u16 = 34;
     pub const TRIM: u16 = 35;
     pub const FLUSH: u16 = 36;
+    pub const READ: u16 = 37;
+    pub const READ_DATA: u16 = 38;
     pub const RESYNC_DATA: u16 = 48;
     pub const RESYNC_ZERO: u16 = 49;
     pub const RESYNC_DONE: u16 = 50;
@@ -187,6 +189,15 @@ pub enum Message {
         len: u64,
     },
     Flush,
+    /// The Primary's disk is Failed: it reads the peer's copy; the reply is `ReadData` (or an
+    /// error `Ack`).
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    ReadData {
+        data: Bytes,
+    },
     ResyncData {
         offset: u64,
         data: Bytes,
@@ -304,6 +315,8 @@ fn shape_of(kind: u16) -> Option<Shape> {
         kind::GET_BITMAP => shape(true, false, (0, 0), 0, Some(false)),
         kind::BITMAP_PART => shape(true, true, (0, MAX_DATA as u32), flag::REPLY, Some(true)),
         kind::GET_SUMS => shape(true, true, (0, 0), 0, Some(false)),
+        kind::READ => shape(true, true, (0, 0), 0, Some(false)),
+        kind::READ_DATA => shape(false, true, data, flag::REPLY, Some(true)),
         kind::SUMS => shape(false, true, (0, MAX_DATA as u32), flag::REPLY, Some(true)),
         _ => return None,
     };
@@ -458,40 +471,6 @@ fn check_crc(frame: &[u8]) -> Result<(), WireError> {
     Ok(())
 }
 
-fn role_from(kind: u16, v: u64) -> Result<Role, WireError> {
-    match v {
-        1 => Ok(Role::Primary),
-        2 => Ok(Role::Secondary),
-        _ => Err(WireError::Field { kind, field: "role", value: v }),
-    }
-}
-
-fn role_code(r: Role) -> u8 {
-    match r {
-        Role::Primary => 1,
-        Role::Secondary => 2,
-    }
-}
-
-fn disk_code(d: DiskState) -> u8 {
-    match d {
-        DiskState::UpToDate => 1,
-        DiskState::Outdated => 2,
-        DiskState::Inconsistent => 3,
-        DiskState::Failed => 4,
-    }
-}
-
-fn disk_from(kind: u16, v: u8) -> Result<DiskState, WireError> {
-    match v {
-        1 => Ok(DiskState::UpToDate),
-        2 => Ok(DiskState::Outdated),
-        3 => Ok(DiskState::Inconsistent),
-        4 => Ok(DiskState::Failed),
-        _ => Err(WireError::Field { kind, field: "disk", value: u64::from(v) }),
-    }
-}
-
 fn frame_from(h: &Header, payload: Bytes) -> Result<Frame, WireError> {
     let msg = message_from(h, payload)?;
     Ok(Frame { volume: h.volume, id: h.id, reply: h.flags & flag::REPLY != 0, msg })
@@ -517,6 +496,11 @@ fn message_from(h: &Header, mut p: Bytes) -> Result<Message, WireError> {
         }
         kind::TRIM => Message::Trim { offset, len },
         kind::FLUSH => Message::Flush,
+        kind::READ => match u32::try_from(len) {
+            Ok(len) if len > 0 && len as usize <= MAX_DATA => Message::Read { offset, len },
+            _ => return Err(WireError::Field { kind: h.kind, field: "length", value: len }),
+        },
+        kind::READ_DATA => Message::ReadData { data: p },
         kind::RESYNC_DATA => Message::ResyncData { offset, data: p },
         kind::RESYNC_ZERO => Message::ResyncZero { offset, len },
         kind::RESYNC_DONE => Message::ResyncDone { gens: get_gens(&mut p) },
@@ -631,6 +615,8 @@ impl Message {
             Message::WriteZeroes { .. } => kind::WRITE_ZEROES,
             Message::Trim { .. } => kind::TRIM,
             Message::Flush => kind::FLUSH,
+            Message::Read { .. } => kind::READ,
+            Message::ReadData { .. } => kind::READ_DATA,
             Message::ResyncData { .. } => kind::RESYNC_DATA,
             Message::ResyncZero { .. } => kind::RESYNC_ZERO,
             Message::ResyncDone { .. } => kind::RESYNC_DONE,
@@ -651,6 +637,7 @@ impl Message {
             | Message::WriteFua { data, .. }
             | Message::ResyncData { data, .. }
             | Message::BitmapPart { data, .. }
+            | Message::ReadData { data }
             | Message::Sums { data } => Some(data),
             _ => None,
         }
@@ -675,7 +662,8 @@ impl Message {
             | Message::GetSums { offset, len } => (v, 0, *offset, *len),
             Message::GetBitmap { offset } => (v, 0, *offset, 0),
             Message::BitmapPart { offset, data } => (v, 0, *offset, data.len() as u64),
-            Message::Sums { data } => (v, 0, 0, data.len() as u64),
+            Message::Sums { data } | Message::ReadData { data } => (v, 0, 0, data.len() as u64),
+            Message::Read { offset, len } => (v, 0, *offset, u64::from(*len)),
             _ => (v, 0, 0, 0),
         }
     }
@@ -783,6 +771,10 @@ pub fn encode(frame: &Frame) -> BytesMut {
     }
     out
 }
+
+#[path = "wire_codes.rs"]
+mod codes;
+use codes::{disk_code, disk_from, role_code, role_from};
 
 #[cfg(test)]
 #[path = "wire_tests.rs"]

@@ -59,6 +59,7 @@ fn all_events() -> Vec<Event> {
         Event::Disconnected,
         Event::ResyncDone,
         Event::DiskFailed,
+        Event::DiskReplaced,
     ];
     v.extend(connected_events());
     v
@@ -328,6 +329,13 @@ fn dropped(s: &State, e: &Event) -> Outcome {
     (State { conn: StandAlone, ..next }, actions)
 }
 
+/// Not both Primary, and a Secondary of the two (me or the peer) has a Failed disk.
+fn failed_secondary(s: &State, e: &Event) -> bool {
+    let (pr, pd, _) = conn_of(s, e);
+    let both = s.role == Primary && pr == Primary;
+    !both && ((s.role == Secondary && s.disk == Failed) || (pr == Secondary && pd == Failed))
+}
+
 fn connected_row(
     class: &'static str,
     when: impl Fn(&State, Role, DiskState, SyncDecision) -> bool + 'static,
@@ -338,7 +346,7 @@ fn connected_row(
         class,
         when: Box::new(move |s, e| {
             let (pr, pd, d) = conn_of(s, e);
-            !both(s, e) && when(s, pr, pd, d)
+            !both(s, e) && !failed_secondary(s, e) && when(s, pr, pd, d)
         }),
         then,
     }
@@ -350,6 +358,7 @@ fn connected_every_state_and_decision() {
     let both = |s: &State, e: &Event| s.role == Primary && conn_of(s, e).0 == Primary;
     let rows = [
         Row { class: "both Primary", when: Box::new(both), then: Box::new(dropped) },
+        row("a Secondary's disk is Failed", failed_secondary, dropped),
         connected_row("in sync", |_, _, _, d| d == InSync, connected_to(Connected, None, None)),
         connected_row(
             "Source, peer Primary",
@@ -444,6 +453,21 @@ fn disk_failed_every_state() {
     );
 }
 
+#[test]
+fn disk_replaced_every_state() {
+    check(
+        &[Event::DiskReplaced],
+        &[
+            row(
+                "Secondary, Failed",
+                |s, _| s.role == Secondary && s.disk == Failed,
+                |s, _| (State { disk: Inconsistent, ..*s }, vec![]),
+            ),
+            row("otherwise", |s, _| s.role == Primary || s.disk != Failed, same),
+        ],
+    );
+}
+
 fn both_primary_connected(s: &State) -> bool {
     s.role == Primary
         && s.peer_role == Some(Primary)
@@ -484,7 +508,8 @@ fn invariants_hold_for_every_state_and_event() {
                     _ => {}
                 }
             }
-            if n.disk == Inconsistent && s.disk != Inconsistent {
+            // The one other way: a replaced disk waits for its full resync as Inconsistent.
+            if n.disk == Inconsistent && s.disk != Inconsistent && e != Event::DiskReplaced {
                 assert!(actions.contains(&Action::StartResyncTarget), "{ctx}");
             }
         }

@@ -20,7 +20,7 @@ use std::{
     path::Path,
 };
 
-use super::{DirectIo, StorageError, StoreOptions};
+use super::{Allocate, DirectIo, StorageError, StoreOptions};
 
 /// `_IOR(0x12, 114, size_t)`: the device size in bytes (`<linux/fs.h>`; not in the libc crate).
 #[cfg(any(
@@ -68,7 +68,7 @@ enum Kind {
 /// Opens (creating a missing regular file sparse at `opts.size`) and checks the backing.
 pub(super) fn open(opts: &StoreOptions) -> Result<Backing, StorageError> {
     let path = opts.path.as_path();
-    let (kind, created) = prepare(path, opts.size)?;
+    let (kind, created) = prepare(path, opts.size, opts.allocate)?;
     let want_direct = opts.direct != DirectIo::Off;
     let file = match open_rw(path, want_direct) {
         Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {
@@ -114,9 +114,9 @@ fn open_err(path: &Path, source: io::Error) -> StorageError {
     StorageError::Open { path: path.to_path_buf(), source }
 }
 
-/// Creates a missing regular file sparse at `size`; tells a file from a device, and whether it
-/// was created just now.
-fn prepare(path: &Path, size: u64) -> Result<(Kind, bool), StorageError> {
+/// Creates a missing regular file of `size` (allocated in full or sparse); tells a file from a
+/// device, and whether it was created just now.
+fn prepare(path: &Path, size: u64, allocate: Allocate) -> Result<(Kind, bool), StorageError> {
     match std::fs::metadata(path) {
         Ok(m) if m.file_type().is_file() => Ok((Kind::File, false)),
         Ok(m) if m.file_type().is_block_device() => Ok((Kind::Device, false)),
@@ -125,7 +125,7 @@ fn prepare(path: &Path, size: u64) -> Result<(Kind, bool), StorageError> {
             what: "neither a regular file nor a block device".into(),
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            create_sparse(path, size)
+            create(path, size, allocate)
                 .map_err(|source| StorageError::Create { path: path.to_path_buf(), source })?;
             Ok((Kind::File, true))
         }
@@ -133,11 +133,33 @@ fn prepare(path: &Path, size: u64) -> Result<(Kind, bool), StorageError> {
     }
 }
 
-fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
+fn create(path: &Path, size: u64, allocate: Allocate) -> io::Result<()> {
     // 0600: the volume holds a whole filesystem of someone's data.
     let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    file.set_len(size)?;
-    file.sync_all()
+    let sized = match allocate {
+        Allocate::Sparse => file.set_len(size),
+        // A backing that cannot hold the volume is refused now, not at the write that finds
+        // the filesystem full (which would fail the disk).
+        Allocate::Full => allocate_all(&file, size),
+    };
+    if let Err(e) = sized.and_then(|()| file.sync_all()) {
+        // No half-made backing left behind: the next start would take it for the volume.
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Reserves every block of `0..size` (zeroes, allocated).
+fn allocate_all(file: &File, size: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(size).map_err(io::Error::other)?;
+    // SAFETY: fallocate takes no pointers; the fd is open for the call (we borrow `file`).
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("cannot allocate {size} bytes: {e}")));
+    }
+    Ok(())
 }
 
 fn open_rw(path: &Path, direct: bool) -> io::Result<File> {

@@ -107,6 +107,19 @@ pub enum DirectIo {
     Off,
 }
 
+/// How a missing backing file is created (`[storage] allocate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Allocate {
+    /// Every block reserved at creation (`fallocate`): a full filesystem cannot fail a write
+    /// later, it fails the creation now.
+    #[default]
+    Full,
+    /// A sparse file: blocks are allocated as they are written, and a write can fail with
+    /// ENOSPC when the filesystem fills up (which fails the disk).
+    Sparse,
+}
+
 /// Errors opening a backing store.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

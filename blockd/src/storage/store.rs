@@ -30,8 +30,8 @@ use std::{
 };
 
 use super::{
-    backing, sync::SyncEngine, uring::UringEngine, AlignedBuf, Completion, DirectIo, Engine,
-    EngineKind, Op, StorageError,
+    backing, sync::SyncEngine, uring::UringEngine, AlignedBuf, Allocate, Completion, DirectIo,
+    Engine, EngineKind, Op, StorageError,
 };
 
 /// Largest zero buffer written when the backing cannot zero a range itself.
@@ -47,6 +47,8 @@ pub struct StoreOptions {
     pub size: u64,
     pub engine: EngineKind,
     pub direct: DirectIo,
+    /// How a missing regular file is created.
+    pub allocate: Allocate,
 }
 
 /// The bytes of a read: `len` bytes starting `start` into an aligned buffer.

@@ -21,7 +21,8 @@ use super::{
     fault::{Fault, FaultEngine, OpKind},
     sync::SyncEngine,
     uring::UringEngine,
-    AlignedBuf, Completion, DirectIo, Engine, EngineKind, Op, StorageError, Store, StoreOptions,
+    AlignedBuf, Allocate, Completion, DirectIo, Engine, EngineKind, Op, StorageError, Store,
+    StoreOptions,
 };
 
 const KIB: u64 = 1 << 10;
@@ -66,8 +67,13 @@ impl Harness {
     fn new(cfg: Cfg, size: u64) -> Harness {
         let dir = tempdir();
         let path = dir.path().join("vol.img");
-        let opts =
-            StoreOptions { path: path.clone(), size, engine: cfg.engine, direct: cfg.direct };
+        let opts = StoreOptions {
+            path: path.clone(),
+            size,
+            engine: cfg.engine,
+            direct: cfg.direct,
+            allocate: Allocate::Sparse,
+        };
         let store = Store::open(&opts).expect("open store");
         let want_engine = if cfg.engine == EngineKind::Sync { "sync" } else { "io_uring" };
         assert_eq!(store.engine_name(), want_engine);
@@ -261,8 +267,13 @@ async fn case_reopen(cfg: Cfg) {
     let mut h = Harness::new(cfg, MIB);
     h.write(4097, &pattern(8, 9000)).await;
     h.store.flush().await.expect("flush");
-    let opts =
-        StoreOptions { path: h.path.clone(), size: MIB, engine: cfg.engine, direct: cfg.direct };
+    let opts = StoreOptions {
+        path: h.path.clone(),
+        size: MIB,
+        engine: cfg.engine,
+        direct: cfg.direct,
+        allocate: Allocate::Sparse,
+    };
     h.store = Arc::new(Store::open(&opts).expect("reopen"));
     h.check_all().await;
 }
@@ -304,7 +315,13 @@ conformance! {
 }
 
 fn opts(path: PathBuf, size: u64) -> StoreOptions {
-    StoreOptions { path, size, engine: EngineKind::Auto, direct: DirectIo::Auto }
+    StoreOptions {
+        path,
+        size,
+        engine: EngineKind::Auto,
+        direct: DirectIo::Auto,
+        allocate: Allocate::Sparse,
+    }
 }
 
 #[tokio::test]
@@ -664,5 +681,20 @@ async fn uring_more_ops_than_the_ring_holds() {
         let c = c.expect("completed");
         c.result.expect("read");
         assert_eq!(c.buf.expect("buffer").as_slice(), &h.model[offset..offset + 4096]);
+    }
+}
+
+/// Issue 17: a backing blockd creates is allocated in full unless asked for a sparse one.
+#[test]
+fn new_backing_files_are_allocated_in_full_unless_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempdir();
+    for (allocate, want_full) in [(Allocate::Full, true), (Allocate::Sparse, false)] {
+        let path = dir.path().join(format!("{allocate:?}.img"));
+        let store = Store::open(&StoreOptions { allocate, ..opts(path.clone(), 8 * MIB) });
+        assert!(store.expect("open").created());
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.len(), 8 * MIB);
+        assert_eq!(m.blocks() * 512 >= 8 * MIB, want_full, "{allocate:?}: {} blocks", m.blocks());
     }
 }

@@ -25,6 +25,8 @@
 //! overwrite a newer write on the peer. The lock also keeps read-modify-write of partial blocks
 //! from losing a neighbour's bytes.
 
+mod counters;
+mod failure;
 mod locks;
 mod peer;
 mod resync;
@@ -43,15 +45,15 @@ use std::{
 
 use bytes::Bytes;
 
+use counters::AtomicCounters;
 pub use locks::{IntervalLocks, RangeGuard};
 pub use resync::{ResyncError, ResyncOptions};
 pub use state::Transition;
 
 use crate::{
-    control::{ConnState, Counters, Role, VolumeStatus},
+    control::{ConnState, Role, VolumeStatus},
     fence::{Cleared, Fence},
-    meta::{AlConfig, Dirty, Meta, MetaError, MetaFile, Resolve},
-    metrics::Latencies,
+    meta::{AlConfig, Dirty, DiskFailure, DiskOp, Meta, MetaError, MetaFile, Resolve},
     replication::Message,
     role,
     storage::{AlignedBuf, ReadBuf, Store},
@@ -63,7 +65,8 @@ pub enum VolumeError {
     /// The request does not fit inside the volume; nothing was touched.
     #[error("request {offset}+{len} is beyond the end of the volume ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
-    /// The backing store failed; the disk is now `Failed`.
+    /// The backing store failed (the disk is now `Failed`), or it had failed before, and the
+    /// peer could not serve the request either.
     #[error("I/O error on the backing store")]
     Io(#[source] io::Error),
     /// The new generation could not be persisted, so a write the peer does not have cannot be
@@ -253,11 +256,19 @@ impl Volume {
         self.clients.load(Ordering::Acquire)
     }
 
-    /// Reads are served locally (DESIGN §3).
+    /// Reads are served locally (DESIGN §3); from the peer once the local disk is `Failed`
+    /// (DRBD's detach: the application sees no error while the peer is there).
     pub async fn read(&self, offset: u64, len: u32) -> Result<ReadBuf, VolumeError> {
         let start = Instant::now();
         self.check_range(offset, u64::from(len))?;
-        let buf = self.io(self.store.read(offset, len).await)?;
+        let local = match self.detached() {
+            false => self.io(DiskOp::Read, offset, self.store.read(offset, len).await).await,
+            true => Err(self.failed_error()),
+        };
+        let buf = match local {
+            Ok(buf) => buf,
+            Err(e) => self.read_from_peer(offset, len).await.ok_or(e)?,
+        };
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
         self.counters.latency.read.record(start.elapsed());
@@ -269,7 +280,7 @@ impl Volume {
         let start = Instant::now();
         let len = data.len() as u64;
         self.check_range(offset, len)?;
-        self.mirrored(offset, len, len, |mirror| {
+        self.mirrored(DiskOp::Write, offset, len, len, |mirror| {
             // The peer gets its own copy, made only when mirroring: the local engine owns `data`
             // until it completes.
             let copy = mirror.then(|| Bytes::copy_from_slice(data.as_slice()));
@@ -296,7 +307,7 @@ impl Volume {
     ) -> Result<(), VolumeError> {
         let start = Instant::now();
         self.check_range(offset, len)?;
-        self.mirrored(offset, len, 0, |mirror| {
+        self.mirrored(DiskOp::WriteZeroes, offset, len, 0, |mirror| {
             let msg = mirror.then_some(Message::WriteZeroes { offset, len, punch });
             (self.store.write_zeroes(offset, len, punch), msg)
         })
@@ -314,7 +325,7 @@ impl Volume {
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
         let start = Instant::now();
         self.check_range(offset, len)?;
-        self.mirrored(offset, len, 0, |mirror| {
+        self.mirrored(DiskOp::Trim, offset, len, 0, |mirror| {
             (self.store.trim(offset, len), mirror.then_some(Message::Trim { offset, len }))
         })
         .await?;
@@ -331,14 +342,32 @@ impl Volume {
     pub async fn flush(&self) -> Result<(), VolumeError> {
         let start = Instant::now();
         // A Secondary flushes its own store only (at shutdown, say); its peer flushes itself.
-        match self.route().ok().flatten() {
-            None => self.io(self.store.flush().await)?,
+        let failed = self.detached();
+        let route = self.route();
+        let primary = route.is_ok();
+        match route.ok().flatten() {
+            // A Primary with neither its disk nor its peer cannot make anything durable.
+            None if failed && primary => return Err(self.failed_error()),
+            // A Secondary whose disk is Failed wrote nothing to it since: nothing to flush.
+            None if failed => {}
+            None => self.io(DiskOp::Flush, 0, self.store.flush().await).await?,
             Some(session) => {
                 let epoch = self.track.flush_started();
-                let (local, remote) =
-                    tokio::join!(self.store.flush(), self.call_peer(&session, Message::Flush));
-                self.io(local)?;
-                if self.peer_done(&session, remote).await? {
+                let local = async {
+                    if failed {
+                        Ok(())
+                    } else {
+                        self.store.flush().await
+                    }
+                };
+                let (local, remote) = tokio::join!(local, self.call_peer(&session, Message::Flush));
+                // A failed local flush fails the disk; the peer's copy is what counts then.
+                let local = self.io(DiskOp::Flush, 0, local).await;
+                let peer_has_it = self.peer_done(&session, remote).await?;
+                if !peer_has_it && (failed || local.is_err()) {
+                    return Err(local.err().unwrap_or_else(|| self.failed_error()));
+                }
+                if peer_has_it {
                     // What the peer acknowledged before this flush is durable there now.
                     self.track.flushed(epoch);
                 } else {
@@ -357,6 +386,7 @@ impl Volume {
     /// after the new generation is on disk. `bytes` is the payload, for the counters.
     async fn mirrored<F>(
         &self,
+        op: DiskOp,
         offset: u64,
         len: u64,
         bytes: u64,
@@ -377,19 +407,33 @@ impl Volume {
         };
         let admitted =
             Admitted { track: &self.track, range: range.clone(), pinned: tracked && !wide };
+        let failed = self.detached();
         let (local, msg) = prepare(session.is_some());
         let Some((session, msg)) = session.zip(msg) else {
-            self.io(local.await)?;
+            let done = match failed {
+                true => Err(self.failed_error()),
+                false => self.io(op, offset, local.await).await,
+            };
             if tracked {
+                // Done here, or maybe partly (an error): may differ from the peer either way.
                 self.mark(range.clone()).await?;
             }
+            done?;
             self.degraded_write().await?;
             // Done and marked here: the range is free for others (a resync) while it waits.
             drop((admitted, lock));
             return self.fenced(Some(range)).await;
         };
+        // A Failed disk is not written any more: the peer's copy is the only one.
+        let local = async move { (!failed).then_some(local.await) };
         let (local, remote) = tokio::join!(local, self.call_peer(&session, msg));
-        self.io(local)?;
+        let local = match local {
+            Some(r) => self.io(op, offset, r).await.err(),
+            None => Some(self.failed_error()),
+        };
+        if let Some(err) = local {
+            return self.local_failed(&session, remote, range, bytes, err).await;
+        }
         if self.peer_done(&session, remote).await? {
             if let Some(f) = self.fence.get() {
                 f.mirroring(self.index());
@@ -447,9 +491,11 @@ impl Volume {
 
     /// The invariant can no longer be kept: the disk is `Failed` (nothing more is written).
     fn dirty_log_failed(&self, e: io::Error) -> VolumeError {
+        let errno = e.raw_os_error().map_or(0, |n| n as u32);
         let err = VolumeError::DirtyLog(e);
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        self.disk_failed(&err);
+        // In memory only: the metadata file is what failed (and the caller may hold its lock).
+        self.disk_failed(DiskFailure { op: DiskOp::Metadata, errno, offset: 0 }, &err);
         err
     }
 
@@ -492,6 +538,7 @@ impl Volume {
             size: self.size(),
             role: live.machine.role,
             disk: live.machine.disk,
+            disk_failure: live.failure,
             clients: self.clients.load(Ordering::Relaxed),
             socket: self.info.socket.display().to_string(),
             backing: self.info.backing.display().to_string(),
@@ -541,19 +588,6 @@ impl Volume {
         }
         Ok(())
     }
-
-    /// Accounts a backing-store result: any error counts and marks the disk `Failed`.
-    fn io<T>(&self, r: io::Result<T>) -> Result<T, VolumeError> {
-        r.map_err(|e| {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
-            let err = VolumeError::Io(e);
-            // Running out of space is the filesystem's state, not a broken disk.
-            if !err.is_no_space() {
-                self.disk_failed(&err);
-            }
-            err
-        })
-    }
 }
 
 /// Unpins an admitted write's extents when the write is over, whatever its outcome.
@@ -581,52 +615,6 @@ impl Drop for ClientGuard {
     }
 }
 
-#[derive(Debug, Default)]
-struct AtomicCounters {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    flushes: AtomicU64,
-    trims: AtomicU64,
-    zeroes: AtomicU64,
-    errors: AtomicU64,
-    peer_writes: AtomicU64,
-    peer_bytes: AtomicU64,
-    degraded_writes: AtomicU64,
-    resync_bytes: AtomicU64,
-    resync_zero_bytes: AtomicU64,
-    resync_same_bytes: AtomicU64,
-    verify_differed: AtomicU64,
-    connects: AtomicU64,
-    /// Per-kind latency histograms of successful requests (metrics/histogram.rs).
-    latency: Latencies,
-}
-
-impl AtomicCounters {
-    fn snapshot(&self) -> Counters {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Counters {
-            reads: get(&self.reads),
-            writes: get(&self.writes),
-            bytes_read: get(&self.bytes_read),
-            bytes_written: get(&self.bytes_written),
-            flushes: get(&self.flushes),
-            trims: get(&self.trims),
-            zeroes: get(&self.zeroes),
-            errors: get(&self.errors),
-            peer_writes: get(&self.peer_writes),
-            peer_bytes: get(&self.peer_bytes),
-            degraded_writes: get(&self.degraded_writes),
-            resync_bytes: get(&self.resync_bytes),
-            resync_zero_bytes: get(&self.resync_zero_bytes),
-            resync_same_bytes: get(&self.resync_same_bytes),
-            verify_differed: get(&self.verify_differed),
-            connects: get(&self.connects),
-        }
-    }
-}
-
 #[cfg(test)]
 #[path = "fence_tests.rs"]
 mod fence_tests;
@@ -650,6 +638,7 @@ mod tests {
             size: SIZE,
             engine: EngineKind::Sync,
             direct: DirectIo::Off,
+            allocate: crate::storage::Allocate::Sparse,
         };
         let store = Store::open(&opts).unwrap();
         let (file, meta) =

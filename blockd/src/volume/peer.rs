@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{Volume, VolumeError};
+use crate::meta::DiskOp;
 use crate::{
     control::Role,
     replication::{Message, Session},
@@ -40,6 +41,11 @@ impl Volume {
             tracing::warn!(volume = %self.name(), "refusing a write from the peer: this node is Primary");
             return ack(EPERM);
         }
+        if self.detached() && !matches!(msg, Message::GetBitmap { .. }) {
+            // Nothing is read from or written to a Failed disk; the Primary marks and goes on
+            // without this node (DRBD's detach).
+            return ack(EIO);
+        }
         let result = match msg {
             Message::Write { offset, data } => self.apply_data(session, offset, data).await,
             Message::WriteZeroes { offset, len, punch } => {
@@ -47,12 +53,14 @@ impl Volume {
             }
             Message::Trim { offset, len } => match self.check_range(offset, len) {
                 Ok(()) => match self.lock_live(session, offset, len).await {
-                    Ok(_lock) => self.io(self.store.trim(offset, len).await),
+                    Ok(_lock) => {
+                        self.io(DiskOp::Trim, offset, self.store.trim(offset, len).await).await
+                    }
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
             },
-            Message::Flush => match self.io(self.store.flush().await) {
+            Message::Flush => match self.io(DiskOp::Flush, 0, self.store.flush().await).await {
                 // The source clears its bits after this flush: clear ours durably too.
                 Ok(()) if self.live().resync.is_some() => self.flush_bitmap().await,
                 other => other,
@@ -61,6 +69,12 @@ impl Volume {
                 let data =
                     self.track.with(|d| d.bitmap().bytes_at(offset, super::resync::BITMAP_PART));
                 return Message::BitmapPart { offset, data: data.into() };
+            }
+            Message::Read { offset, len } => {
+                return match self.peer_read(offset, len).await {
+                    Ok(data) => Message::ReadData { data },
+                    Err(_) => ack(EIO),
+                };
             }
             Message::GetSums { offset, len } => {
                 return match self.local_sums(offset, len).await {
@@ -113,7 +127,15 @@ impl Volume {
         buf.as_mut_slice().copy_from_slice(&data);
         drop(data);
         let _lock = self.lock_live(session, offset, len).await?;
-        self.io(self.store.write(offset, buf).await)
+        self.io(DiskOp::Write, offset, self.store.write(offset, buf).await).await
+    }
+
+    /// The Primary's disk failed: it reads this node's copy.
+    async fn peer_read(&self, offset: u64, len: u32) -> Result<bytes::Bytes, VolumeError> {
+        self.check_range(offset, u64::from(len))?;
+        let data = self.store.read(offset, len).await;
+        let data = self.io(DiskOp::Read, offset, data).await?;
+        Ok(bytes::Bytes::copy_from_slice(&data))
     }
 
     async fn apply_zeroes(
@@ -125,7 +147,8 @@ impl Volume {
     ) -> Result<(), VolumeError> {
         self.check_range(offset, len)?;
         let _lock = self.lock_live(session, offset, len).await?;
-        self.io(self.store.write_zeroes(offset, len, punch).await)
+        self.io(DiskOp::WriteZeroes, offset, self.store.write_zeroes(offset, len, punch).await)
+            .await
     }
 
     /// The range lock for a request of `session`, taken only while that session lives. A

@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 use super::{Volume, VolumeError};
 use crate::{
     config::ChecksumMode,
-    meta::Bitmap,
+    meta::{Bitmap, DiskOp},
     replication::{
         wire::{SUM_BLOCK, SUM_LEN},
         Message, Session,
@@ -356,7 +356,8 @@ impl Volume {
             return Ok((chunk.range, sent));
         }
         // `len` ≤ CHUNK, which fits u32.
-        let data = self.io(self.store.read(start, len as u32).await).map_err(ResyncError::Local)?;
+        let data = self.store.read(start, len as u32).await;
+        let data = self.io(DiskOp::Read, start, data).await.map_err(ResyncError::Local)?;
         if data.iter().all(|&b| b == 0) {
             // Zero ranges travel as zero requests, not data (DESIGN §5).
             self.send_ok(session, Message::ResyncZero { offset: start, len }).await?;
@@ -430,8 +431,8 @@ impl Volume {
         len: u64,
     ) -> Result<u64, ResyncError> {
         let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
-        let data =
-            self.io(self.store.read(offset, len as u32).await).map_err(ResyncError::Local)?;
+        let data = self.store.read(offset, len as u32).await;
+        let data = self.io(DiskOp::Read, offset, data).await.map_err(ResyncError::Local)?;
         let mut differed = 0;
         for r in self.differing_blocks(session, offset, &data).await? {
             let at = offset + r.start;
@@ -457,7 +458,8 @@ impl Volume {
             return Err(VolumeError::OutOfRange { offset, len, size: CHUNK });
         }
         let _lock = self.locks.lock(self.store.lock_span(offset, len)).await;
-        let data = self.io(self.store.read(offset, len as u32).await)?;
+        let data = self.store.read(offset, len as u32).await;
+        let data = self.io(DiskOp::Read, offset, data).await?;
         Ok(Bytes::from(sums(&data)))
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::MutexGuard;
 use super::{Volume, VolumeError, VolumeInfo};
 use crate::{
     control::{ConnState, DiskState, ResyncProgress, Role},
-    meta::{new_generation, Generations, Meta, MetaFile, Resolve},
+    meta::{new_generation, DiskFailure, Generations, Meta, MetaFile, Resolve},
     replication::{LinkError, Message, Session},
     role::{self, Action, Event},
 };
@@ -44,6 +44,8 @@ pub(super) struct Live {
     /// `blockctl resolve`: what this node gives up at the next handshake (memory only: a
     /// restarted node needs the operator to say it again).
     pub resolve: Resolve,
+    /// Why the disk is `Failed` (the first error); on disk too once `persist_failure` ran.
+    pub failure: Option<DiskFailure>,
 }
 
 /// A running resync's progress.
@@ -75,7 +77,11 @@ impl Live {
         let single = info.peer.is_none();
         let machine = role::State {
             role: if single { Role::Primary } else { Role::Secondary },
-            disk: if meta.flags.consistent { DiskState::UpToDate } else { DiskState::Inconsistent },
+            disk: match (meta.flags.failed, meta.flags.consistent) {
+                (Some(_), _) => DiskState::Failed,
+                (None, true) => DiskState::UpToDate,
+                (None, false) => DiskState::Inconsistent,
+            },
             conn: if single { ConnState::StandAlone } else { ConnState::Connecting },
             peer_role: None,
             promoting: false,
@@ -89,6 +95,7 @@ impl Live {
             gens: meta.gens,
             target_ready: 0,
             resolve: Resolve::None,
+            failure: meta.flags.failed,
         };
         (live, meta.gens.bitmap != 0)
     }
@@ -370,19 +377,8 @@ impl Volume {
         Ok(())
     }
 
-    /// A local I/O error: the disk becomes `Failed` (logged once).
-    pub(super) fn disk_failed(&self, err: &VolumeError) {
-        let mut live = self.live();
-        if live.machine.disk == DiskState::Failed {
-            return;
-        }
-        let (after, _) = role::step(&live.machine, &Event::DiskFailed);
-        live.machine = after;
-        tracing::error!(volume = %self.name(), error = %err, "disk state became Failed");
-    }
-
     /// One line per change of state (STYLE.md).
-    fn log_change(&self, before: &role::State, event: &Event) {
+    pub(super) fn log_change(&self, before: &role::State, event: &Event) {
         let live = self.live();
         if *before != live.machine {
             tracing::info!(

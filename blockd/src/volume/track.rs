@@ -52,7 +52,7 @@ struct Inner {
 #[derive(Debug)]
 pub(super) struct Tracker {
     inner: Mutex<Inner>,
-    io: tokio::sync::Mutex<Arc<Mutex<FileIo>>>,
+    io: tokio::sync::Mutex<IoSlot>,
     /// A write finished: extents may have become evictable.
     freed: Notify,
     /// The extents a crash recovery added to the bitmap (in this process's life): they may
@@ -73,7 +73,7 @@ impl Tracker {
                 epoch: 0,
                 broken: false,
             }),
-            io: tokio::sync::Mutex::new(Arc::new(Mutex::new(io))),
+            io: tokio::sync::Mutex::new(IoSlot { file: Arc::new(Mutex::new(io)), running: None }),
             freed: Notify::new(),
             crash: Mutex::new(Vec::new()),
             marks: std::sync::atomic::AtomicU64::new(0),
@@ -202,7 +202,7 @@ impl Tracker {
         let seq = mw.seq();
         {
             let io = self.io.try_lock().map_err(|_| io::Error::other("metadata busy at start"))?;
-            let mut file = io.lock().unwrap_or_else(|p| p.into_inner());
+            let mut file = io.file.lock().unwrap_or_else(|p| p.into_inner());
             mw.apply(&mut *file)?;
         }
         inner.dirty.persisted(seq).map_err(io::Error::other)?;
@@ -269,11 +269,26 @@ impl Tracker {
     }
 
     /// Returns once MetaWrite `seq` is durable, applying queued ones in order meanwhile.
+    /// Cancel-safe: a caller dropped while its write is being applied (a resync stopped by
+    /// its peer's death, say) leaves the write in `running`, and the next holder of the I/O
+    /// lock completes its bookkeeping, so the next write is not "out of order".
     async fn commit(&self, seq: u64) -> TrackResult<()> {
         // Whoever holds the I/O lock applies everything queued; a later holder finds its own
         // write already applied, or applies what is left.
-        let io = self.io.lock().await;
+        let mut io = self.io.lock().await;
         loop {
+            if let Some((s, handle)) = io.running.as_mut() {
+                let s = *s;
+                let applied = handle.await.map_err(io::Error::other).and_then(|r| r);
+                io.running = None;
+                let mut inner = self.inner();
+                let persisted =
+                    applied.and_then(|()| inner.dirty.persisted(s).map_err(io::Error::other));
+                if let Err(e) = persisted {
+                    inner.broken = true;
+                    return Err(e);
+                }
+            }
             let next = {
                 let mut inner = self.inner();
                 if inner.dirty.durable() >= seq {
@@ -287,23 +302,22 @@ impl Tracker {
             let Some((s, mw)) = next else {
                 return Err(io::Error::other(format!("metadata write {seq} was never queued")));
             };
-            let file = Arc::clone(&io);
-            let applied = tokio::task::spawn_blocking(move || {
+            let file = Arc::clone(&io.file);
+            let handle = tokio::task::spawn_blocking(move || {
                 let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
                 mw.apply(&mut *file as &mut dyn MetaIo)
-            })
-            .await
-            .map_err(io::Error::other)
-            .and_then(|r| r);
-            let mut inner = self.inner();
-            let persisted =
-                applied.and_then(|()| inner.dirty.persisted(s).map_err(io::Error::other));
-            if let Err(e) = persisted {
-                inner.broken = true;
-                return Err(e);
-            }
+            });
+            io.running = Some((s, handle));
         }
     }
+}
+
+/// The metadata file, and the write being applied to it on the blocking pool (if any): kept
+/// under the I/O lock so that its completion is accounted even if its caller went away.
+#[derive(Debug)]
+struct IoSlot {
+    file: Arc<Mutex<FileIo>>,
+    running: Option<(u64, tokio::task::JoinHandle<io::Result<()>>)>,
 }
 
 fn broken() -> io::Error {
@@ -359,6 +373,29 @@ mod tests {
         assert_eq!(dirty(&t), want);
         drop(t);
         assert_eq!(dirty(&open(&dir, false)), want, "the marks are on disk");
+    }
+
+    /// Finding 3 of issue 17: a resync whose peer died was dropped while its bitmap write was
+    /// on the blocking pool; that write's completion was never accounted, so the next metadata
+    /// write was "out of order" and failed a healthy disk. A dropped commit must not break the
+    /// next one.
+    #[tokio::test]
+    async fn a_commit_dropped_while_applying_does_not_break_the_next_one() {
+        use futures::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = open(&dir, true);
+        let file = Arc::clone(&t.io.lock().await.file);
+        {
+            // Holds the file: the first write's apply blocks until the caller is gone.
+            let _held = file.lock().unwrap();
+            assert!(t.mark(0..4096).now_or_never().is_none(), "the apply must be pending");
+        }
+        t.mark(32 << 20..(32 << 20) + 4096).await.unwrap();
+        t.flush().await.unwrap();
+        let want = vec![0..4096, 32 << 20..(32 << 20) + 4096];
+        assert_eq!(dirty(&t), want);
+        drop(t);
+        assert_eq!(dirty(&open(&dir, false)), want, "both marks are on disk");
     }
 
     #[test]

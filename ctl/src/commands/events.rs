@@ -16,6 +16,7 @@
 //! | `daemon`    | `running`, `unreachable` (`detail`: the error)                       |
 //! | `role`      | `Primary`, `Secondary`                                               |
 //! | `disk`      | `UpToDate`, `Outdated`, `Inconsistent`, `Failed`                     |
+//! |             | (`detail`: for `Failed`, the error, the operation and the offset)     |
 //! | `conn`      | `StandAlone`, `Connecting`, `Connected`, `SyncSource`, `SyncTarget`  |
 //! |             | (`detail`: the daemon's `conn_reason`, when it gives one)            |
 //! | `peer_role` | as `role`, or null (`none` in text) while not connected              |
@@ -194,8 +195,9 @@ impl Watch {
         let before = self.volumes.take().unwrap_or_default();
         let names: std::collections::BTreeSet<&String> = before.keys().chain(now.keys()).collect();
         for name in names {
-            let reason =
-                status.volumes.iter().find(|v| v.name == *name).and_then(|v| v.conn_reason.clone());
+            let vol = status.volumes.iter().find(|v| v.name == *name);
+            let reason = vol.and_then(|v| v.conn_reason.clone());
+            let failure = vol.and_then(|v| v.disk_failure.map(|f| f.to_string()));
             let old = before.get(name);
             let new = now.get(name);
             for field in Field::ALL.into_iter().skip(1) {
@@ -213,7 +215,11 @@ impl Watch {
                     from,
                     to,
                     initial,
-                    detail: if field == Field::Conn { reason.clone() } else { None },
+                    detail: match field {
+                        Field::Conn => reason.clone(),
+                        Field::Disk => failure.clone(),
+                        _ => None,
+                    },
                 });
             }
         }

@@ -12,7 +12,7 @@
 //! | control socket | always                               | answers (blockd running) or free          |
 //! | ports          | replication, nbd-tcp                 | free, or held by a process named blockd   |
 //! | secret         | two nodes                            | exists, not empty, mode 0600              |
-//! | data-dir       | always                               | writable, free space for sparse backings  |
+//! | data-dir       | always                               | writable, room for the backings (allocate)|
 //! | backing        | a volume names one                   | exists                                    |
 //! | service        | each `[[service]]`                   | unit installed / start command on PATH;   |
 //! |                |                                      | a unit also kept from starting at boot    |
@@ -33,6 +33,7 @@ use std::{
 use blockd::{
     config::{AttachMode, Filesystem},
     control::{Client, ClientError},
+    storage::Allocate,
 };
 
 use crate::step::Ctx;
@@ -335,8 +336,10 @@ fn data_dir(ctx: &Ctx) -> Vec<Check> {
         ));
         return out;
     }
-    // Sparse backing files grow up to their size: what they may still take.
-    let mut need = 0u64;
+    // Backing files blockd creates in full take their size at once; sparse ones (existing, or
+    // created with `allocate = "sparse"`) grow up to it.
+    let full = ctx.config.storage.allocate == Allocate::Full;
+    let (mut create, mut grow) = (0u64, 0u64);
     for v in &ctx.config.volume {
         let backing = ctx.node.backing(v);
         match &v.backing {
@@ -350,29 +353,41 @@ fn data_dir(ctx: &Ctx) -> Vec<Check> {
                 format!("backing {}", b.display()),
                 format!("volume {}", v.name),
             )),
+            None if full && !backing.exists() => create += v.size.bytes(),
             None => {
                 let used = fs::metadata(&backing).map(|m| m.blocks() * 512).unwrap_or(0);
-                need += v.size.bytes().saturating_sub(used);
+                grow += v.size.bytes().saturating_sub(used);
             }
         }
     }
     let free = nix::sys::statvfs::statvfs(existing)
         .map(|s| s.blocks_available() * s.fragment_size())
         .unwrap_or(0);
+    out.insert(0, space_check(what, free, create, grow));
+    out
+}
+
+/// Room for `create` bytes of backing files allocated in full now and `grow` bytes that
+/// sparse ones may still take, in `free` bytes.
+fn space_check(what: String, free: u64, create: u64, grow: u64) -> Check {
     let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
     let detail = format!(
-        "writable, {:.1} GiB free, backing files may grow by {:.1} GiB",
+        "writable, {:.1} GiB free, {:.1} GiB to allocate, sparse backing files may grow by \
+         {:.1} GiB",
         gib(free),
-        gib(need)
+        gib(create),
+        gib(grow)
     );
-    let level = if free >= need { Level::Ok } else { Level::Warn };
-    let detail = if level == Level::Ok {
-        detail
-    } else {
-        format!("{detail}: writes will fail with ENOSPC when it fills")
-    };
-    out.insert(0, check(level, what, detail));
-    out
+    if free < create {
+        let why = "blockd cannot create the backing files (allocate = \"full\")";
+        return check(Level::Missing, what, format!("{detail}: {why}"));
+    }
+    if free - create < grow {
+        let why = "a write that finds the filesystem full fails the disk (Failed; the \
+                   Primary serves through its peer, a Secondary stops mirroring)";
+        return check(Level::Warn, what, format!("{detail}: {why}"));
+    }
+    check(Level::Ok, what, detail)
 }
 
 /// A `[[service]]`: its unit installed and kept from starting at boot, or its start
@@ -490,6 +505,20 @@ mod tests {
         );
         assert_eq!(io_uring(&ctx).level, Level::Ok);
         assert!(attach(&ctx).is_empty(), "no mounted volume: no attach check");
+    }
+
+    /// Issue 17: a sparse backing the free space cannot fill is a warning (the disk would
+    /// fail at the write that finds the filesystem full); one blockd cannot allocate in full
+    /// is missing.
+    #[test]
+    fn backing_space_is_checked_against_the_allocation_mode() {
+        let gib = 1u64 << 30;
+        let c = space_check("d".into(), 2 * gib, 0, 3 * gib);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("fails the disk"), "{}", c.detail);
+        assert_eq!(space_check("d".into(), 2 * gib, 3 * gib, 0).level, Level::Missing);
+        assert_eq!(space_check("d".into(), 4 * gib, 3 * gib, gib).level, Level::Ok);
+        assert_eq!(space_check("d".into(), 4 * gib, 3 * gib, 2 * gib).level, Level::Warn);
     }
 
     #[test]
