@@ -100,6 +100,9 @@ mirror_config() {
       printf '[node.%s]\nreplication = "%s:%s"\ndata-dir = "%s"\nrun-dir = "%s"\n\n' \
         "${n%%:*}" "${n#*:}" "$REPL_PORT" "$m/${n%%:*}/data" "$m/${n%%:*}/run"
     done
+    # A log smaller than the volume makes random writes miss it (evictions, flushes on demand).
+    [ -z "${BENCH_AL_EXTENTS:-}" ] ||
+      printf '[resync]\nactivity-log-extents = %s\n\n' "$BENCH_AL_EXTENTS"
     printf '[[volume]]\nname = "bench"\nsize = "%sGiB"\n' "$SIZE_GIB"
   } >"$m/blockd.toml"
 }

@@ -7,7 +7,11 @@
 //! - `cache`: nbdkit's cache filter in writeback mode holds every write in a volatile cache
 //!   until a FLUSH (or FUA) writes it to `disk.img`, like a disk's write cache. SIGKILL of
 //!   nbdkit ([`FaultDisk::power_cut`]) loses what was not flushed; [`FaultDisk::power_on`]
-//!   serves what `disk.img` kept.
+//!   serves what `disk.img` kept. Such a disk refuses `FALLOC_FL_PUNCH_HOLE` with EINVAL:
+//!   nbdfuse turns a punch into an NBD trim, which the cache filter may ignore (a trim is
+//!   advisory), so the range would not read back as zeroes as on a real file; refused, the
+//!   caller falls back to writing zeroes (blockd does). TRIM through blockd fails there too:
+//!   format without discard (`mkfs.ext4 -E nodiscard`).
 //! - `error`: the error filter fails every request with `errno` while the trigger file exists
 //!   ([`FaultDisk::fail`] / [`FaultDisk::heal`]).
 //! - `pause`: the pause filter holds every request from [`FaultDisk::pause`] to
@@ -126,7 +130,11 @@ impl FaultDisk {
         if self.faults.pause {
             c.arg("--filter=pause");
         }
-        if self.faults.error.is_some() {
+        assert!(
+            !(self.faults.cache && self.faults.error.is_some()),
+            "a fault disk has either a cache or an error trigger (one error filter)"
+        );
+        if self.faults.error.is_some() || self.faults.cache {
             c.arg("--filter=error");
         }
         if self.faults.delay.is_some() {
@@ -137,7 +145,7 @@ impl FaultDisk {
         }
         c.arg("file").arg(self.image());
         if self.faults.cache {
-            c.arg("cache=writeback");
+            c.arg("cache=writeback").arg("error-trim=EINVAL").arg("error-trim-rate=100%");
         }
         if let Some(errno) = self.faults.error {
             c.arg(format!("error={errno}")).arg("error-rate=100%");

@@ -2,7 +2,10 @@
 //! on disk so that after a crash of the primary only those extents need resync.
 //!
 //! In memory: up to `extents` hot extents in LRU order, each with a pin count (writes in flight
-//! into it; a pinned extent is never evicted, since its writes may still differ between nodes).
+//! into it) and the flush epoch of its last completed write. An extent is evicted only when it
+//! has no write in flight AND a flush that completed on both nodes covers its last write
+//! (DRBD's rule): a completed write may still sit in either node's volatile cache, and a power
+//! cut then loses it on one node only, so until that flush its extent must stay in the log.
 //! On disk: a ring of [`RING_SLOTS`] one-page transactions; transaction `seq` lives in slot
 //! `seq % RING_SLOTS`.
 //!
@@ -177,6 +180,16 @@ struct Hot {
     pins: u32,
     /// The transaction that made it hot (to tell whether that is durable yet).
     seq: u64,
+    /// Flush epoch of the last completed write into it (None: none since it became hot);
+    /// durable on both nodes once a flush of a later epoch completed.
+    written: Option<u64>,
+}
+
+impl Hot {
+    /// May leave the log: nothing in flight, and every completed write flushed on both nodes.
+    fn evictable(&self, covered: u64) -> bool {
+        self.pins == 0 && self.written.map_or(true, |w| w < covered)
+    }
 }
 
 /// The hot set in memory: LRU plus pins.
@@ -186,6 +199,11 @@ pub struct ActivityLog {
     hot: HashMap<u64, Hot>,
     clock: u64,
     next_seq: u64,
+    /// Writes of an epoch below this are durable on both nodes (see [`Self::flushed`]).
+    covered: u64,
+    /// Test-only: evict extents whose writes are not flushed yet (the bug of issue 17).
+    #[cfg(test)]
+    pub(super) ignore_flushes: bool,
 }
 
 impl ActivityLog {
@@ -193,12 +211,20 @@ impl ActivityLog {
     /// hot (they are on disk, so keeping them costs nothing and is safe).
     pub fn new(cfg: AlConfig, last: Option<&Transaction>) -> Result<ActivityLog, AlError> {
         cfg.check()?;
-        let mut log = ActivityLog { cfg, hot: HashMap::new(), clock: 0, next_seq: 1 };
+        let mut log = ActivityLog {
+            cfg,
+            hot: HashMap::new(),
+            clock: 0,
+            next_seq: 1,
+            covered: 0,
+            #[cfg(test)]
+            ignore_flushes: false,
+        };
         if let Some(t) = last {
             log.next_seq = t.seq + 1;
             for &e in t.hot.iter().take(cfg.extents as usize) {
                 log.clock += 1;
-                log.hot.insert(e, Hot { last_use: log.clock, pins: 0, seq: t.seq });
+                log.hot.insert(e, Hot { last_use: log.clock, pins: 0, seq: t.seq, written: None });
             }
         }
         Ok(log)
@@ -225,9 +251,10 @@ impl ActivityLog {
     }
 
     /// Makes `extents` hot and uses them (LRU). A hit costs nothing and returns None. A miss
-    /// evicts least recently used unpinned extents and returns the transaction to persist
-    /// before the first write into the new extents (the caller persists the victims' bitmap
-    /// pages before it). Too few unpinned victims: [`AlError::Busy`], and nothing changed.
+    /// evicts least recently used evictable extents (see [`Hot::evictable`]) and returns the
+    /// transaction to persist before the first write into the new extents (the caller persists
+    /// the victims' bitmap pages before it). Too few victims: [`AlError::Busy`], and nothing
+    /// changed; [`waits_for_flush`](Self::waits_for_flush) then says whether a flush would help.
     pub fn make_hot(&mut self, extents: Range<u64>) -> Result<Option<Transaction>, AlError> {
         let wanted = extents.end - extents.start;
         if wanted > u64::from(self.cfg.extents) {
@@ -240,7 +267,10 @@ impl ActivityLog {
         for e in extents {
             self.clock += 1;
             let (clock, seq) = (self.clock, self.next_seq);
-            self.hot.entry(e).or_insert(Hot { last_use: 0, pins: 0, seq }).last_use = clock;
+            self.hot
+                .entry(e)
+                .or_insert(Hot { last_use: 0, pins: 0, seq, written: None })
+                .last_use = clock;
         }
         if misses.is_empty() {
             return Ok(None);
@@ -271,16 +301,38 @@ impl ActivityLog {
         }
     }
 
-    /// A write into `extents` completed.
-    pub fn unpin(&mut self, extents: Range<u64>) {
+    /// A write into `extents` completed during flush epoch `epoch`: no longer in flight, but
+    /// not evictable before a flush of a later epoch completed on both nodes.
+    pub fn unpin(&mut self, extents: Range<u64>, epoch: u64) {
         for e in extents {
             if let Some(h) = self.hot.get_mut(&e) {
                 h.pins = h.pins.saturating_sub(1);
+                h.written = Some(h.written.map_or(epoch, |w| w.max(epoch)));
             }
         }
     }
 
-    /// `n` least recently used unpinned extents outside `keep`, or None if there are fewer.
+    /// A flush of `epoch` completed on both nodes (or, degraded, here: see `Tracker`): every
+    /// write completed in an earlier epoch is durable wherever it went.
+    pub fn flushed(&mut self, epoch: u64) {
+        self.covered = self.covered.max(epoch);
+    }
+
+    /// Some extent has nothing in flight but waits for a flush before it may be evicted: a
+    /// busy log frees up by flushing, not only by writes completing.
+    pub fn waits_for_flush(&self) -> bool {
+        self.hot.values().any(|h| h.pins == 0 && !h.evictable(self.covered))
+    }
+
+    fn may_evict(&self, h: &Hot) -> bool {
+        #[cfg(test)]
+        if self.ignore_flushes {
+            return h.pins == 0;
+        }
+        h.evictable(self.covered)
+    }
+
+    /// `n` least recently used evictable extents outside `keep`, or None if there are fewer.
     fn victims(&self, n: usize, keep: &Range<u64>) -> Option<Vec<u64>> {
         if n == 0 {
             return Some(Vec::new());
@@ -288,7 +340,7 @@ impl ActivityLog {
         let mut free: Vec<(u64, u64)> = self
             .hot
             .iter()
-            .filter(|(e, h)| h.pins == 0 && !keep.contains(e))
+            .filter(|(e, h)| self.may_evict(h) && !keep.contains(e))
             .map(|(&e, h)| (h.last_use, e))
             .collect();
         if free.len() < n {

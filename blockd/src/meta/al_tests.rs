@@ -24,9 +24,31 @@ fn pinned_extents_are_never_evicted_and_a_full_log_is_busy() {
     al.pin(0..2);
     assert_eq!(al.make_hot(7..8), Err(AlError::Busy));
     assert_eq!(al.hot_extents(), vec![0, 1], "busy changed nothing");
-    al.unpin(1..2);
+    al.unpin(1..2, 0);
+    assert_eq!(al.make_hot(7..8), Err(AlError::Busy), "completed, but flushed nowhere yet");
+    assert!(al.waits_for_flush());
+    al.flushed(1);
+    assert!(!al.waits_for_flush());
     assert_eq!(al.make_hot(7..8).unwrap().expect("miss").evicted, vec![1]);
     assert_eq!(al.make_hot(0..3), Err(AlError::TooWide { wanted: 3, hot: 2 }));
+}
+
+/// DRBD's rule: an extent leaves the log only once a flush on both nodes, started after its
+/// last write completed, has completed; a flush of that write's own epoch is not enough.
+#[test]
+fn an_extent_is_evicted_only_after_a_flush_covers_its_last_write() {
+    let mut al = small(1);
+    al.make_hot(0..1).unwrap();
+    al.pin(0..1);
+    al.unpin(0..1, 3); // completed while flush epoch 3 was the newest started
+    al.flushed(3); // that flush started before the write completed: it may not cover it
+    assert_eq!(al.make_hot(1..2), Err(AlError::Busy));
+    al.flushed(4);
+    assert_eq!(al.make_hot(1..2).unwrap().expect("miss").evicted, vec![0]);
+    // Extents recovered from disk had no write in this process: evictable at once.
+    let t = Transaction { seq: 9, hot: vec![5], made_hot: vec![], evicted: vec![] };
+    let mut al = ActivityLog::new(AlConfig { extent_size: 1 << 20, extents: 1 }, Some(&t)).unwrap();
+    assert_eq!(al.make_hot(0..1).unwrap().expect("miss").evicted, vec![5]);
 }
 
 #[test]

@@ -10,7 +10,8 @@
 //!                   │          AL transaction, flush ───────────────────▶ Persist(mw), then data
 //!                   ├─ hot, but its transaction not yet durable ────────▶ After(seq)
 //!                   └─ every hot extent has a write in flight ─────────▶ Busy: retry later
-//!  write_done(r)        the write left the "in flight" state; its extents may be evicted
+//!  write_done(r, epoch) the write completed; its extents may be evicted once data_flushed
+//!                       reports a flush of a later epoch done on both nodes (DRBD's rule)
 //!  mark_out_of_sync(r)  bits in memory (the AL covers them until eviction writes them), or a
 //!                       MetaWrite of their pages when r is not hot
 //!  after_crash_of_primary()  AL extents → bitmap pages, flush, empty AL transaction, flush
@@ -21,7 +22,9 @@
 //! durable, so anything in flight is covered by the log. Bits set in memory for E are covered by
 //! the log while E is hot; E leaves the log only in a transaction written after E's bitmap pages
 //! were made durable (flush in between, since caches reorder). Pinned extents (writes in flight)
-//! are never evicted. Cleared bits may be lost by a crash: that only overstates what differs.
+//! are never evicted, nor extents whose completed writes no flush on both nodes has covered yet:
+//! such a write may still be in one node's volatile cache, and a power cut loses it there only.
+//! Cleared bits may be lost by a crash: that only overstates what differs.
 //!
 //! Contract for the caller: apply MetaWrites in `seq` order, one at a time, each followed by
 //! [`Dirty::persisted`]; a MetaWrite that fails to apply leaves the metadata untrustworthy, and
@@ -158,6 +161,8 @@ pub(super) enum Mutant {
     NoEvictPages,
     /// No flush between the bitmap pages and the transaction that evicts their extent.
     NoPageFlush,
+    /// Extents are evicted once their writes completed, flushed or not (issue 17's bug).
+    EvictUnflushed,
 }
 
 /// The dirty bitmap and activity log of one volume on this node.
@@ -238,6 +243,10 @@ impl Dirty {
         if extents.is_empty() {
             return Ok(Admit::Go);
         }
+        #[cfg(test)]
+        {
+            self.al.ignore_flushes = self.mutant == Mutant::EvictUnflushed;
+        }
         let tx = match self.al.make_hot(extents.clone()) {
             Ok(tx) => tx,
             Err(AlError::Busy) => return Ok(Admit::Busy),
@@ -255,9 +264,21 @@ impl Dirty {
     }
 
     /// The data write into `range` completed (on every node it went to, or was marked out of
-    /// sync): its extents may be evicted again.
-    pub fn write_done(&mut self, range: Range<u64>) {
-        self.al.unpin(self.extents_of(range));
+    /// sync) in flush epoch `epoch`: its extents may be evicted once a flush of a later epoch
+    /// completed on both nodes ([`data_flushed`](Self::data_flushed)).
+    pub fn write_done(&mut self, range: Range<u64>, epoch: u64) {
+        self.al.unpin(self.extents_of(range), epoch);
+    }
+
+    /// A data flush of `epoch` completed on both nodes: what completed before it started is
+    /// durable on both, so its extents may leave the log.
+    pub fn data_flushed(&mut self, epoch: u64) {
+        self.al.flushed(epoch);
+    }
+
+    /// A `Busy` log would free up by a data flush (not only by writes completing).
+    pub fn waits_for_flush(&self) -> bool {
+        self.al.waits_for_flush()
     }
 
     /// The seq of the last MetaWrite reported [`persisted`](Self::persisted) (0: none).

@@ -341,43 +341,62 @@ impl Volume {
     /// connected, on the peer.
     pub async fn flush(&self) -> Result<(), VolumeError> {
         let start = Instant::now();
-        // A Secondary flushes its own store only (at shutdown, say); its peer flushes itself.
-        let failed = self.detached();
-        let route = self.route();
-        let primary = route.is_ok();
-        match route.ok().flatten() {
-            // A Primary with neither its disk nor its peer cannot make anything durable.
-            None if failed && primary => return Err(self.failed_error()),
-            // A Secondary whose disk is Failed wrote nothing to it since: nothing to flush.
-            None if failed => {}
-            None => self.io(DiskOp::Flush, 0, self.store.flush().await).await?,
-            Some(session) => {
-                let epoch = self.track.flush_started();
-                let local = async {
-                    if failed {
-                        Ok(())
-                    } else {
-                        self.store.flush().await
-                    }
-                };
-                let (local, remote) = tokio::join!(local, self.call_peer(&session, Message::Flush));
-                // A failed local flush fails the disk; the peer's copy is what counts then.
-                let local = self.io(DiskOp::Flush, 0, local).await;
-                let peer_has_it = self.peer_done(&session, remote).await?;
-                if !peer_has_it && (failed || local.is_err()) {
-                    return Err(local.err().unwrap_or_else(|| self.failed_error()));
-                }
-                if peer_has_it {
-                    // What the peer acknowledged before this flush is durable there now.
-                    self.track.flushed(epoch);
-                } else {
-                    self.fenced(None).await?;
-                }
-            }
+        if !self.flush_both().await? {
+            self.fenced(None).await?;
         }
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.counters.latency.flush.record(start.elapsed());
         Ok(())
+    }
+
+    /// The store's flush and, when mirroring, the peer's, reported to the dirty tracking (what
+    /// they cover may leave the activity log). False: the peer failed it, now degraded.
+    async fn flush_both(&self) -> Result<bool, VolumeError> {
+        let epoch = self.track.flush_started();
+        let failed = self.detached();
+        let route = self.route();
+        let primary = route.is_ok();
+        // A Secondary flushes its own store only (at shutdown, say); its peer flushes itself.
+        let Some(session) = route.ok().flatten() else {
+            if failed {
+                // A Primary with neither its disk nor its peer cannot make anything durable; a
+                // Secondary whose disk is Failed wrote nothing to it since: nothing to flush.
+                return if primary { Err(self.failed_error()) } else { Ok(true) };
+            }
+            self.io(DiskOp::Flush, 0, self.store.flush().await).await?;
+            self.track.flushed_here(epoch);
+            return Ok(true);
+        };
+        let local = async {
+            match failed {
+                true => Ok(()),
+                false => self.store.flush().await,
+            }
+        };
+        let (local, remote) = tokio::join!(local, self.call_peer(&session, Message::Flush));
+        // A failed local flush fails the disk; the peer's copy is what counts then.
+        let local = self.io(DiskOp::Flush, 0, local).await;
+        let peer = self.peer_done(&session, remote).await?;
+        if !peer && (failed || local.is_err()) {
+            return Err(local.err().unwrap_or_else(|| self.failed_error()));
+        }
+        if peer {
+            // What both acknowledged before this flush is durable on both now (or, with this
+            // disk Failed, on the peer, which is the only copy that counts).
+            self.track.flushed(epoch);
+        }
+        Ok(peer)
+    }
+
+    /// Waits until a write into `range` is covered by the dirty tracking (see
+    /// [`track::Tracker::admit`]); a full log is flushed on demand. Returns whether it is wide.
+    async fn admit(&self, range: std::ops::Range<u64>) -> Result<bool, VolumeError> {
+        let flush = || async { self.flush_both().await.map(drop) };
+        match self.track.admit(range, flush).await {
+            Ok(wide) => Ok(wide),
+            Err(track::AdmitError::Log(e)) => Err(self.dirty_log_failed(e)),
+            Err(track::AdmitError::Flush(e)) => Err(e),
+        }
     }
 
     /// Every write-type request: under the range lock, `prepare(mirroring)` gives the local
@@ -402,7 +421,7 @@ impl Volume {
         // Single node: there is no peer to differ from, so nothing to track.
         let tracked = self.info.peer.is_some();
         let wide = match tracked {
-            true => self.track.admit(range.clone()).await.map_err(|e| self.dirty_log_failed(e))?,
+            true => self.admit(range.clone()).await?,
             false => false,
         };
         let admitted =
@@ -440,10 +459,11 @@ impl Volume {
             }
             self.counters.peer_writes.fetch_add(1, Ordering::Relaxed);
             self.counters.peer_bytes.fetch_add(bytes, Ordering::Relaxed);
-            self.track.acked(range.clone());
+            let acked = self.track.acked(range.clone(), || session.is_open()).await;
+            acked.map_err(|e| self.dirty_log_failed(e))?;
             if wide {
-                // Marked on disk before it started; both nodes have it now.
-                self.track.clear(range);
+                // Marked on disk before it started; both nodes have it, not yet durably.
+                self.track.wide_done(range);
             }
         } else {
             self.mark(range.clone()).await?;

@@ -7,10 +7,23 @@
 //!                        └─ wide (> ¼ of the log): bits of r on disk ─────────────────────────► go
 //!            ... local + peer ...
 //!  peer failed or absent ─► mark(r)    (memory while r's extents are hot; else its pages on disk)
-//!  peer acked ─► transfer log += r     (until the peer's next FLUSH completes)
-//!  done(r) ─► extents unpinned (may be evicted: their pages are written first)
+//!  peer acked ─► transfer log += r     (until the peer's next FLUSH completes; a session
+//!                                       already gone marks r instead)
+//!  done(r) ─► extents unpinned, tagged with the flush epoch they completed in
+//!  flush done on both nodes ─► extents whose writes it covers may be evicted (pages written
+//!                              first); wide writes it covers have their bits cleared
+//!  log full, only unflushed extents ─► flush on demand (local store + peer), then retry
 //!  link lost ─► every range of the transfer log is marked: acked but maybe not durable there
 //! ```
+//!
+//! Why an extent waits for a flush on BOTH nodes (DRBD's `al_complete_io` after the barrier
+//! ack): a completed write may sit in a device's volatile cache on either node; a power cut
+//! loses it there only, and the replicas then differ where neither bitmap nor log says so. A
+//! flush on both that started after the write completed makes it durable everywhere, so the
+//! primary's own data is durable before an eviction is recorded, too. Degraded (no session), a
+//! local flush covers the log once the transfer log is empty: every write that reached the peer
+//! unflushed is marked by then, and marks survive eviction (their pages are written first).
+//! A single node keeps no log at all: there is no replica to differ from.
 //!
 //! Metadata writes are applied one at a time in the order [`Dirty`] issued them (its contract),
 //! by whichever waiting task holds the I/O lock; the others queue on that lock. They block (a
@@ -22,6 +35,7 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
+    future::Future,
     io,
     ops::Range,
     sync::{Arc, Mutex, MutexGuard},
@@ -44,6 +58,13 @@ struct Inner {
     /// with the flush epoch they belong to.
     transfer: VecDeque<(u64, Range<u64>)>,
     epoch: u64,
+    /// The newest epoch whose flush covered the log (both nodes, or degraded with nothing
+    /// in the transfer log): lets concurrent on-demand flushes coalesce.
+    covered: u64,
+    /// Wide writes that reached both nodes, by the epoch they completed in: their bits are
+    /// cleared only once a flush on both covers them (until then a power cut may lose them on
+    /// one node). A mark overlapping one drops it: its bits must stay.
+    wide: Vec<(u64, Range<u64>)>,
     /// Set once a metadata write failed: nothing may be admitted any more.
     broken: bool,
 }
@@ -53,8 +74,10 @@ struct Inner {
 pub(super) struct Tracker {
     inner: Mutex<Inner>,
     io: tokio::sync::Mutex<IoSlot>,
-    /// A write finished: extents may have become evictable.
+    /// A write finished or a flush covered the log: extents may have become evictable.
     freed: Notify,
+    /// One on-demand flush at a time; the others wait for it and use its result.
+    log_flush: tokio::sync::Mutex<()>,
     /// The extents a crash recovery added to the bitmap (in this process's life): they may
     /// well be identical on the peer, so a resync compares checksums there first.
     crash: Mutex<Vec<Range<u64>>>,
@@ -71,10 +94,13 @@ impl Tracker {
                 queue: BTreeMap::new(),
                 transfer: VecDeque::new(),
                 epoch: 0,
+                covered: 0,
+                wide: Vec::new(),
                 broken: false,
             }),
             io: tokio::sync::Mutex::new(IoSlot { file: Arc::new(Mutex::new(io)), running: None }),
             freed: Notify::new(),
+            log_flush: tokio::sync::Mutex::new(()),
             crash: Mutex::new(Vec::new()),
             marks: std::sync::atomic::AtomicU64::new(0),
         }
@@ -91,53 +117,94 @@ impl Tracker {
 
     /// Waits until a write into `range` is covered on disk (DESIGN §4), pinning its extents
     /// until [`done`](Self::done). Returns whether the range was "wide" (marked in the bitmap
-    /// instead of the log; `done` is then a no-op and the caller clears the bits once both
-    /// nodes have the write).
-    pub async fn admit(&self, range: Range<u64>) -> TrackResult<bool> {
+    /// instead of the log; `done` is then a no-op and the caller hands it to
+    /// [`wide_done`](Self::wide_done) once both nodes have the write). When the log is full of
+    /// extents that only wait for a flush, `flush` (local store + peer) runs on demand.
+    pub async fn admit<E, Fut>(
+        &self,
+        range: Range<u64>,
+        flush: impl Fn() -> Fut,
+    ) -> Result<bool, AdmitError<E>>
+    where
+        Fut: Future<Output = Result<(), E>>,
+    {
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            // `None`: go; `Some(Some(seq))`: once metadata write `seq` is durable; `Some(None)`:
-            // busy. The bool: the range is wide.
-            let (admit, wide) = {
-                let mut inner = self.inner();
-                if inner.broken {
-                    return Err(broken());
-                }
-                if inner.dirty.is_wide(range.clone()) {
-                    self.marks.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                    let mw = inner.dirty.mark_out_of_sync(range.clone());
-                    (Some(mw.map(|mw| Self::enqueue(&mut inner, mw))), true)
-                } else {
-                    let admit =
-                        match inner.dirty.before_write(range.clone()).map_err(io::Error::other)? {
-                            Admit::Go => None,
-                            Admit::Persist(mw) => Some(Some(Self::enqueue(&mut inner, mw))),
-                            Admit::After(seq) => Some(Some(seq)),
-                            Admit::Busy => Some(None),
-                        };
-                    (admit, false)
-                }
-            };
+            let (admit, wide) = self.try_admit(range.clone()).map_err(AdmitError::Log)?;
             match admit {
-                None => return Ok(wide),
-                Some(Some(seq)) => {
-                    self.commit(seq).await?;
+                Step::Go => return Ok(wide),
+                Step::After(seq) => {
+                    self.commit(seq).await.map_err(AdmitError::Log)?;
                     return Ok(wide);
                 }
-                Some(None) if wide => return Ok(true),
+                Step::Busy { flush_helps: true, covered } => {
+                    if !self.flush_on_demand(covered, &flush).await.map_err(AdmitError::Flush)? {
+                        freed.await; // the flush covered nothing (peer lost): wait for that
+                    }
+                }
                 // Every hot extent has a write in flight: wait for one to finish.
-                Some(None) => freed.await,
+                Step::Busy { flush_helps: false, .. } => freed.await,
             }
         }
     }
 
+    /// One attempt of [`admit`](Self::admit), under the lock. The bool: the range is wide.
+    fn try_admit(&self, range: Range<u64>) -> TrackResult<(Step, bool)> {
+        let mut inner = self.inner();
+        if inner.broken {
+            return Err(broken());
+        }
+        if inner.dirty.is_wide(range.clone()) {
+            self.marks.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            let mw = Self::mark_locked(&mut inner, range);
+            let step = mw.map_or(Step::Go, |mw| Step::After(Self::enqueue(&mut inner, mw)));
+            return Ok((step, true));
+        }
+        let step = match inner.dirty.before_write(range).map_err(io::Error::other)? {
+            Admit::Go => Step::Go,
+            Admit::Persist(mw) => Step::After(Self::enqueue(&mut inner, mw)),
+            Admit::After(seq) => Step::After(seq),
+            Admit::Busy => {
+                Step::Busy { flush_helps: inner.dirty.waits_for_flush(), covered: inner.covered }
+            }
+        };
+        Ok((step, false))
+    }
+
+    /// Runs `flush` unless another on-demand flush covered the log since `covered` was read.
+    /// Returns whether the log is covered further than `covered` now.
+    async fn flush_on_demand<E, Fut>(
+        &self,
+        covered: u64,
+        flush: &impl Fn() -> Fut,
+    ) -> Result<bool, E>
+    where
+        Fut: Future<Output = Result<(), E>>,
+    {
+        let _one = self.log_flush.lock().await;
+        if self.inner().covered == covered {
+            flush().await?;
+        }
+        Ok(self.inner().covered > covered)
+    }
+
     /// A write admitted by [`admit`](Self::admit) (not wide) finished on every node it went to,
-    /// or was marked: its extents may be evicted again.
+    /// or was marked: its extents may be evicted once a flush on both nodes covers it.
     pub fn done(&self, range: Range<u64>) {
-        self.inner().dirty.write_done(range);
+        let mut inner = self.inner();
+        let epoch = inner.epoch;
+        inner.dirty.write_done(range, epoch);
+        drop(inner);
         self.freed.notify_waiters();
+    }
+
+    /// A wide write reached both nodes: its bits are cleared once a flush on both covers it.
+    pub fn wide_done(&self, range: Range<u64>) {
+        let mut inner = self.inner();
+        let epoch = inner.epoch;
+        inner.wide.push((epoch, range));
     }
 
     /// `range` may differ from the peer. Returns once that survives a crash.
@@ -145,7 +212,7 @@ impl Tracker {
         self.marks.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let seq = {
             let mut inner = self.inner();
-            match inner.dirty.mark_out_of_sync(range) {
+            match Self::mark_locked(&mut inner, range) {
                 Some(mw) => Self::enqueue(&mut inner, mw),
                 None => return Ok(()),
             }
@@ -153,8 +220,14 @@ impl Tracker {
         self.commit(seq).await
     }
 
-    /// `range` is the same on both nodes now (a resync copied it, or a wide write reached
-    /// both). In memory; [`flush`](Self::flush) writes it back, and losing it only overstates.
+    /// Sets `range`'s bits; a wide write's pending clear it overlaps is dropped (the bits must
+    /// outlive it). The MetaWrite, if any, makes the mark durable.
+    fn mark_locked(inner: &mut Inner, range: Range<u64>) -> Option<MetaWrite> {
+        inner.wide.retain(|(_, w)| w.end <= range.start || range.end <= w.start);
+        inner.dirty.mark_out_of_sync(range)
+    }
+
+    /// `range` is the same on both nodes now (a resync copied it). In memory; [`flush`](Self::flush) writes it back, and losing it only overstates.
     pub fn clear(&self, range: Range<u64>) {
         self.inner().dirty.clear_synced(range);
     }
@@ -226,40 +299,89 @@ impl Tracker {
     }
 
     /// The peer acknowledged a write into `range` (not yet durable there until its next
-    /// flush, which the node asks for at least once a second while writes happen).
-    pub fn acked(&self, range: Range<u64>) {
-        let mut inner = self.inner();
-        let epoch = inner.epoch;
-        inner.transfer.push_back((epoch, range));
+    /// flush, which the node asks for at least once a second while writes happen). `open`
+    /// tells whether the session is still up: once it is gone, [`link_lost`](Self::link_lost)
+    /// may have drained the transfer log already, so the range is marked instead.
+    pub async fn acked(&self, range: Range<u64>, open: impl FnOnce() -> bool) -> TrackResult<()> {
+        {
+            let mut inner = self.inner();
+            // Checked under the lock link_lost drains under: an open session here means the
+            // drain (which runs after the session closed) is still to come.
+            if open() {
+                let epoch = inner.epoch;
+                inner.transfer.push_back((epoch, range));
+                return Ok(());
+            }
+        }
+        self.mark(range).await
     }
 
-    /// A peer flush starts: returns its epoch for [`flushed`](Self::flushed).
+    /// A flush (of the peer, the store, or both) starts: returns its epoch for
+    /// [`flushed`](Self::flushed) or [`flushed_here`](Self::flushed_here).
     pub fn flush_started(&self) -> u64 {
         let mut inner = self.inner();
         inner.epoch += 1;
         inner.epoch
     }
 
-    /// The peer flush of `epoch` completed: what was acknowledged before it started is durable
-    /// on the peer.
+    /// The flush of `epoch` completed on both nodes: what was acknowledged and completed before
+    /// it started is durable on both. The transfer log forgets it, the log's extents may go,
+    /// and covered wide writes' bits are cleared.
     pub fn flushed(&self, epoch: u64) {
         let mut inner = self.inner();
         while inner.transfer.front().is_some_and(|(e, _)| *e < epoch) {
             inner.transfer.pop_front();
         }
+        let (due, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut inner.wide).into_iter().partition(|(e, _)| *e < epoch);
+        inner.wide = later;
+        for (_, r) in due {
+            inner.dirty.clear_synced(r);
+        }
+        Self::cover(&mut inner, epoch);
+        drop(inner);
+        self.freed.notify_waiters();
+    }
+
+    /// The flush of `epoch` completed here, with no session: it covers the log only once the
+    /// transfer log is empty (everything the peer acknowledged unflushed is marked by then).
+    pub fn flushed_here(&self, epoch: u64) {
+        let mut inner = self.inner();
+        if inner.transfer.is_empty() {
+            Self::cover(&mut inner, epoch);
+            drop(inner);
+            self.freed.notify_waiters();
+        }
+    }
+
+    fn cover(inner: &mut Inner, epoch: u64) {
+        inner.dirty.data_flushed(epoch);
+        inner.covered = inner.covered.max(epoch);
     }
 
     /// The link is gone: every acknowledged range the peer may not have made durable becomes
-    /// out of sync (DESIGN §3's transfer log).
+    /// out of sync (DESIGN §3's transfer log). Drained and marked under one lock, so that no
+    /// eviction in between writes the pages without those bits.
     pub async fn link_lost(&self) -> TrackResult<()> {
-        let ranges: Vec<Range<u64>> = {
+        let last = {
             let mut inner = self.inner();
-            inner.transfer.drain(..).map(|(_, r)| r).collect()
+            let ranges: Vec<Range<u64>> = inner.transfer.drain(..).map(|(_, r)| r).collect();
+            let mut last = None;
+            for r in coalesce(ranges) {
+                self.marks.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                if let Some(mw) = Self::mark_locked(&mut inner, r) {
+                    last = Some(Self::enqueue(&mut inner, mw));
+                }
+            }
+            // Wide writes not covered by a flush on both: their bits stay.
+            inner.wide.clear();
+            last
         };
-        for r in coalesce(ranges) {
-            self.mark(r).await?;
+        self.freed.notify_waiters();
+        match last {
+            Some(seq) => self.commit(seq).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn enqueue(inner: &mut Inner, mw: MetaWrite) -> u64 {
@@ -320,6 +442,28 @@ struct IoSlot {
     running: Option<(u64, tokio::task::JoinHandle<io::Result<()>>)>,
 }
 
+/// One attempt to admit a write.
+enum Step {
+    Go,
+    /// Once MetaWrite `seq` is durable.
+    After(u64),
+    /// The log is full; `flush_helps` when some extent only waits for a flush. `covered`: the
+    /// flush epoch that covered the log when this was decided.
+    Busy {
+        flush_helps: bool,
+        covered: u64,
+    },
+}
+
+/// Why [`Tracker::admit`] failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum AdmitError<E> {
+    #[error("dirty bitmap / activity log")]
+    Log(#[source] io::Error),
+    #[error("flush on demand of a full activity log")]
+    Flush(#[source] E),
+}
+
 fn broken() -> io::Error {
     io::Error::other("an earlier dirty-bitmap or activity-log write failed")
 }
@@ -362,11 +506,11 @@ mod tests {
     async fn link_loss_marks_what_the_peer_acked_since_its_last_completed_flush() {
         let dir = tempfile::tempdir().unwrap();
         let t = open(&dir, true);
-        t.acked(0..4096); // covered by the flush below
+        t.acked(0..4096, up).await.unwrap(); // covered by the flush below
         let epoch = t.flush_started();
-        t.acked(8192..12288); // acknowledged while the flush runs: not covered
+        t.acked(8192..12288, up).await.unwrap(); // acknowledged while the flush runs
         t.flushed(epoch);
-        t.acked(1 << 20..(1 << 20) + 4096);
+        t.acked(1 << 20..(1 << 20) + 4096, up).await.unwrap();
         assert!(dirty(&t).is_empty(), "acks alone mark nothing");
         t.link_lost().await.unwrap();
         let want = vec![8192..12288, 1 << 20..(1 << 20) + 4096];
@@ -396,6 +540,118 @@ mod tests {
         assert_eq!(dirty(&t), want);
         drop(t);
         assert_eq!(dirty(&open(&dir, false)), want, "both marks are on disk");
+    }
+
+    fn up() -> bool {
+        true
+    }
+
+    /// A log of `extents` 1 MiB extents (the shape is fixed when `created`).
+    fn small(dir: &tempfile::TempDir, created: bool, extents: u32) -> Tracker {
+        let path = dir.path().join("v.meta");
+        let (file, meta) = MetaFile::open_or_create(&path, SIZE, "alpha", created).unwrap();
+        let cfg = AlConfig { extent_size: 1 << 20, extents };
+        let (areas, mut io) = file.open_areas(&meta, cfg).unwrap();
+        Tracker::new(Dirty::open(&mut io, areas, SIZE, meta.granularity).unwrap(), io)
+    }
+
+    /// Issue 17: an ack that arrives after `link_lost` drained the transfer log (the session
+    /// died meanwhile) must mark its range, not land in a log nobody drains any more.
+    #[tokio::test]
+    async fn an_ack_of_a_dead_session_marks_its_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = open(&dir, true);
+        t.link_lost().await.unwrap();
+        t.acked(4096..8192, || false).await.unwrap();
+        assert_eq!(dirty(&t), vec![4096..8192], "marked at once");
+        t.link_lost().await.unwrap();
+        drop(t);
+        assert_eq!(dirty(&open(&dir, false)), vec![4096..8192], "and on disk");
+    }
+
+    /// DRBD's rule through the tracker: a completed write keeps its extent in the log until a
+    /// flush on both nodes covers it; a full log of such extents flushes on demand, and the
+    /// writers waiting for room share one flush.
+    #[tokio::test]
+    async fn a_full_log_flushes_on_demand_before_it_evicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = small(&dir, true, 1);
+        let flushes = std::sync::atomic::AtomicU32::new(0);
+        let flush = || async {
+            flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let epoch = t.flush_started();
+            t.flushed(epoch);
+            Ok::<(), io::Error>(())
+        };
+        assert!(!t.admit(0..4096, flush).await.unwrap());
+        t.done(0..4096);
+        assert_eq!(flushes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // Extent 0's write is unflushed: extent 1 may only replace it after a flush.
+        t.admit(1 << 20..(1 << 20) + 4096, flush).await.unwrap();
+        assert_eq!(flushes.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(t.with(|d| d.hot_extents()), vec![1]);
+        t.done(1 << 20..(1 << 20) + 4096);
+        // A flush that did not cover (the peer failed it) is not taken for one: the writer
+        // waits, here for a flush some other task completes.
+        let none = || async { Ok::<(), io::Error>(()) };
+        let blocked = t.admit(0..4096, none);
+        tokio::pin!(blocked);
+        assert!(futures::poll!(blocked.as_mut()).is_pending());
+        let epoch = t.flush_started();
+        t.flushed(epoch);
+        blocked.await.unwrap();
+        assert_eq!(t.with(|d| d.hot_extents()), vec![0]);
+    }
+
+    /// Degraded, a local flush covers the log only once the transfer log is empty.
+    #[tokio::test]
+    async fn a_local_flush_covers_the_log_only_without_unmarked_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = small(&dir, true, 1);
+        let never = || async { Err::<(), _>(io::Error::other("no flush expected")) };
+        t.admit(0..4096, never).await.unwrap();
+        t.acked(0..4096, up).await.unwrap();
+        t.done(0..4096);
+        let epoch = t.flush_started();
+        t.flushed_here(epoch);
+        assert!(t.with(|d| d.waits_for_flush()), "the peer may not have it durably");
+        t.link_lost().await.unwrap(); // marks it
+        let epoch = t.flush_started();
+        t.flushed_here(epoch);
+        assert!(!t.with(|d| d.waits_for_flush()));
+        t.admit(1 << 20..(1 << 20) + 1, never).await.unwrap();
+        drop(t); // a crash: only what is on disk is left
+        assert_eq!(dirty(&small(&dir, false, 1)), vec![0..4096], "the mark went to disk");
+    }
+
+    /// Issue 17: a wide write's bits (its durable mark) stay until a flush on both nodes covers
+    /// it, and a mark overlapping it in between keeps them for good.
+    #[tokio::test]
+    async fn a_wide_write_is_cleared_only_after_a_flush_on_both_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = small(&dir, true, 4);
+        let never = || async { Err::<(), _>(io::Error::other("no flush expected")) };
+        let wide = 0..(3 << 20);
+        assert!(t.admit(wide.clone(), never).await.unwrap(), "wide: over a quarter of the log");
+        t.wide_done(wide.clone());
+        t.flush().await.unwrap(); // a bitmap write-back while the data is not durable
+        drop(t); // a power cut
+        let t = small(&dir, false, 4);
+        assert_eq!(dirty(&t), vec![wide.clone()], "its mark survived");
+        assert!(t.admit(wide.clone(), never).await.unwrap());
+        let epoch = t.flush_started();
+        t.wide_done(wide.clone());
+        t.flushed(epoch);
+        assert_eq!(dirty(&t), vec![wide.clone()], "that flush started before it completed");
+        let epoch = t.flush_started();
+        t.flushed(epoch);
+        assert!(dirty(&t).is_empty(), "covered on both: cleared");
+        assert!(t.admit(wide.clone(), never).await.unwrap());
+        t.wide_done(wide.clone());
+        t.mark(4096..8192).await.unwrap();
+        let epoch = t.flush_started();
+        t.flushed(epoch);
+        assert_eq!(dirty(&t), vec![wide], "a mark in between keeps the bits");
     }
 
     #[test]

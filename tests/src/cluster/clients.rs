@@ -1,6 +1,7 @@
-//! The clients two-node tests drive a primary with: fio (nbd engine) and two python libnbd
-//! scripts, `stress.py` (overlapping concurrent requests) and `acked_writer.py` (the oracle of
-//! "every acknowledged write survives": it logs a write only after its reply).
+//! The clients two-node tests drive a primary with: fio (nbd engine) and three python libnbd
+//! scripts, `stress.py` (overlapping concurrent requests), `acked_writer.py` (the oracle of
+//! "every acknowledged write survives": it logs a write only after its reply) and
+//! `flush_writer.py` (the oracle of a power cut: what a completed FLUSH covered survives).
 //!
 //! They all run in the root namespace: the NBD sockets are unix sockets.
 
@@ -25,6 +26,7 @@ pub const PYTHON: &str = "/usr/bin/python3";
 
 const ACKED_WRITER: &str = include_str!("acked_writer.py");
 const STRESS: &str = include_str!("stress.py");
+const FLUSH_WRITER: &str = include_str!("flush_writer.py");
 
 /// A fio command against `uri`: nbd engine, JSON output to `<dir>/<tag>.json`, verify state
 /// and other files in `dir`. `args` are the job's options (`--rw=...`, ...).
@@ -160,4 +162,87 @@ pub fn check_acked(socket: &Path, export: &str, rounds: &BTreeMap<u64, u64>) -> 
         &bad[..bad.len().min(10)]
     );
     rounds.len()
+}
+
+/// What `flush_writer.py` is asked to do (see the script).
+#[derive(Debug, Clone, Copy)]
+pub struct FlushLoad {
+    pub seed: u64,
+    pub secs: u32,
+    pub nblocks: u64,
+    pub depth: u32,
+    pub flush_every: u32,
+}
+
+/// Starts `flush_writer.py` against `uri`; its log of acks and flushes is the returned path.
+pub fn flush_writer(dir: &Path, uri: &str, tag: &str, load: FlushLoad) -> (Background, PathBuf) {
+    let py = script(dir, "flush_writer.py", FLUSH_WRITER);
+    let log = dir.join(format!("{tag}.acks"));
+    let mut c = Command::new(PYTHON);
+    c.arg(py).arg(uri).arg(&log);
+    let FlushLoad { seed, secs, nblocks, depth, flush_every } = load;
+    c.args(
+        [seed, u64::from(secs), nblocks, u64::from(depth), u64::from(flush_every)]
+            .map(|n| n.to_string()),
+    );
+    (Background::spawn(&mut c, &dir.join(format!("{tag}.out"))), log)
+}
+
+/// What a power cut must not lose, from a `flush_writer.py` log: per block, the newest write
+/// acknowledged before the last completed flush was sent. Also returns (writes acknowledged,
+/// flushes completed).
+pub fn flushed_floor(log: &Path) -> (BTreeMap<u64, u64>, u64, u64) {
+    let text = fs::read_to_string(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let (mut acked, mut at_send, mut floor) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    let (mut writes, mut flushes) = (0, 0);
+    // The last line may be torn (the writer is killed by the power cut): ignore what fails.
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+        match (f.first().copied(), n(1), n(2), f.len()) {
+            (Some("W"), Some(seq), Some(block), 3) => {
+                acked.insert(block, seq);
+                writes += 1;
+            }
+            (Some("S"), Some(id), None, 2) => {
+                at_send.insert(id, acked.clone());
+            }
+            (Some("F"), Some(id), None, 2) => {
+                floor = at_send.remove(&id).unwrap_or_else(|| panic!("flush {id} never sent"));
+                at_send.retain(|&k, _| k > id);
+                flushes += 1;
+            }
+            _ => {}
+        }
+    }
+    (floor, writes, flushes)
+}
+
+/// Reads every block of `floor` through NBD on `socket`: each must hold its floor write or a
+/// later write of the same block. Returns how many blocks were checked.
+pub fn check_flushed(socket: &Path, export: &str, floor: &BTreeMap<u64, u64>) -> usize {
+    let (mut client, _) = RawClient::transmission(socket, export);
+    let mut bad = Vec::new();
+    for (&block, &seq) in floor {
+        let data = client
+            .read(block * 4096, 4096)
+            .unwrap_or_else(|e| panic!("READ of block {block} failed with NBD error {e}"));
+        let tag = String::from_utf8_lossy(&data[..32]).into_owned();
+        let held = tag
+            .strip_prefix('Q')
+            .and_then(|t| t.split_once('B'))
+            .and_then(|(s, b)| Some((s.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+        let whole = data.chunks(32).all(|c| c == &data[..32]);
+        if !whole || !held.is_some_and(|(s, b)| b == block && s >= seq) {
+            bad.push(format!("block {block}: flushed write {seq}, holds {tag:?}"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} flushed blocks lost or wrong; first: {:#?}",
+        bad.len(),
+        floor.len(),
+        &bad[..bad.len().min(10)]
+    );
+    floor.len()
 }
