@@ -181,9 +181,11 @@ pub async fn run_with_events(
     tracing::info!("{why}: shutting down");
     crate::notify::stopping();
     serving.token.cancel();
-    drain(&serving.tracker, &mut events).await;
+    let drained = drain(&serving.tracker, &mut events).await;
     let flushed = flush_all(&volumes).await;
-    if flushed.is_ok() {
+    // A clean stop promises that nothing was in flight: a request still running after the
+    // drain could complete (or not) after the record, so the stop is recorded as a crash.
+    if flushed.is_ok() && drained {
         for v in &volumes {
             if let Err(e) = v.mark_clean(true).await {
                 tracing::warn!(volume = %v.name(), error = %e, "cannot record the clean stop");
@@ -466,18 +468,26 @@ async fn accept_loop<L: Listener>(
 }
 
 /// Waits for every task on `tracker` (bounded); a second event stops the wait early.
-async fn drain(tracker: &TaskTracker, events: &mut mpsc::Receiver<Event>) {
+/// Returns whether every task finished.
+async fn drain(tracker: &TaskTracker, events: &mut mpsc::Receiver<Event>) -> bool {
     tracker.close();
     tokio::select! {
-        () = tracker.wait() => tracing::info!("all connections finished"),
-        () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!(
-            tasks = tracker.len(),
-            "connections still busy after {DRAIN_TIMEOUT:?}; going on without them"
-        ),
-        Some(e) = events.recv() => tracing::warn!(
-            tasks = tracker.len(),
-            "{e} again: not waiting for connections"
-        ),
+        () = tracker.wait() => {
+            tracing::info!("all connections finished");
+            true
+        }
+        () = tokio::time::sleep(DRAIN_TIMEOUT) => {
+            tracing::warn!(
+                tasks = tracker.len(),
+                "connections still busy after {DRAIN_TIMEOUT:?}; going on without them, \
+                 the stop is not recorded as clean"
+            );
+            false
+        }
+        Some(e) = events.recv() => {
+            tracing::warn!(tasks = tracker.len(), "{e} again: not waiting for connections");
+            tracker.is_empty()
+        }
     }
 }
 
