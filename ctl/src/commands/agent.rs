@@ -16,20 +16,22 @@
 //! | 5 | Secondary                        | no witness configured                  | wait (manual only) |
 //! | 6 | Secondary, peer already gone when the agent started | -                   | wait (promote by hand) |
 //! | 7 | Secondary, disk not UpToDate     | peer gone                              | wait     |
-//! | 8 | Secondary, UpToDate              | peer gone, renewed its lease after the link went down | wait (promote by hand) |
-//! | 9 | Secondary, UpToDate              | peer gone; lease refused               | ask again |
-//! | 10| Secondary, UpToDate              | peer gone ≥ `cluster.peer-timeout`; lease granted | promote (--force) |
+//! | 8 | Secondary, UpToDate              | peer gone; the witness says the peer's last grant was degraded (or cannot say) | wait (promote by hand) |
+//! | 9 | Secondary, UpToDate              | peer gone; lease refused, peer's last grant not degraded | ask again |
+//! | 10| Secondary, UpToDate              | peer gone; lease granted, previous holder not degraded | promote (--force) |
 //! | 11| Primary, `failback = "auto"`     | the preferred peer Connected, Secondary, UpToDate, in sync for `failback-delay` | swap |
+//! | 12| Primary, local disk Failed       | peer Connected, Secondary, UpToDate    | swap (the peer serves from its own disk) |
 //!
-//! Row 8 is what makes automatic promotion safe: a Primary acknowledges degraded writes only
-//! under a lease it asked for after losing its peer (blockd `fence.rs`). The witness's refusal
-//! says when the holder's lease ends; one term earlier is when it was last granted. If that is
-//! after the link went down (less half a peer-timeout, for the two nodes noticing at slightly
-//! different moments), the peer was alive and may have written what this node lacks: only an
-//! operator may promote then. A peer that died (or was isolated) renewed nothing after its link
-//! went silent, so its lease runs out one term later and this node wins it. The agent asks
-//! from the moment the peer is gone, so it sees such a renewal while it still runs: this needs
-//! `lease.term` longer than the agent's poll plus the witness's answer, which it always is.
+//! Rows 8 to 10 make automatic promotion both safe and fast. A Primary acknowledges writes
+//! without its peer only under a lease it asked for *as degraded* after losing the peer
+//! (blockd `fence.rs`), and the witness tells the other node whether the holder's last grant
+//! was degraded (`witness/lease.rs`). The agent asks from the moment replication reports the
+//! peer gone and every poll after, so it sees every grant the peer gets while its lease still
+//! runs: a peer that renewed as degraded may have written what this node lacks, and only an
+//! operator may promote then. A peer that died, froze, or was cut off renewed nothing as
+//! degraded; its lease runs out at most one term after its last renewal (while the peer
+//! timeout runs, not after it), and the grant that follows says so: promote at once. Nothing
+//! here depends on when this node's poll noticed the loss, so no kill order is misjudged.
 //!
 //! Row 2: a thawed or reconnected Primary whose epoch went to the peer fails its waiting
 //! degraded writes (never acknowledged), so the demote plan can unmount; its local disk has
@@ -56,7 +58,7 @@ use blockd::{
     control::{Client, ConnState, DiskState, NodeStatus, Request, Role},
     meta::Resolve,
     replication,
-    witness::{Lease, LeaseClient, WitnessError},
+    witness::{Granted, LeaseClient, WitnessError},
 };
 
 use super::EXIT_FAILED;
@@ -93,21 +95,21 @@ pub enum Decision {
     Demote(String),
     /// `blockctl swap`: hand the service back to the preferred peer (failback).
     Failback(String),
+    /// `blockctl swap`: this Primary cannot serve well (its disk failed); the peer can.
+    Swap(String),
 }
 
 /// The agent's memory between polls. Pure: time comes in as arguments.
 #[derive(Debug)]
 pub struct Agent {
-    peer_timeout: Duration,
     witness: bool,
     /// Set at the first poll: the peer was already gone (nothing known about its last moments).
     gone_at_start: Option<bool>,
     /// Since when this Secondary has seen its peer not connected.
     gone_since: Option<Instant>,
-    /// The peer renewed its lease after the link went down, around this instant after it.
-    peer_alive_after: Option<Duration>,
-    /// The lease this node won, while Secondary and waiting for peer-timeout.
-    won: Option<Lease>,
+    /// The witness said the peer's last grant was degraded (or could not say): why no
+    /// automatic promotion until the peer is connected again.
+    peer_degraded: Option<String>,
     /// No promote or demote before this (after a failure).
     quiet_until: Option<Instant>,
     /// `failback = "auto"` with the peer preferred: swap once it was in sync this long.
@@ -117,14 +119,12 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(peer_timeout: Duration, witness: bool) -> Agent {
+    pub fn new(witness: bool) -> Agent {
         Agent {
-            peer_timeout,
             witness,
             gone_at_start: None,
             gone_since: None,
-            peer_alive_after: None,
-            won: None,
+            peer_degraded: None,
             quiet_until: None,
             failback: None,
             synced_since: None,
@@ -154,8 +154,7 @@ impl Agent {
         self.gone_at_start.get_or_insert(!connected);
         if connected {
             self.gone_since = None;
-            self.peer_alive_after = None;
-            self.won = None;
+            self.peer_degraded = None;
             self.gone_at_start = Some(false);
         }
         let quiet = self.quiet_until.is_some_and(|t| now < t);
@@ -170,7 +169,7 @@ impl Agent {
                     "Primary, lease epoch {epoch} lost to {}, peer not connected",
                     holder.as_deref().unwrap_or("the peer")
                 )),
-                _ => self.failback(s, now, quiet),
+                _ => self.primary(s, now, quiet),
             };
         }
         if connected {
@@ -193,68 +192,96 @@ impl Agent {
             ));
         }
         let since = *self.gone_since.get_or_insert(now);
-        if let Some(after) = self.peer_alive_after {
+        if let Some(why) = &self.peer_degraded {
             return Decision::Wait(format!(
-                "Secondary, peer gone {:.1} s, but it renewed its lease {:.1} s after the link \
-                 went down: it may have written without us; promote by hand",
-                (now - since).as_secs_f64(),
-                after.as_secs_f64()
+                "Secondary, peer gone {:.1} s, but {why}: it may have written without us; \
+                 promote by hand",
+                (now - since).as_secs_f64()
             ));
         }
         if quiet {
             return Decision::Wait("Secondary, peer gone: backing off after a failure".into());
         }
-        match &self.won {
-            Some(l) if now - since >= self.peer_timeout && l.is_valid(now.into()) => {
-                Decision::Promote(self.promote_facts(l, now))
-            }
-            _ => Decision::Ask,
-        }
+        Decision::Ask
     }
 
-    /// Rows 8 to 10: the witness's answer to [`Decision::Ask`] at `asked` (its `term`).
+    /// Rows 8 to 10: the witness's answer to [`Decision::Ask`].
     pub fn answer(
         &mut self,
-        result: Result<Lease, WitnessError>,
-        term: Duration,
+        result: Result<Granted, WitnessError>,
         peer: &str,
         now: Instant,
     ) -> Decision {
-        let since = self.gone_since.unwrap_or(now);
+        let gone = (now - self.gone_since.unwrap_or(now)).as_secs_f64();
         match result {
-            Ok(l) => {
-                self.won = Some(l.clone());
-                if now - since >= self.peer_timeout {
-                    Decision::Promote(self.promote_facts(&l, now))
-                } else {
-                    Decision::Wait(format!(
-                        "Secondary, peer gone {:.1} s, lease epoch {} won; promoting at {:.1} s",
-                        (now - since).as_secs_f64(),
-                        l.epoch,
-                        self.peer_timeout.as_secs_f64()
-                    ))
-                }
+            Ok(Granted { lease, prev_degraded: Some(false) }) => Decision::Promote(format!(
+                "Secondary, UpToDate, peer gone {gone:.1} s, lease epoch {} won, the previous \
+                 holder's last grant was not degraded",
+                lease.epoch
+            )),
+            Ok(Granted { lease, prev_degraded }) => {
+                let why = match prev_degraded {
+                    Some(_) => "the previous holder's last grant was degraded",
+                    None => "the witness does not say whether the previous holder was degraded",
+                };
+                self.peer_degraded = Some(format!("lease epoch {} won, {why}", lease.epoch));
+                self.observe_again(now)
             }
-            Err(WitnessError::Refused { holder, epoch, retry_after }) => {
-                // The holder's lease ends at now + retry_after; it was granted one term before.
-                let granted = (now + retry_after).checked_sub(term).unwrap_or(now);
-                let slack = self.peer_timeout / 2;
-                if holder.as_deref() == Some(peer) && granted + slack > since {
-                    let after = granted.saturating_duration_since(since);
-                    self.peer_alive_after = Some(after);
+            Err(WitnessError::Refused { holder, epoch, retry_after, degraded }) => {
+                let held_by_peer = holder.as_deref() == Some(peer);
+                if held_by_peer && degraded != Some(false) {
+                    let how = if degraded.is_some() { "as degraded" } else { "(degraded unknown)" };
+                    self.peer_degraded =
+                        Some(format!("it renewed its lease (epoch {epoch}) {how} after losing us"));
+                    return self.observe_again(now);
                 }
                 Decision::Wait(format!(
-                    "Secondary, peer gone {:.1} s, lease epoch {epoch} held by {} for {:.1} s more",
-                    (now - since).as_secs_f64(),
+                    "Secondary, peer gone {gone:.1} s, lease epoch {epoch} held by {} for {:.1} s \
+                     more, not degraded: promoting when it runs out",
                     holder.as_deref().unwrap_or("nobody yet (witness restarting)"),
                     retry_after.as_secs_f64()
                 ))
             }
-            Err(e) => Decision::Wait(format!(
-                "Secondary, peer gone {:.1} s, no lease: {e}",
-                (now - since).as_secs_f64()
-            )),
+            Err(e) => Decision::Wait(format!("Secondary, peer gone {gone:.1} s, no lease: {e}")),
         }
+    }
+
+    /// The wait that row 8 says, with the reason just recorded.
+    fn observe_again(&self, now: Instant) -> Decision {
+        let since = self.gone_since.unwrap_or(now);
+        Decision::Wait(format!(
+            "Secondary, peer gone {:.1} s, but {}: it may have written without us; promote by hand",
+            (now - since).as_secs_f64(),
+            self.peer_degraded.as_deref().unwrap_or("")
+        ))
+    }
+
+    /// Rows 3, 11 and 12 for a Primary that still holds its epoch.
+    fn primary(&mut self, s: &NodeStatus, now: Instant, quiet: bool) -> Decision {
+        let failed =
+            s.volumes.iter().find(|v| v.role == Role::Primary && v.disk == DiskState::Failed);
+        let Some(v) = failed else { return self.failback(s, now, quiet) };
+        let peer_ready = s.volumes.iter().all(|v| {
+            v.conn == ConnState::Connected
+                && v.peer_role == Some(Role::Secondary)
+                && v.peer_disk == Some(DiskState::UpToDate)
+        });
+        if !peer_ready || quiet {
+            return Decision::Wait(format!(
+                "Primary, local disk of {} Failed, serving through the peer; {}",
+                v.name,
+                if quiet {
+                    "backing off after a failed swap"
+                } else {
+                    "peer not ready to take over"
+                }
+            ));
+        }
+        Decision::Swap(format!(
+            "Primary, local disk of {} Failed; peer Connected, Secondary, UpToDate: moving the \
+             stack to it",
+            v.name
+        ))
     }
 
     /// Row 11: a Primary whose preferred peer is back and in sync for `failback-delay` swaps.
@@ -290,20 +317,9 @@ impl Agent {
         ))
     }
 
-    fn promote_facts(&self, l: &Lease, now: Instant) -> String {
-        let since = self.gone_since.unwrap_or(now);
-        format!(
-            "Secondary, UpToDate, peer gone {:.1} s (peer-timeout {:.1} s), lease epoch {} won",
-            (now - since).as_secs_f64(),
-            self.peer_timeout.as_secs_f64(),
-            l.epoch
-        )
-    }
-
     /// A promote or demote failed: nothing more for a while.
     pub fn failed(&mut self, now: Instant) {
         self.quiet_until = Some(now + BACKOFF);
-        self.won = None;
     }
 }
 
@@ -400,7 +416,7 @@ fn lease_client(ctx: &Ctx) -> Result<Option<LeaseClient>, String> {
 async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClient>) {
     let c = &ctx.config;
     let peer = c.node.keys().find(|n| **n != ctx.node.name).cloned().unwrap_or_default();
-    let mut agent = Agent::new(c.cluster.peer_timeout, client.is_some());
+    let mut agent = Agent::new(client.is_some());
     if c.agent.failback == Failback::Auto && c.agent.preferred.as_deref() == Some(peer.as_str()) {
         agent = agent.with_failback(c.agent.failback_delay);
     }
@@ -423,8 +439,9 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
         let mut decision = agent.observe(polled.as_ref().map_err(String::as_str), Instant::now());
         if decision == Decision::Ask {
             if let Some(client) = &client {
-                let result = client.acquire().await;
-                decision = agent.answer(result, c.lease.term, &peer, Instant::now());
+                // A Secondary asking acknowledged nothing alone: not degraded.
+                let result = client.ask(false).await;
+                decision = agent.answer(result, &peer, Instant::now());
             }
         }
         act(&ctx, &mut agent, decision, &mut last).await;
@@ -449,6 +466,7 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
         Decision::Promote(facts) => ("promote", facts),
         Decision::Demote(facts) => ("demote", facts),
         Decision::Failback(facts) => ("failback", facts),
+        Decision::Swap(facts) => ("swap", facts),
     };
     ctx.say(format!("agent: {}: {facts}", kind.to_uppercase()));
     write_state(ctx, kind, &facts);
@@ -457,7 +475,7 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
     let c = Arc::clone(ctx);
     let r = match kind {
         "promote" => tokio::task::spawn_blocking(move || promote_forced(&c)).await,
-        "failback" => {
+        "failback" | "swap" => {
             tokio::task::spawn_blocking(move || {
                 super::swap(&c, FAILBACK_WAIT).map_err(|e| e.to_string())
             })
@@ -486,6 +504,7 @@ fn done(kind: &str) -> &'static str {
     match kind {
         "promote" => "promoted",
         "demote" => "demoted",
+        "swap" => "swapped",
         _ => "failed-back",
     }
 }
