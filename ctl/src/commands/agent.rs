@@ -21,6 +21,17 @@
 //! | 10| Secondary, UpToDate              | peer gone; lease granted, previous holder not degraded | promote (--force) |
 //! | 11| Primary, `failback = "auto"`     | the preferred peer Connected, Secondary, UpToDate, in sync for `failback-delay` | swap |
 //! | 12| Primary, local disk Failed       | peer Connected, Secondary, UpToDate    | swap (the peer serves from its own disk) |
+//! | 12b| Primary, a service or mount failing (`health.rs`) | -                   | restart it in place; after `max-restarts`, swap if the peer is ready |
+//! | 13| Secondary, stack up here (VIP, mount, attach) | -                         | tear it down (demote plan) |
+//! | 14| Secondary, tore down a stale stack, UpToDate | peer Connected, Secondary, UpToDate | promote here (resume) |
+//!
+//! Rows 13 and 14 are a blockd that died under a running stack and was restarted (systemd's
+//! `Restart=`): it comes back Secondary while the VIP, the mounts and the services are still
+//! up on a device that is gone. The agent tears that stack down (so the VIP is free for the
+//! peer); if the peer took over meanwhile (it won the lease), that is all; if the restarted
+//! daemon reconnected first, both nodes are Secondary and the peer waits (connected), so this
+//! node, which was Primary, promotes again once in sync. Either way exactly one Primary, no
+//! operator.
 //!
 //! Rows 8 to 10 make automatic promotion both safe and fast. A Primary acknowledges writes
 //! without its peer only under a lease it asked for *as degraded* after losing the peer
@@ -54,14 +65,17 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use blockd::{
-    config::Failback,
+    config::{AgentConfig, Failback},
     control::{Client, ConnState, DiskState, NodeStatus, Request, Role},
     meta::Resolve,
     replication,
     witness::{Granted, LeaseClient, WitnessError},
 };
 
-use super::EXIT_FAILED;
+use super::{
+    health::{Action, Health, HEALTH_INTERVAL},
+    EXIT_FAILED,
+};
 use crate::step::Ctx;
 
 /// A status request that takes longer than this counts as "unreachable".
@@ -97,6 +111,13 @@ pub enum Decision {
     Failback(String),
     /// `blockctl swap`: this Primary cannot serve well (its disk failed); the peer can.
     Swap(String),
+    /// The demote plan on a Secondary: tear down a stack left up by a daemon that restarted.
+    Recover(String),
+    /// Restart plan step `.0` in place (health, row 12b); `.1` says why.
+    Restart(String, String),
+    /// The promote plan (not forced): this node was Primary, tore its stale stack down, and
+    /// nobody is Primary.
+    Resume(String),
 }
 
 /// The agent's memory between polls. Pure: time comes in as arguments.
@@ -116,6 +137,14 @@ pub struct Agent {
     failback: Option<Duration>,
     /// Since when the preferred peer has been connected, Secondary, UpToDate and in sync.
     synced_since: Option<Instant>,
+    /// The stack steps up here (set before each poll of a Secondary, see [`Agent::stack`]).
+    stack_up: Vec<String>,
+    /// A stale stack was torn down here: promote again if nobody else is Primary (row 14).
+    resume: bool,
+    /// Health of the Primary's services and mounts (row 12b), when enabled.
+    health: Option<Health>,
+    /// The latest health probes, consumed by the next poll of a Primary.
+    probes: Vec<(String, bool)>,
 }
 
 impl Agent {
@@ -128,7 +157,46 @@ impl Agent {
             quiet_until: None,
             failback: None,
             synced_since: None,
+            stack_up: Vec::new(),
+            resume: false,
+            health: None,
+            probes: Vec::new(),
         }
+    }
+
+    /// Checks the Primary's services and mounts (row 12b) as `[agent]` says.
+    pub fn with_health(mut self, c: &AgentConfig) -> Agent {
+        let h = Health::new(c);
+        self.health = h.enabled().then_some(h);
+        self
+    }
+
+    /// Whether health probes are wanted (checking is on).
+    pub fn wants_probes(&self) -> bool {
+        self.health.is_some()
+    }
+
+    /// Probes taken before this poll (`commands::health_probes`).
+    pub fn probed(&mut self, probes: Vec<(String, bool)>) {
+        self.probes = probes;
+    }
+
+    /// A restart of `step` (row 12b) was carried out.
+    pub fn restarted(&mut self, step: &str, now: Instant) {
+        if let Some(h) = &mut self.health {
+            h.restarted(step, now);
+        }
+    }
+
+    /// The parts of the stack up on this node now (`commands::stack_up`), for rows 13, 14.
+    pub fn stack(&mut self, up: Vec<String>) {
+        self.stack_up = up;
+    }
+
+    /// Row 13 succeeded: the stale stack is down.
+    pub fn recovered(&mut self) {
+        self.stack_up.clear();
+        self.resume = true;
     }
 
     /// Hands the service back to the peer (the preferred node) once it has been in sync for
@@ -157,9 +225,14 @@ impl Agent {
             self.peer_degraded = None;
             self.gone_at_start = Some(false);
         }
+        let primary = s.volumes.iter().any(|v| v.role == Role::Primary);
+        if let (false, Some(h)) = (primary, &mut self.health) {
+            h.reset();
+        }
         let quiet = self.quiet_until.is_some_and(|t| now < t);
         if s.volumes.iter().any(|v| v.role == Role::Primary) {
             self.gone_since = Some(now); // the clock starts again if this node steps down
+            self.resume = false;
             let lost = s
                 .volumes
                 .iter()
@@ -172,8 +245,19 @@ impl Agent {
                 _ => self.primary(s, now, quiet),
             };
         }
+        if !self.stack_up.is_empty() {
+            if quiet {
+                return Decision::Wait(
+                    "Secondary, stale stack up: backing off after a failure".into(),
+                );
+            }
+            return Decision::Recover(format!(
+                "Secondary, but {} still up here (the daemon restarted under a running stack)",
+                self.stack_up.join(", ")
+            ));
+        }
         if connected {
-            return Decision::Wait("Secondary, peer connected".into());
+            return self.resume(s, quiet);
         }
         if !self.witness {
             return Decision::Wait(
@@ -256,16 +340,69 @@ impl Agent {
         ))
     }
 
+    /// Row 12b: what the latest probes call for.
+    fn health_action(&mut self, now: Instant, peer_ready: bool, quiet: bool) -> Option<Decision> {
+        let probes = std::mem::take(&mut self.probes);
+        let action = self.health.as_mut()?.observe(&probes, now)?;
+        if quiet {
+            return None;
+        }
+        Some(match action {
+            Action::Move(_, why) if peer_ready => {
+                Decision::Swap(format!("Primary, {why}: moving the stack to the peer"))
+            }
+            Action::Move(step, why) => Decision::Restart(
+                step,
+                format!("Primary, {why}; the peer is not ready to take over: restarting it"),
+            ),
+            Action::Restart(step, why) => {
+                Decision::Restart(step, format!("Primary, {why}: restarting it in place"))
+            }
+        })
+    }
+
+    /// Row 14: after tearing down a stale stack, promote again while nobody is Primary.
+    fn resume(&mut self, s: &NodeStatus, quiet: bool) -> Decision {
+        if !self.resume {
+            return Decision::Wait("Secondary, peer connected".into());
+        }
+        if s.volumes.iter().any(|v| v.peer_role == Some(Role::Primary)) {
+            self.resume = false;
+            return Decision::Wait("Secondary, peer connected and Primary: it took over".into());
+        }
+        let ready = s.volumes.iter().all(|v| {
+            v.conn == ConnState::Connected
+                && v.disk == DiskState::UpToDate
+                && v.peer_disk == Some(DiskState::UpToDate)
+        });
+        if !ready || quiet {
+            return Decision::Wait(
+                "Secondary, stale stack torn down, nobody Primary: promoting here once in sync"
+                    .into(),
+            );
+        }
+        Decision::Resume(
+            "Secondary, stale stack torn down, peer Connected and Secondary, both UpToDate: \
+             nobody is Primary"
+                .into(),
+        )
+    }
+
     /// Rows 3, 11 and 12 for a Primary that still holds its epoch.
     fn primary(&mut self, s: &NodeStatus, now: Instant, quiet: bool) -> Decision {
-        let failed =
-            s.volumes.iter().find(|v| v.role == Role::Primary && v.disk == DiskState::Failed);
-        let Some(v) = failed else { return self.failback(s, now, quiet) };
         let peer_ready = s.volumes.iter().all(|v| {
             v.conn == ConnState::Connected
                 && v.peer_role == Some(Role::Secondary)
                 && v.peer_disk == Some(DiskState::UpToDate)
         });
+        let failed =
+            s.volumes.iter().find(|v| v.role == Role::Primary && v.disk == DiskState::Failed);
+        let Some(v) = failed else {
+            return match self.health_action(now, peer_ready, quiet) {
+                Some(d) => d,
+                None => self.failback(s, now, quiet),
+            };
+        };
         if !peer_ready || quiet {
             return Decision::Wait(format!(
                 "Primary, local disk of {} Failed, serving through the peer; {}",
@@ -416,7 +553,8 @@ fn lease_client(ctx: &Ctx) -> Result<Option<LeaseClient>, String> {
 async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClient>) {
     let c = &ctx.config;
     let peer = c.node.keys().find(|n| **n != ctx.node.name).cloned().unwrap_or_default();
-    let mut agent = Agent::new(client.is_some());
+    let mut agent = Agent::new(client.is_some()).with_health(&c.agent);
+    let mut probed_at: Option<Instant> = None;
     if c.agent.failback == Failback::Auto && c.agent.preferred.as_deref() == Some(peer.as_str()) {
         agent = agent.with_failback(c.agent.failback_delay);
     }
@@ -428,14 +566,17 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
         c.lease.term
     ));
     loop {
-        let path = ctx.node.control_socket();
-        let polled = tokio::task::spawn_blocking(move || {
-            Client::connect(&path, STATUS_TIMEOUT)
-                .and_then(|mut c| c.status())
-                .map_err(|e| super::chain(&e))
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("status request failed: {e}")));
+        let cx = Arc::clone(&ctx);
+        let probe =
+            agent.wants_probes() && probed_at.map_or(true, |t| t.elapsed() >= HEALTH_INTERVAL);
+        let (polled, up, probes) = tokio::task::spawn_blocking(move || poll(&cx, probe))
+            .await
+            .unwrap_or_else(|e| (Err(format!("status request failed: {e}")), Vec::new(), None));
+        agent.stack(up);
+        if let Some(p) = probes {
+            probed_at = Some(Instant::now());
+            agent.probed(p);
+        }
         let mut decision = agent.observe(polled.as_ref().map_err(String::as_str), Instant::now());
         if decision == Decision::Ask {
             if let Some(client) = &client {
@@ -447,6 +588,21 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
         act(&ctx, &mut agent, decision, &mut last).await;
         tokio::time::sleep(interval).await;
     }
+}
+
+/// What one poll found.
+type Polled = (Result<NodeStatus, String>, Vec<String>, Option<Vec<(String, bool)>>);
+
+/// The daemon's status; on a Secondary, what of the stack is up here (rows 13 and 14); on a
+/// Primary, when `probe`, the health probes (row 12b).
+fn poll(ctx: &Ctx, probe: bool) -> Polled {
+    let status = Client::connect(&ctx.node.control_socket(), STATUS_TIMEOUT)
+        .and_then(|mut c| c.status())
+        .map_err(|e| super::chain(&e));
+    let primary = status.as_ref().is_ok_and(|s| s.volumes.iter().any(|v| v.role == Role::Primary));
+    let up = if status.is_ok() && !primary { super::stack_up(ctx) } else { Vec::new() };
+    let probes = (probe && primary).then(|| super::health_probes(ctx));
+    (status, up, probes)
 }
 
 /// Logs the decision (when it changed) and carries it out.
@@ -467,6 +623,13 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
         Decision::Demote(facts) => ("demote", facts),
         Decision::Failback(facts) => ("failback", facts),
         Decision::Swap(facts) => ("swap", facts),
+        Decision::Recover(facts) => ("recover", facts),
+        Decision::Resume(facts) => ("resume", facts),
+        Decision::Restart(step, facts) => {
+            restart(ctx, agent, &step, &facts).await;
+            last.clear();
+            return;
+        }
     };
     ctx.say(format!("agent: {}: {facts}", kind.to_uppercase()));
     write_state(ctx, kind, &facts);
@@ -475,6 +638,16 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
     let c = Arc::clone(ctx);
     let r = match kind {
         "promote" => tokio::task::spawn_blocking(move || promote_forced(&c)).await,
+        "recover" => {
+            tokio::task::spawn_blocking(move || super::demote(&c, None).map_err(|e| e.to_string()))
+                .await
+        }
+        "resume" => {
+            tokio::task::spawn_blocking(move || {
+                super::promote(&c, None).map_err(|e| format!("{e} (undone)"))
+            })
+            .await
+        }
         "failback" | "swap" => {
             tokio::task::spawn_blocking(move || {
                 super::swap(&c, FAILBACK_WAIT).map_err(|e| e.to_string())
@@ -489,7 +662,12 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
         Err(e) => Err(format!("{kind} did not finish: {e}")),
     };
     let (decision, text) = match outcome {
-        Ok(text) => (done(kind).to_string(), text),
+        Ok(text) => {
+            if kind == "recover" {
+                agent.recovered();
+            }
+            (done(kind).to_string(), text)
+        }
         Err(text) => {
             agent.failed(Instant::now());
             (format!("{kind}-failed"), text)
@@ -499,12 +677,36 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
     write_state(ctx, &decision, &format!("{facts}; {text}"));
 }
 
+/// Row 12b: restarts `step` in place and records the outcome.
+async fn restart(ctx: &Arc<Ctx>, agent: &mut Agent, step: &str, facts: &str) {
+    ctx.say(format!("agent: RESTART {step}: {facts}"));
+    write_state(ctx, "restart", facts);
+    let started = Instant::now();
+    let (c, name) = (Arc::clone(ctx), step.to_string());
+    let r = tokio::task::spawn_blocking(move || super::restart_step(&c, &name)).await;
+    let (state, text) = match r {
+        Ok(Ok(())) => {
+            agent.restarted(step, Instant::now());
+            ("restarted", format!("restarted {step} in {:.2} s", started.elapsed().as_secs_f64()))
+        }
+        Ok(Err(e)) => ("restart-failed", format!("restart of {step} failed: {e}")),
+        Err(e) => ("restart-failed", format!("restart of {step} did not finish: {e}")),
+    };
+    if state != "restarted" {
+        agent.failed(Instant::now());
+    }
+    ctx.say(format!("agent: {text}"));
+    write_state(ctx, state, &format!("{facts}; {text}"));
+}
+
 /// The state after `kind` succeeded.
 fn done(kind: &str) -> &'static str {
     match kind {
         "promote" => "promoted",
         "demote" => "demoted",
         "swap" => "swapped",
+        "recover" => "recovered",
+        "resume" => "resumed",
         _ => "failed-back",
     }
 }

@@ -264,3 +264,94 @@ fn row11_failback_waits_for_the_preferred_peer_to_stay_in_sync() {
     let mut manual = Agent::new(true);
     waits(&manual.observe(Ok(&s), t0 + TERM * 100), "blockd keeps the lease");
 }
+
+/// Rows 13 and 14: a daemon that restarted under a running stack comes back Secondary with
+/// the VIP and the mount still up here: the agent tears them down; if the peer took over, that
+/// is all; if both are Secondary and in sync, this node promotes again.
+#[test]
+fn rows13_14_a_stale_stack_is_torn_down_and_the_node_resumes_if_nobody_is_primary() {
+    let t0 = Instant::now();
+    let mut a = agent_peer_gone(t0);
+    a.stack(vec!["mount db".into(), "vip".into()]);
+    let mut both = node(Role::Secondary, DiskState::UpToDate, ConnState::Connected);
+    both.volumes[0].peer_role = Some(Role::Secondary);
+    match a.observe(Ok(&both), t0) {
+        Decision::Recover(f) => assert!(f.contains("mount db, vip still up here"), "{f}"),
+        d => panic!("want Recover, got {d:?}"),
+    }
+    // A failed teardown backs off.
+    a.failed(t0);
+    waits(&a.observe(Ok(&both), t0 + Duration::from_secs(1)), "backing off");
+    a.recovered();
+    a.stack(Vec::new());
+    let mut syncing = both.clone();
+    syncing.volumes[0].disk = DiskState::Inconsistent;
+    syncing.volumes[0].conn = ConnState::SyncTarget;
+    waits(&a.observe(Ok(&syncing), t0 + Duration::from_secs(11)), "promoting here once in sync");
+    match a.observe(Ok(&both), t0 + Duration::from_secs(12)) {
+        Decision::Resume(f) => assert!(f.contains("nobody is Primary"), "{f}"),
+        d => panic!("want Resume, got {d:?}"),
+    }
+    // Once Primary, the resume is over; a later plain Secondary does not promote on its own.
+    let mut p = both.clone();
+    p.volumes[0].role = Role::Primary;
+    a.observe(Ok(&p), t0 + Duration::from_secs(13));
+    waits(&a.observe(Ok(&both), t0 + Duration::from_secs(14)), "peer connected");
+    // The peer took over instead: nothing more to do.
+    let mut b = agent_peer_gone(t0);
+    b.recovered();
+    let mut peer_primary = both.clone();
+    peer_primary.volumes[0].peer_role = Some(Role::Primary);
+    waits(&b.observe(Ok(&peer_primary), t0), "it took over");
+    waits(&b.observe(Ok(&both), t0 + Duration::from_secs(1)), "Secondary, peer connected");
+    // Without a stale stack a connected Secondary never promotes.
+    let mut c = agent_peer_gone(t0);
+    waits(&c.observe(Ok(&both), t0 + TERM * 10), "Secondary, peer connected");
+}
+
+/// Row 12b: a Primary's service that fails for `restart-after` is restarted in place; after
+/// `max-restarts` within the window the stack moves to a ready peer (swap); with the peer not
+/// ready it is restarted again instead.
+#[test]
+fn row12b_a_failing_service_is_restarted_then_swapped_to_the_peer() {
+    let t0 = Instant::now();
+    let cfg = blockd::config::AgentConfig { max_restarts: 1, ..Default::default() };
+    let mut a = Agent::new(true).with_health(&cfg);
+    assert!(a.wants_probes());
+    let mut s = node(Role::Primary, DiskState::UpToDate, ConnState::Connected);
+    s.volumes[0].peer_role = Some(Role::Secondary);
+    let probes = |ok: bool| vec![("service mariadb".to_string(), ok)];
+    let at = |n: u64| t0 + Duration::from_secs(n);
+    a.probed(probes(true));
+    waits(&a.observe(Ok(&s), at(0)), "blockd keeps the lease");
+    a.probed(probes(false));
+    waits(&a.observe(Ok(&s), at(1)), "blockd keeps the lease");
+    a.probed(probes(false));
+    match a.observe(Ok(&s), at(4)) {
+        Decision::Restart(step, why) => {
+            assert_eq!(step, "service mariadb");
+            assert!(why.contains("restarting it in place"), "{why}");
+        }
+        d => panic!("want Restart, got {d:?}"),
+    }
+    a.restarted("service mariadb", at(5));
+    a.probed(probes(true));
+    a.observe(Ok(&s), at(6));
+    a.probed(probes(false));
+    a.observe(Ok(&s), at(7));
+    // The peer is not ready: restart again rather than move.
+    let mut behind = s.clone();
+    behind.volumes[0].peer_disk = Some(DiskState::Inconsistent);
+    a.probed(probes(false));
+    match a.observe(Ok(&behind), at(10)) {
+        Decision::Restart(_, why) => assert!(why.contains("peer is not ready"), "{why}"),
+        d => panic!("want Restart, got {d:?}"),
+    }
+    a.probed(probes(false));
+    match a.observe(Ok(&s), at(11)) {
+        Decision::Swap(why) => assert!(why.contains("service mariadb failing"), "{why}"),
+        d => panic!("want Swap, got {d:?}"),
+    }
+    // Without probes in a poll nothing is decided about health.
+    waits(&a.observe(Ok(&s), at(12)), "blockd keeps the lease");
+}
