@@ -25,11 +25,11 @@
 //! | 4 | this node's epoch was lost to another node           | fails: EIO, not acked     |
 //! | 5 | none of these                                        | waits (frozen); reads go  |
 //!
-//! Why row 1 wants a lease *asked for after* the peer was lost: a lease from before could
-//! still run for most of a term, while the peer, which declared this node gone at about the
-//! same moment, starts asking for it. The peer's agent promotes only if this node's lease was
-//! not renewed after the link went down (ctl `agent.rs`); a node that acknowledges degraded
-//! writes therefore always leaves that trace at the witness. The first degraded write asks for
+//! Why row 1 wants a lease *asked for after* the peer was lost, and asked for *as degraded*:
+//! the request says so to the witness, which tells the peer's agent in its answer. The agent
+//! promotes automatically only if the old primary's last grant was not degraded (ctl
+//! `agent.rs`); a node that acknowledges degraded writes therefore always leaves that trace at
+//! the witness, and one that does not lets its peer take over the moment its lease runs out. The first degraded write asks for
 //! a renewal at once ([`Fence::went_degraded`]) and waits one round trip.
 //!
 //! There is no time limit on the wait: an error would be an answer too, and a filesystem that
@@ -92,11 +92,13 @@ pub struct Fence {
     volumes: usize,
 }
 
-/// A lease and when it was asked for.
+/// A lease, when it was asked for, and whether the request told the witness this node was
+/// degraded.
 #[derive(Debug, Clone)]
 struct Held {
     lease: Lease,
     asked: Instant,
+    degraded: bool,
 }
 
 /// What status shows besides the lease.
@@ -155,11 +157,21 @@ impl Fence {
         self.valid_since(since, now)
     }
 
-    /// The lease held now, if valid at `now` and asked for at or after `since`.
+    /// The lease held now, if valid at `now` and, for a degraded write (`since` set), asked
+    /// for as degraded at or after `since`: the witness then knows this node may acknowledge
+    /// writes its peer lacks, and tells the peer's agent (`witness/lease.rs`).
     pub fn valid_since(&self, since: Option<Instant>, now: Instant) -> Option<Lease> {
         let held = self.lease.borrow();
         let h = held.as_ref().filter(|h| h.lease.is_valid(now))?;
-        since.map_or(true, |s| h.asked >= s).then(|| h.lease.clone())
+        since.map_or(true, |s| h.degraded && h.asked >= s).then(|| h.lease.clone())
+    }
+
+    /// When a request to the witness starts, and whether it says "degraded": read together
+    /// under the lock, so a lease asked for before [`went_degraded`](Self::went_degraded)
+    /// never carries the flag and one asked for after it always does.
+    pub fn asking(&self) -> (Instant, bool) {
+        let f = self.facts();
+        (Instant::now(), f.degraded_since.is_some())
     }
 
     /// The lease last obtained (maybe expired, maybe asked for before the node went degraded).
@@ -248,9 +260,14 @@ impl Fence {
         }
     }
 
-    /// Records the outcome of asking the witness at `asked`; returns how long until asking
-    /// again.
-    pub fn record(&self, outcome: Result<Lease, WitnessError>, asked: Instant) -> Duration {
+    /// Records the outcome of asking the witness at `asked` (as `degraded` or not, see
+    /// [`asking`](Self::asking)); returns how long until asking again.
+    pub fn record(
+        &self,
+        outcome: Result<Lease, WitnessError>,
+        asked: Instant,
+        degraded: bool,
+    ) -> Duration {
         let now = Instant::now();
         let mut f = self.facts();
         match outcome {
@@ -264,7 +281,7 @@ impl Fence {
                 f.error = None;
                 f.holder = None;
                 drop(f);
-                self.lease.send_replace(Some(Held { lease, asked }));
+                self.lease.send_replace(Some(Held { lease, asked, degraded }));
                 next
             }
             Ok(lease) => {
@@ -371,7 +388,7 @@ pub async fn keep_lease<F, Fut>(
     ask: F,
     token: CancellationToken,
 ) where
-    F: Fn(LeaseClient, Option<Lease>) -> Fut,
+    F: Fn(LeaseClient, Option<Lease>, bool) -> Fut,
     Fut: Future<Output = Result<Lease, WitnessError>>,
 {
     loop {
@@ -384,9 +401,9 @@ pub async fn keep_lease<F, Fut>(
         } else if fence.is_lost() {
             RETRY
         } else {
-            let asked = Instant::now();
-            let outcome = ask(client.clone(), fence.held()).await;
-            fence.record(outcome, asked)
+            let (asked, degraded) = fence.asking();
+            let outcome = ask(client.clone(), fence.held(), degraded).await;
+            fence.record(outcome, asked, degraded)
         };
         tokio::select! {
             () = token.cancelled() => return,
@@ -396,11 +413,16 @@ pub async fn keep_lease<F, Fut>(
     }
 }
 
-/// What [`keep_lease`] asks with on a real node: renew what is held, else acquire.
-pub async fn ask_witness(client: LeaseClient, held: Option<Lease>) -> Result<Lease, WitnessError> {
+/// What [`keep_lease`] asks with on a real node: renew what is held, else acquire; saying
+/// whether this node is degraded.
+pub async fn ask_witness(
+    client: LeaseClient,
+    held: Option<Lease>,
+    degraded: bool,
+) -> Result<Lease, WitnessError> {
     match held {
-        Some(l) => client.renew(&l).await,
-        None => client.acquire().await,
+        Some(l) => client.renew_as(&l, degraded).await,
+        None => client.ask(degraded).await.map(|g| g.lease),
     }
 }
 

@@ -52,7 +52,7 @@ struct WitnessArgs {
     #[arg(long, value_name = "FILE")]
     secret: PathBuf,
     /// How long a lease lasts without renewal ("10s", "500ms"); announced to the nodes.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_term)]
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_term)]
     term: std::time::Duration,
 }
 

@@ -27,7 +27,7 @@ fn first_grant(
     loop {
         match ask() {
             Ok(lease) => return (Instant::now(), lease),
-            Err(WitnessError::Refused { holder: h, epoch: e, retry_after }) => {
+            Err(WitnessError::Refused { holder: h, epoch: e, retry_after, .. }) => {
                 assert_eq!((h.as_deref(), e), (Some(holder), epoch), "refusal names the holder");
                 assert!(retry_after <= TERM, "retry after {retry_after:?}");
             }

@@ -7,6 +7,12 @@
 //!
 //! The swap runs on the Primary (only it can demote itself), so it is the non-preferred node's
 //! agent that hands the service back; the planned switchover loses nothing (DESIGN §8).
+//!
+//! Health (SafeKit checkers, Pacemaker `on-fail`): on the Primary the agent checks each
+//! `[[service]]` (its `check`, else its unit or pidfile) and each volume's mount every second;
+//! one that fails for `restart-after` is restarted in place (a mount: the whole stack); one that
+//! fails again after `max-restarts` restarts within `restart-window` moves the stack to the
+//! peer (swap), when the peer is ready to take it.
 
 use std::time::Duration;
 
@@ -39,16 +45,40 @@ pub struct AgentConfig {
     /// (default "60s"): a node that flaps does not get the service back.
     #[serde(default = "default_delay", deserialize_with = "values::duration")]
     pub failback_delay: Duration,
+    /// A service or mount of the Primary failing its check this long is restarted (default
+    /// "3s"); "0s" turns health checking off.
+    #[serde(default = "default_restart_after", deserialize_with = "values::duration")]
+    pub restart_after: Duration,
+    /// Restarts within `restart-window` before the next failure moves the stack to the peer
+    /// (default 2).
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    /// The window `max-restarts` counts in (default "60s").
+    #[serde(default = "default_delay", deserialize_with = "values::duration")]
+    pub restart_window: Duration,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        AgentConfig { failback: Failback::Manual, preferred: None, failback_delay: default_delay() }
+        AgentConfig {
+            failback: Failback::Manual,
+            preferred: None,
+            failback_delay: default_delay(),
+            restart_after: default_restart_after(),
+            max_restarts: default_max_restarts(),
+            restart_window: default_delay(),
+        }
     }
 }
 
 fn default_delay() -> Duration {
     Duration::from_secs(60)
+}
+fn default_restart_after() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_max_restarts() -> u32 {
+    2
 }
 
 impl Config {
@@ -103,6 +133,12 @@ mod tests {
         assert_eq!(c.agent.failback, Failback::Auto);
         assert_eq!(c.agent.preferred.as_deref(), Some(name));
         assert_eq!(c.agent.failback_delay, Duration::from_secs(5));
+        let t = format!(
+            "[agent]\nrestart-after = \"1s\"\nmax-restarts = 0\nrestart-window = \"10s\"\n{SINGLE}"
+        );
+        let h = load(&t).unwrap().agent;
+        let want = (Duration::from_secs(1), 0, Duration::from_secs(10));
+        assert_eq!((h.restart_after, h.max_restarts, h.restart_window), want);
         let bad = |t: &str, want: &str| {
             let e = load(t).expect_err("refused").to_string();
             assert!(e.contains(want), "want {want:?} in {e}");

@@ -157,7 +157,7 @@ fn default_in_flight_bytes() -> ByteSize {
 }
 
 fn default_peer_timeout() -> Duration {
-    Duration::from_secs(3)
+    Duration::from_secs(2)
 }
 
 /// `[node.NAME]`: where one node keeps its files and listens.
@@ -511,7 +511,7 @@ mod tests {
     fn single_node_defaults_and_derived_paths() {
         let c = load(SINGLE).unwrap();
         assert!(c.is_single_node());
-        assert_eq!(c.cluster.peer_timeout, Duration::from_secs(3));
+        assert_eq!(c.cluster.peer_timeout, Duration::from_secs(2));
         assert_eq!(c.nbd.limits().max_request, 32 << 20);
         assert_eq!(c.nbd.limits().max_connections, 16);
         assert_eq!(c.nbd.limits().max_in_flight, 256);

@@ -27,7 +27,12 @@ fn down() -> WitnessError {
 }
 
 fn refused(holder: &str) -> WitnessError {
-    WitnessError::Refused { holder: Some(holder.into()), epoch: 9, retry_after: TERM }
+    WitnessError::Refused {
+        holder: Some(holder.into()),
+        epoch: 9,
+        retry_after: TERM,
+        degraded: None,
+    }
 }
 
 /// Row 1 and the lease's end by this node's own clock.
@@ -35,7 +40,7 @@ fn refused(holder: &str) -> WitnessError {
 async fn a_valid_lease_clears_at_once_and_ends_by_the_local_clock() {
     let f = Fence::new(addr());
     let now = Instant::now();
-    assert_eq!(f.record(Ok(lease(4, now)), now), TERM / 3, "renew every third of the term");
+    assert_eq!(f.record(Ok(lease(4, now)), now, false), TERM / 3, "renew every third of the term");
     assert_eq!(f.wait(None, || None::<()>).await, Cleared::Lease(4));
     assert!(f.frozen_reason(Instant::now()).is_none());
     tokio::time::advance(TERM - TERM / 10 - Duration::from_millis(1)).await;
@@ -50,7 +55,7 @@ async fn a_valid_lease_clears_at_once_and_ends_by_the_local_clock() {
 #[tokio::test(start_paused = true)]
 async fn a_write_waits_without_a_lease_until_one_is_granted() {
     let f = Arc::new(Fence::new(addr()));
-    assert_eq!(f.record(Err(down()), Instant::now()), RETRY);
+    assert_eq!(f.record(Err(down()), Instant::now(), false), RETRY);
     let waiter = tokio::spawn({
         let f = Arc::clone(&f);
         async move { f.wait(None, || None::<()>).await }
@@ -60,7 +65,7 @@ async fn a_write_waits_without_a_lease_until_one_is_granted() {
     assert_eq!(f.waiting(), 1);
     let why = f.frozen_reason(Instant::now()).unwrap();
     assert!(why.contains("did not answer") && why.contains("1 writes waiting"), "{why}");
-    f.record(Ok(lease(7, Instant::now())), Instant::now());
+    f.record(Ok(lease(7, Instant::now())), Instant::now(), false);
     assert_eq!(waiter.await.unwrap(), Cleared::Lease(7));
     assert_eq!(f.waiting(), 0);
 }
@@ -86,7 +91,7 @@ async fn the_callers_condition_ends_the_wait_within_a_poll() {
 #[tokio::test(start_paused = true)]
 async fn an_expired_lease_does_not_clear_but_its_renewal_does() {
     let f = Arc::new(Fence::new(addr()));
-    f.record(Ok(lease(2, Instant::now())), Instant::now());
+    f.record(Ok(lease(2, Instant::now())), Instant::now(), false);
     tokio::time::advance(TERM).await;
     let waiter = tokio::spawn({
         let f = Arc::clone(&f);
@@ -94,7 +99,7 @@ async fn an_expired_lease_does_not_clear_but_its_renewal_does() {
     });
     tokio::time::sleep(TERM * 5).await;
     assert!(!waiter.is_finished());
-    f.record(Ok(lease(2, Instant::now())), Instant::now());
+    f.record(Ok(lease(2, Instant::now())), Instant::now(), false);
     assert_eq!(waiter.await.unwrap(), Cleared::Lease(2));
 }
 
@@ -104,28 +109,28 @@ async fn a_lost_epoch_freezes_until_the_role_changes() {
     for loss in ["superseded", "refused"] {
         let f = Fence::new(addr());
         let now = Instant::now();
-        f.record(Ok(lease(3, now)), now);
+        f.record(Ok(lease(3, now)), now, false);
         let err = match loss {
             "superseded" => WitnessError::Superseded { had: 3, now: lease(5, now) },
             _ => refused("beta"),
         };
-        f.record(Err(err), now);
+        f.record(Err(err), now, false);
         assert!(f.is_lost(), "{loss}");
         assert!(f.valid(now).is_none(), "{loss}: the lease is gone at once");
-        f.record(Ok(lease(6, now)), now);
+        f.record(Ok(lease(6, now)), now, false);
         assert!(f.valid(now).is_none(), "{loss}: a later grant is not taken back");
         let s = f.status("alpha", now);
         assert_eq!(s.lost, Some(3), "{loss}");
         f.mirroring(0);
         assert!(!f.is_lost(), "{loss}: mirroring to a Secondary peer again ends the loss");
-        f.record(Err(refused("beta")), now);
+        f.record(Err(refused("beta")), now, false);
         assert!(!f.is_lost(), "{loss}: refused while holding nothing is no loss");
-        f.record(Ok(lease(6, now)), now);
-        f.record(Err(refused("beta")), now);
+        f.record(Ok(lease(6, now)), now, false);
+        f.record(Err(refused("beta")), now, false);
         assert!(f.is_lost());
         f.reset();
         assert!(!f.is_lost());
-        f.record(Ok(lease(6, now)), now);
+        f.record(Ok(lease(6, now)), now, false);
         assert_eq!(f.valid(now).map(|l| l.epoch), Some(6), "{loss}: fresh after a role change");
     }
 }
@@ -135,12 +140,12 @@ async fn a_lost_epoch_freezes_until_the_role_changes() {
 async fn refused_before_holding_names_the_holder() {
     let f = Fence::new(addr());
     let now = Instant::now();
-    f.record(Err(refused("beta")), now);
+    f.record(Err(refused("beta")), now, false);
     assert!(!f.is_lost());
     let s = f.status("alpha", now);
     assert_eq!(s.holder.as_deref(), Some("beta"));
     assert_eq!((s.epoch, s.valid_for_ms), (None, 0));
-    f.record(Ok(lease(1, now)), now);
+    f.record(Ok(lease(1, now)), now, false);
     let s = f.status("alpha", now);
     assert_eq!((s.holder.as_deref(), s.epoch), (Some("alpha"), Some(1)));
     assert_eq!(s.valid_for_ms, (TERM - TERM / 10).as_millis() as u64);
@@ -165,7 +170,7 @@ async fn keep_lease_renews_only_while_primary() {
             token.clone(),
         );
         async move {
-            let ask = move |_c: LeaseClient, held: Option<Lease>| {
+            let ask = move |_c: LeaseClient, held: Option<Lease>, _degraded: bool| {
                 asked.fetch_add(1, Ordering::SeqCst);
                 let up = up.load(Ordering::SeqCst);
                 async move {
@@ -206,13 +211,16 @@ async fn keep_lease_renews_only_while_primary() {
 async fn only_a_lease_asked_after_going_degraded_counts() {
     let f = Arc::new(Fence::new(addr()));
     let asked = Arc::new(AtomicU32::new(0));
+    let flags = Arc::new(std::sync::Mutex::new(Vec::new()));
     let client = LeaseClient::new(addr(), "alpha", Arc::from(&b"s"[..]), ClientSettings::default());
     let token = CancellationToken::new();
     let task = tokio::spawn({
         let (f, asked, token) = (Arc::clone(&f), Arc::clone(&asked), token.clone());
+        let flags = Arc::clone(&flags);
         async move {
-            let ask = move |_c: LeaseClient, _held: Option<Lease>| {
+            let ask = move |_c: LeaseClient, _held: Option<Lease>, degraded: bool| {
                 asked.fetch_add(1, Ordering::SeqCst);
+                flags.lock().unwrap().push(degraded);
                 async move {
                     tokio::time::sleep(Duration::from_millis(20)).await; // the round trip
                     Ok(lease(1, Instant::now() - Duration::from_millis(20)))
@@ -231,12 +239,19 @@ async fn only_a_lease_asked_after_going_degraded_counts() {
     let cleared = f.wait(Some(since), || None::<()>).await;
     assert_eq!(cleared, Cleared::Lease(1));
     assert_eq!(asked.load(Ordering::SeqCst), 2, "asked again at once, not a third term later");
+    assert_eq!(*flags.lock().unwrap(), [false, true], "told the witness it is degraded");
     assert!(Instant::now() - since < Duration::from_millis(100), "one round trip");
     f.mirroring(0);
     tokio::time::sleep(Duration::from_millis(10)).await;
     let next = f.went_degraded(Instant::now());
     assert!(next > since, "a new episode");
     assert!(f.valid_since(Some(next), Instant::now()).is_none());
+    // A lease asked for at the same instant but without the flag never acknowledges.
+    let (at, _) = f.asking();
+    f.record(Ok(lease(1, at)), at, false);
+    assert!(f.valid_since(Some(next), at).is_none(), "not asked as degraded: no");
+    f.record(Ok(lease(1, at)), at, true);
+    assert!(f.valid_since(Some(next), at).is_some(), "asked as degraded after it: yes");
     token.cancel();
     task.await.unwrap();
 }
@@ -247,8 +262,8 @@ async fn only_a_lease_asked_after_going_degraded_counts() {
 async fn a_loss_ends_only_once_every_volume_mirrored() {
     let f = Fence::for_volumes(addr(), 2);
     let now = Instant::now();
-    f.record(Ok(lease(3, now)), now);
-    f.record(Err(refused("beta")), now);
+    f.record(Ok(lease(3, now)), now, false);
+    f.record(Err(refused("beta")), now, false);
     assert!(f.is_lost());
     f.mirroring(0);
     f.mirroring(0);

@@ -27,7 +27,7 @@ async fn fenced_primary(dir: &tempfile::TempDir) -> (Arc<Volume>, Arc<Fence>) {
 
 fn grant(f: &Fence, epoch: u64) {
     let now = tokio::time::Instant::now();
-    f.record(Ok(Lease { epoch, term: TERM, valid_until: now + TERM - TERM / 10 }), now);
+    f.record(Ok(Lease { epoch, term: TERM, valid_until: now + TERM - TERM / 10 }), now, true);
 }
 
 async fn settle() {
@@ -39,7 +39,7 @@ async fn degraded_write_waits_for_the_lease_and_reads_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let (v, fence) = fenced_primary(&dir).await;
     let down = WitnessError::Timeout { addr: "127.0.0.1:7790".parse().unwrap(), after: TERM };
-    fence.record(Err(down), tokio::time::Instant::now());
+    fence.record(Err(down), tokio::time::Instant::now(), true);
     let w = tokio::spawn({
         let v = Arc::clone(&v);
         async move { v.write(0, data(&v, 5, 4096), false).await }
@@ -125,9 +125,13 @@ async fn a_lost_epoch_fails_waiting_and_new_degraded_writes() {
     settle().await;
     assert!(!w.is_finished());
     let now = tokio::time::Instant::now();
-    let refused =
-        WitnessError::Refused { holder: Some("beta".into()), epoch: 4, retry_after: TERM };
-    fence.record(Err(refused), now);
+    let refused = WitnessError::Refused {
+        holder: Some("beta".into()),
+        epoch: 4,
+        retry_after: TERM,
+        degraded: None,
+    };
+    fence.record(Err(refused), now, true);
     let r = tokio::time::timeout(Duration::from_secs(5), w).await.expect("ends").unwrap();
     assert!(matches!(r, Err(VolumeError::Fenced { epoch: 3 })), "{r:?}");
     let r = v.write(4096, data(&v, 1, 4096), false).await;

@@ -53,6 +53,16 @@ impl Lease {
     }
 }
 
+/// A lease just granted, with what the witness said about the node that held it before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granted {
+    pub lease: Lease,
+    /// The previous holder's last grant was asked degraded: it may have acknowledged writes
+    /// without its peer. `Some(false)` for a renewal of this node's own epoch; None from a
+    /// witness that does not send the flag.
+    pub prev_degraded: Option<bool>,
+}
+
 /// Why no lease was obtained.
 #[derive(Debug, thiserror::Error)]
 pub enum WitnessError {
@@ -81,7 +91,13 @@ pub enum WitnessError {
         show_holder(holder),
         show(*retry_after)
     )]
-    Refused { holder: Option<String>, epoch: u64, retry_after: Duration },
+    Refused {
+        holder: Option<String>,
+        epoch: u64,
+        retry_after: Duration,
+        /// The holder's last grant was asked degraded (None: the witness did not say).
+        degraded: Option<bool>,
+    },
     #[error("lease epoch {had} was lost: another node held it since; now epoch {}", now.epoch)]
     Superseded { had: u64, now: Lease },
     #[error(
@@ -146,8 +162,14 @@ impl LeaseClient {
         self.settings.margin.unwrap_or(term / 10).min(term)
     }
 
-    /// Asks for the lease: granted if nobody else holds it (or this node already does).
+    /// Asks for the lease as a node that is not degraded: granted if nobody else holds it (or
+    /// this node already does).
     pub async fn acquire(&self) -> Result<Lease, WitnessError> {
+        self.ask(false).await.map(|g| g.lease)
+    }
+
+    /// Asks for the lease, saying whether this node completes writes without its peer.
+    pub async fn ask(&self, degraded: bool) -> Result<Granted, WitnessError> {
         let sent = Instant::now();
         let limit = self.settings.timeout;
         let addr = self.addr;
@@ -156,7 +178,7 @@ impl LeaseClient {
                 .await
                 .map_err(|source| WitnessError::Connect { addr, source })?;
             let _ = stream.set_nodelay(true);
-            self.ask_over(stream, sent).await
+            self.exchange(stream, sent, degraded).await
         };
         match tokio::time::timeout(limit, ask).await {
             Ok(r) => r,
@@ -168,15 +190,31 @@ impl LeaseClient {
     /// node held the lease meanwhile (this node then holds the new epoch, which it must not
     /// mistake for a continuation of the old one).
     pub async fn renew(&self, held: &Lease) -> Result<Lease, WitnessError> {
-        continues(held, self.acquire().await?)
+        self.renew_as(held, false).await
+    }
+
+    /// [`renew`](Self::renew), saying whether this node is degraded.
+    pub async fn renew_as(&self, held: &Lease, degraded: bool) -> Result<Lease, WitnessError> {
+        continues(held, self.ask(degraded).await?.lease)
+    }
+
+    /// The exchange of `proto.rs` on `s`, not degraded; the lease counts from `sent`.
+    #[cfg(test)]
+    async fn ask_over<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        s: S,
+        sent: Instant,
+    ) -> Result<Lease, WitnessError> {
+        self.exchange(s, sent, false).await.map(|g| g.lease)
     }
 
     /// The exchange of `proto.rs` on `s`; the lease counts from `sent`.
-    async fn ask_over<S: AsyncRead + AsyncWrite + Unpin>(
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         mut s: S,
         sent: Instant,
-    ) -> Result<Lease, WitnessError> {
+        degraded: bool,
+    ) -> Result<Granted, WitnessError> {
         let addr = self.addr;
         let nonce = auth::new_nonce()?;
         let mut buf = Vec::new();
@@ -185,8 +223,9 @@ impl LeaseClient {
             Message::Challenge { nonce } => nonce,
             m => return Err(self.unexpected(&m, "CHALLENGE")),
         };
-        let proof = auth::mac(&self.secret, &challenge, &self.node, WITNESS_ID);
-        self.send(&mut s, Message::Request { proof }).await?;
+        let signed = proto::request_nonce(&challenge, degraded);
+        let proof = auth::mac(&self.secret, &signed, &self.node, WITNESS_ID);
+        self.send(&mut s, Message::Request { proof, degraded: Some(degraded) }).await?;
         let (reply, proof) = match self.recv(&mut s, &mut buf).await? {
             Message::Answer { reply, proof } => (reply, proof),
             m => return Err(self.unexpected(&m, "an answer")),
@@ -198,10 +237,10 @@ impl LeaseClient {
         self.lease(reply, sent)
     }
 
-    fn lease(&self, reply: Reply, sent: Instant) -> Result<Lease, WitnessError> {
+    fn lease(&self, reply: Reply, sent: Instant) -> Result<Granted, WitnessError> {
         let addr = self.addr;
         match reply {
-            Reply::Grant { holder, epoch, term, expires_in } => {
+            Reply::Grant { holder, epoch, term, expires_in, prev_degraded } => {
                 if holder != self.node {
                     let what = format!("a grant for node {holder:?}");
                     return Err(WitnessError::Unexpected { addr, what });
@@ -211,10 +250,10 @@ impl LeaseClient {
                 }
                 let length = term.min(expires_in);
                 let valid_until = sent + length - self.margin(length);
-                Ok(Lease { epoch, term, valid_until })
+                Ok(Granted { lease: Lease { epoch, term, valid_until }, prev_degraded })
             }
-            Reply::Refused { holder, epoch, retry_after } => {
-                Err(WitnessError::Refused { holder, epoch, retry_after })
+            Reply::Refused { holder, epoch, retry_after, degraded } => {
+                Err(WitnessError::Refused { holder, epoch, retry_after, degraded })
             }
         }
     }

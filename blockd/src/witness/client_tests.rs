@@ -155,7 +155,7 @@ async fn refusal_names_holder_and_retry() {
     let shared = witness(&dir, &secret());
     ask(&client("alpha", Default::default()), &shared, MS, MS).await.unwrap();
     let e = ask(&client("beta", Default::default()), &shared, MS, MS).await.unwrap_err();
-    let WitnessError::Refused { holder, epoch, retry_after } = &e else { panic!("{e}") };
+    let WitnessError::Refused { holder, epoch, retry_after, .. } = &e else { panic!("{e}") };
     assert_eq!((holder.as_deref(), *epoch), (Some("alpha"), 1));
     assert!(*retry_after <= TERM && *retry_after >= TERM - 10 * MS, "{retry_after:?}");
     assert!(e.to_string().contains("held by alpha"), "{e}");
@@ -181,7 +181,13 @@ async fn impostor_answer() -> WitnessError {
         let _ = frames::recv(&mut fake, &mut buf).await;
         frames::send(&mut fake, &Message::Challenge { nonce: [1; 32] }).await.unwrap();
         let _ = frames::recv(&mut fake, &mut buf).await;
-        let reply = Reply::Grant { holder: "alpha".into(), epoch: 1, term: TERM, expires_in: TERM };
+        let reply = Reply::Grant {
+            holder: "alpha".into(),
+            epoch: 1,
+            term: TERM,
+            expires_in: TERM,
+            prev_degraded: Some(false),
+        };
         frames::send(&mut fake, &Message::Answer { reply, proof: [0; 32] }).await.unwrap();
     });
     let c = client("alpha", Default::default());

@@ -15,6 +15,14 @@
 //! | 6 | quiet (restart), N recorded      | N   | Grant (renewal)          | same  | no      |
 //! | 7 | quiet (restart), H ≠ N recorded  | N   | Refused until quiet ends | -     | -       |
 //!
+//! **Degraded.** Each request says whether the asker is a Primary completing writes without its
+//! peer (`degraded`, None from nodes that predate the flag). The table keeps the flag of the
+//! holder's last grant and reports it: a refusal says whether the holder's last grant was
+//! degraded; a grant of a new epoch (rows 1, 5) whether the previous holder's was; a renewal says
+//! `Some(false)` (no other node held the lease since). The flag is part of the record and so
+//! persisted whenever it changes, before the grant that changed it is answered: a restarted
+//! witness still knows whether its recorded holder may have acknowledged writes alone.
+//!
 //! "Expired" means `now >= granted + term`: the boundary instant belongs to the next holder, and
 //! the client's own view of its lease ends `margin` earlier (see `client.rs`).
 //!
@@ -44,6 +52,9 @@ pub struct Record {
     /// The term leases were granted for, so a restart with a shorter term still waits the
     /// longer one.
     pub term: Duration,
+    /// The holder's last grant was asked degraded (None: unknown, e.g. a file written before
+    /// the flag existed, or a node that does not send it).
+    pub degraded: Option<bool>,
 }
 
 /// A lease given (or renewed) to `holder`.
@@ -53,8 +64,10 @@ pub struct Grant {
     pub epoch: u64,
     /// How long the lease lasts from the witness's answer: always the term.
     pub expires_in: Duration,
-    /// The epoch is new (rows 1 and 5): persist the record before answering.
+    /// The epoch is new (rows 1 and 5).
     pub fresh: bool,
+    /// The previous holder's last grant was degraded (`Some(false)` for a renewal).
+    pub prev_degraded: Option<bool>,
 }
 
 /// The lease is someone else's.
@@ -65,6 +78,8 @@ pub struct Refused {
     pub epoch: u64,
     /// Asking again this much later may succeed (if nobody renews meanwhile).
     pub retry_after: Duration,
+    /// The holder's last grant was asked degraded.
+    pub degraded: Option<bool>,
 }
 
 /// The answer to one request.
@@ -85,12 +100,21 @@ pub struct Witness {
     expires: Option<Instant>,
     /// Before this instant only the recorded holder may be granted (rows 6 and 7).
     quiet_until: Option<Instant>,
+    /// The holder's last grant was asked degraded.
+    degraded: Option<bool>,
 }
 
 impl Witness {
     /// A fresh witness: nothing was ever granted.
     pub fn new(term: Duration) -> Witness {
-        Witness { term, epoch: 0, holder: None, expires: None, quiet_until: None }
+        Witness {
+            term,
+            epoch: 0,
+            holder: None,
+            expires: None,
+            quiet_until: None,
+            degraded: Some(false),
+        }
     }
 
     /// A witness restarted at `started` from `record`: quiet for the longer of both terms.
@@ -102,6 +126,7 @@ impl Witness {
             holder: record.holder,
             expires: None,
             quiet_until: Some(started + quiet),
+            degraded: record.degraded,
         }
     }
 
@@ -109,17 +134,24 @@ impl Witness {
         self.term
     }
 
-    /// What to persist (after a fresh grant, before answering it).
+    /// What to persist whenever it changed (before answering the request that changed it).
     pub fn record(&self) -> Record {
-        Record { epoch: self.epoch, holder: self.holder.clone(), term: self.term }
+        Record {
+            epoch: self.epoch,
+            holder: self.holder.clone(),
+            term: self.term,
+            degraded: self.degraded,
+        }
     }
 
-    /// Node `node` asks for the lease at `now` (the witness's monotonic clock).
-    pub fn request(&mut self, node: &str, now: Instant) -> Answer {
+    /// Node `node`, degraded or not, asks for the lease at `now` (the witness's monotonic
+    /// clock).
+    pub fn request(&mut self, node: &str, degraded: Option<bool>, now: Instant) -> Answer {
         let own = self.holder.as_deref() == Some(node);
         if own {
             // Rows 2, 3, 6: the holder keeps its epoch.
-            return self.grant(now, false);
+            self.degraded = degraded;
+            return self.grant(now, false, Some(false));
         }
         if let Some(quiet) = self.quiet_until.filter(|q| now < *q) {
             return self.refuse(quiet - now); // Row 7.
@@ -130,19 +162,22 @@ impl Witness {
                 // Rows 1, 5: a new holder, a new epoch.
                 self.epoch += 1;
                 self.holder = Some(node.to_string());
-                self.grant(now, true)
+                let prev = std::mem::replace(&mut self.degraded, degraded);
+                self.grant(now, true, prev)
             }
         }
     }
 
-    fn grant(&mut self, now: Instant, fresh: bool) -> Answer {
+    fn grant(&mut self, now: Instant, fresh: bool, prev_degraded: Option<bool>) -> Answer {
         self.expires = Some(now + self.term);
         let holder = self.holder.clone().unwrap_or_default();
-        Answer::Grant(Grant { holder, epoch: self.epoch, expires_in: self.term, fresh })
+        let expires_in = self.term;
+        Answer::Grant(Grant { holder, epoch: self.epoch, expires_in, fresh, prev_degraded })
     }
 
     fn refuse(&self, retry_after: Duration) -> Answer {
-        Answer::Refused(Refused { holder: self.holder.clone(), epoch: self.epoch, retry_after })
+        let (holder, epoch, degraded) = (self.holder.clone(), self.epoch, self.degraded);
+        Answer::Refused(Refused { holder, epoch, retry_after, degraded })
     }
 }
 
@@ -152,28 +187,36 @@ mod tests {
 
     const TERM: Duration = Duration::from_secs(10);
     const MS: Duration = Duration::from_millis(1);
+    /// A node that is not degraded.
+    const N: Option<bool> = Some(false);
 
     #[track_caller]
     fn granted(a: Answer, holder: &str, epoch: u64, fresh: bool) {
-        let want = Grant { holder: holder.into(), epoch, expires_in: TERM, fresh };
-        assert_eq!(a, Answer::Grant(want));
+        let Answer::Grant(g) = a else { panic!("want a grant, got {a:?}") };
+        assert_eq!(
+            (g.holder.as_str(), g.epoch, g.expires_in, g.fresh),
+            (holder, epoch, TERM, fresh)
+        );
     }
 
     #[track_caller]
     fn refused(a: Answer, holder: &str, epoch: u64, retry_after: Duration) {
-        let want = Refused { holder: Some(holder.into()), epoch, retry_after };
-        assert_eq!(a, Answer::Refused(want));
+        let Answer::Refused(r) = a else { panic!("want a refusal, got {a:?}") };
+        assert_eq!(
+            (r.holder.as_deref(), r.epoch, r.retry_after),
+            (Some(holder), epoch, retry_after)
+        );
     }
 
     fn record(holder: &str, epoch: u64, term: Duration) -> Record {
-        Record { epoch, holder: Some(holder.into()), term }
+        Record { epoch, holder: Some(holder.into()), term, degraded: N }
     }
 
     #[test]
     fn row1_first_grant_is_epoch_1_and_persisted() {
         let mut w = Witness::new(TERM);
         let t0 = Instant::now();
-        granted(w.request("alpha", t0), "alpha", 1, true);
+        granted(w.request("alpha", N, t0), "alpha", 1, true);
         assert_eq!(w.record(), record("alpha", 1, TERM));
     }
 
@@ -181,28 +224,28 @@ mod tests {
     fn row2_holder_renews_same_epoch_new_term() {
         let mut w = Witness::new(TERM);
         let t0 = Instant::now();
-        w.request("alpha", t0);
-        granted(w.request("alpha", t0 + 9 * TERM / 10), "alpha", 1, false);
+        w.request("alpha", N, t0);
+        granted(w.request("alpha", N, t0 + 9 * TERM / 10), "alpha", 1, false);
         // The renewal counts from its own answer: beta is refused until then.
         let renewed = t0 + 9 * TERM / 10;
-        refused(w.request("beta", t0 + TERM), "alpha", 1, renewed + TERM - (t0 + TERM));
+        refused(w.request("beta", N, t0 + TERM), "alpha", 1, renewed + TERM - (t0 + TERM));
     }
 
     #[test]
     fn row3_holder_expired_gets_it_back_with_same_epoch() {
         let mut w = Witness::new(TERM);
         let t0 = Instant::now();
-        w.request("alpha", t0);
-        granted(w.request("alpha", t0 + 5 * TERM), "alpha", 1, false);
+        w.request("alpha", N, t0);
+        granted(w.request("alpha", N, t0 + 5 * TERM), "alpha", 1, false);
     }
 
     #[test]
     fn row4_other_node_refused_while_unexpired() {
         let mut w = Witness::new(TERM);
         let t0 = Instant::now();
-        w.request("alpha", t0);
-        refused(w.request("beta", t0), "alpha", 1, TERM);
-        refused(w.request("beta", t0 + TERM - MS), "alpha", 1, MS);
+        w.request("alpha", N, t0);
+        refused(w.request("beta", N, t0), "alpha", 1, TERM);
+        refused(w.request("beta", N, t0 + TERM - MS), "alpha", 1, MS);
         assert_eq!(w.record(), record("alpha", 1, TERM), "a refusal changes nothing");
     }
 
@@ -210,70 +253,72 @@ mod tests {
     fn row5_other_node_after_expiry_gets_next_epoch() {
         let mut w = Witness::new(TERM);
         let t0 = Instant::now();
-        w.request("alpha", t0);
+        w.request("alpha", N, t0);
         // Exactly at expiry the lease is the next holder's.
-        granted(w.request("beta", t0 + TERM), "beta", 2, true);
+        granted(w.request("beta", N, t0 + TERM), "beta", 2, true);
         assert_eq!(w.record(), record("beta", 2, TERM));
         // And alpha, coming back, is the one refused now; after beta's term it gets epoch 3.
-        refused(w.request("alpha", t0 + TERM), "beta", 2, TERM);
-        granted(w.request("alpha", t0 + 2 * TERM), "alpha", 3, true);
+        refused(w.request("alpha", N, t0 + TERM), "beta", 2, TERM);
+        granted(w.request("alpha", N, t0 + 2 * TERM), "alpha", 3, true);
     }
 
     #[test]
     fn row6_recorded_holder_renews_during_quiet() {
         let t0 = Instant::now();
         let mut w = Witness::restored(TERM, record("alpha", 7, TERM), t0);
-        granted(w.request("alpha", t0 + MS), "alpha", 7, false);
+        granted(w.request("alpha", N, t0 + MS), "alpha", 7, false);
         // Its renewal extends past the quiet period like any renewal.
-        refused(w.request("beta", t0 + TERM), "alpha", 7, MS);
+        refused(w.request("beta", N, t0 + TERM), "alpha", 7, MS);
     }
 
     #[test]
     fn row7_nobody_new_during_quiet() {
         let t0 = Instant::now();
         let mut w = Witness::restored(TERM, record("alpha", 7, TERM), t0);
-        refused(w.request("beta", t0), "alpha", 7, TERM);
-        refused(w.request("beta", t0 + TERM - MS), "alpha", 7, MS);
-        granted(w.request("beta", t0 + TERM), "beta", 8, true);
+        refused(w.request("beta", N, t0), "alpha", 7, TERM);
+        refused(w.request("beta", N, t0 + TERM - MS), "alpha", 7, MS);
+        granted(w.request("beta", N, t0 + TERM), "beta", 8, true);
     }
 
     #[test]
     fn quiet_uses_the_longer_of_recorded_and_current_term() {
         let t0 = Instant::now();
         let mut w = Witness::restored(TERM, record("alpha", 3, 3 * TERM), t0);
-        refused(w.request("beta", t0 + 2 * TERM), "alpha", 3, TERM);
-        granted(w.request("beta", t0 + 3 * TERM), "beta", 4, true);
+        refused(w.request("beta", N, t0 + 2 * TERM), "alpha", 3, TERM);
+        granted(w.request("beta", N, t0 + 3 * TERM), "beta", 4, true);
         // The new grant uses the current term.
         let at = t0 + 3 * TERM;
-        refused(w.request("alpha", at + TERM - MS), "beta", 4, MS);
+        refused(w.request("alpha", N, at + TERM - MS), "beta", 4, MS);
     }
 
     #[test]
     fn restored_without_holder_is_quiet_too() {
         let t0 = Instant::now();
-        let mut w = Witness::restored(TERM, Record { epoch: 0, holder: None, term: TERM }, t0);
-        let a = w.request("beta", t0);
-        assert_eq!(a, Answer::Refused(Refused { holder: None, epoch: 0, retry_after: TERM }));
-        granted(w.request("beta", t0 + TERM), "beta", 1, true);
+        let r = Record { epoch: 0, holder: None, term: TERM, degraded: N };
+        let mut w = Witness::restored(TERM, r, t0);
+        let a = w.request("beta", N, t0);
+        let want = Refused { holder: None, epoch: 0, retry_after: TERM, degraded: N };
+        assert_eq!(a, Answer::Refused(want));
+        granted(w.request("beta", N, t0 + TERM), "beta", 1, true);
     }
 
     #[tokio::test(start_paused = true)]
     async fn paused_time_expiry_and_renewal() {
         let mut w = Witness::new(TERM);
-        granted(w.request("alpha", Instant::now()), "alpha", 1, true);
+        granted(w.request("alpha", N, Instant::now()), "alpha", 1, true);
         // alpha renews every third of a term for ten terms: beta never gets it.
         for _ in 0..30 {
             tokio::time::sleep(TERM / 3).await;
-            granted(w.request("alpha", Instant::now()), "alpha", 1, false);
-            assert!(matches!(w.request("beta", Instant::now()), Answer::Refused(_)));
+            granted(w.request("alpha", N, Instant::now()), "alpha", 1, false);
+            assert!(matches!(w.request("beta", N, Instant::now()), Answer::Refused(_)));
         }
         // alpha stops: beta is refused up to the last instant of the term, then granted.
         let last = Instant::now();
         tokio::time::sleep(TERM - MS).await;
-        refused(w.request("beta", Instant::now()), "alpha", 1, MS);
+        refused(w.request("beta", N, Instant::now()), "alpha", 1, MS);
         tokio::time::sleep(MS).await;
         assert_eq!(Instant::now() - last, TERM);
-        granted(w.request("beta", Instant::now()), "beta", 2, true);
+        granted(w.request("beta", N, Instant::now()), "beta", 2, true);
     }
 
     #[tokio::test(start_paused = true)]
@@ -281,9 +326,9 @@ mod tests {
         // alpha holds the lease; beta waits for it. The witness restarts just after alpha's
         // last renewal: beta must wait a full term from the restart, not from before it.
         let mut w = Witness::new(TERM);
-        w.request("alpha", Instant::now());
+        w.request("alpha", N, Instant::now());
         tokio::time::sleep(TERM / 2).await;
-        granted(w.request("alpha", Instant::now()), "alpha", 1, false);
+        granted(w.request("alpha", N, Instant::now()), "alpha", 1, false);
         let alpha_until = Instant::now() + TERM;
         let saved = w.record();
         drop(w);
@@ -291,7 +336,7 @@ mod tests {
         let mut w = Witness::restored(TERM, saved, Instant::now());
         let mut first_grant = None;
         while first_grant.is_none() {
-            if let Answer::Grant(g) = w.request("beta", Instant::now()) {
+            if let Answer::Grant(g) = w.request("beta", N, Instant::now()) {
                 assert_eq!(g.epoch, 2);
                 first_grant = Some(Instant::now());
             }
@@ -303,5 +348,42 @@ mod tests {
             "beta granted {:?} before alpha's lease ended",
             alpha_until - at
         );
+    }
+
+    fn flags(a: &Answer) -> Option<bool> {
+        match a {
+            Answer::Grant(g) => g.prev_degraded,
+            Answer::Refused(r) => r.degraded,
+        }
+    }
+
+    #[test]
+    fn the_holders_degraded_flag_is_reported_to_the_other_node_and_recorded() {
+        let mut w = Witness::new(TERM);
+        let t0 = Instant::now();
+        assert_eq!(flags(&w.request("alpha", N, t0)), N, "a first grant follows nobody");
+        assert_eq!(flags(&w.request("beta", N, t0)), N, "alpha mirrors: not degraded");
+        // alpha loses beta and renews as degraded: beta learns it, and it is on record.
+        assert_eq!(flags(&w.request("alpha", Some(true), t0 + MS)), N, "a renewal");
+        assert_eq!(w.record().degraded, Some(true));
+        assert_eq!(flags(&w.request("beta", N, t0 + 2 * MS)), Some(true));
+        // After alpha's term the grant to beta still says alpha's last grant was degraded.
+        let g = w.request("beta", N, t0 + MS + TERM);
+        assert!(matches!(g, Answer::Grant(Grant { epoch: 2, .. })), "{g:?}");
+        assert_eq!(flags(&g), Some(true));
+        assert_eq!(w.record().degraded, N, "beta's own grant was not degraded");
+        // A node that does not send the flag: unknown, reported as such.
+        let g = w.request("alpha", None, t0 + MS + 2 * TERM);
+        assert_eq!(flags(&g), N);
+        assert_eq!(flags(&w.request("beta", N, t0 + MS + 2 * TERM)), None);
+    }
+
+    #[test]
+    fn a_restarted_witness_reports_the_recorded_flag() {
+        let t0 = Instant::now();
+        let rec = Record { degraded: Some(true), ..record("alpha", 7, TERM) };
+        let mut w = Witness::restored(TERM, rec, t0);
+        assert_eq!(flags(&w.request("beta", N, t0)), Some(true), "quiet: alpha's flag");
+        assert_eq!(flags(&w.request("beta", N, t0 + TERM)), Some(true), "and in the grant");
     }
 }

@@ -5,7 +5,7 @@
 //!   node                                            witness
 //!    │── HELLO { node, nonce_n } ────────────────────►│
 //!    │◄──────────────────────── CHALLENGE { nonce_w } ─│
-//!    │── REQUEST { proof = mac(nonce_w, node→W) } ────►│  verify; ask the lease table;
+//!    │── REQUEST2 { degraded, proof } ────────────────►│  verify; ask the lease table;
 //!    │                                                 │  persist a new epoch (fsync)
 //!    │◄── GRANT | REFUSED { ..., proof = mac(H(nonce_n, answer), W→node) } ─│
 //!    │    (or DENIED { reason }: bad proof, wrong version, witness failure)
@@ -16,6 +16,18 @@
 //! replication handshake is valid here, nor the other way round. The witness's proof covers the
 //! answer itself (through [`answer_nonce`]), not just the connection, so a forged or replayed
 //! GRANT cannot pass: a fake witness would hand out leases to both nodes.
+//!
+//! **Degraded flag (REQUEST2, GRANT2, REFUSED2).** A node says in its request whether it is a
+//! Primary that completes writes without its peer (`degraded`; its proof is a MAC over
+//! [`request_nonce`], so the flag cannot be flipped in flight). The witness remembers it for the
+//! holder's last grant and tells the other node in its answer: a refusal says whether the
+//! holder's last grant was degraded, a grant of a new epoch whether the previous holder's was.
+//! This is what lets a survivor promote safely the moment a dead primary's lease ran out: a
+//! primary acknowledges writes without its peer only under a lease it asked for as degraded
+//! (blockd `fence.rs`), so a holder whose last grant was not degraded acknowledged nothing the
+//! survivor lacks. These three kinds were added to version 1 compatibly: a witness answers a
+//! REQUEST (old nodes) with GRANT/REFUSED and a REQUEST2 with GRANT2/REFUSED2; an old witness
+//! denies REQUEST2 as an unknown kind, so upgrade the witness first.
 //!
 //! Frame: `len: u32` (bytes after it, at most [`MAX_FRAME`]) · magic `BDWT` · version `u8` ·
 //! kind `u8` · body. Integers big-endian; names are `u8` length + UTF-8; durations are whole
@@ -45,25 +57,54 @@ const REQUEST: u8 = 3;
 const GRANT: u8 = 4;
 const REFUSED: u8 = 5;
 const DENIED: u8 = 6;
+const REQUEST2: u8 = 7;
+const GRANT2: u8 = 8;
+const REFUSED2: u8 = 9;
+
+/// Domain separation of the digest a REQUEST2's proof is computed over.
+const REQUEST_CONTEXT: &[u8] = b"blockd-witness-request-v2";
 
 /// The lease part of an answer, without its proof.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// `holder` (the asker) holds `epoch`; the witness gives it to nobody else for `expires_in`
     /// from its answer. `term` is the witness's configured term (equal to `expires_in` today).
-    Grant { holder: String, epoch: u64, term: Duration, expires_in: Duration },
-    /// `holder` (if any) holds `epoch`; ask again after `retry_after`.
-    Refused { holder: Option<String>, epoch: u64, retry_after: Duration },
+    /// `prev_degraded`: the previous holder's last grant was asked degraded (`Some(false)` for a
+    /// renewal or a first grant; None in the old GRANT, or when the witness does not know).
+    Grant {
+        holder: String,
+        epoch: u64,
+        term: Duration,
+        expires_in: Duration,
+        prev_degraded: Option<bool>,
+    },
+    /// `holder` (if any) holds `epoch`; ask again after `retry_after`. `degraded`: the holder's
+    /// last grant was asked degraded (None in the old REFUSED, or when the witness does not know).
+    Refused { holder: Option<String>, epoch: u64, retry_after: Duration, degraded: Option<bool> },
 }
 
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Hello { node: String, nonce: [u8; 32] },
-    Challenge { nonce: [u8; 32] },
-    Request { proof: [u8; 32] },
-    Answer { reply: Reply, proof: [u8; 32] },
-    Denied { reason: String },
+    Hello {
+        node: String,
+        nonce: [u8; 32],
+    },
+    Challenge {
+        nonce: [u8; 32],
+    },
+    /// `degraded` None: the old REQUEST, without the flag.
+    Request {
+        proof: [u8; 32],
+        degraded: Option<bool>,
+    },
+    Answer {
+        reply: Reply,
+        proof: [u8; 32],
+    },
+    Denied {
+        reason: String,
+    },
 }
 
 /// A frame that cannot be decoded; the connection is dropped.
@@ -83,6 +124,8 @@ pub enum ProtoError {
     Trailing(usize),
     #[error("name is not UTF-8")]
     Utf8,
+    #[error("{0}: flag byte {1}, not 0 or 1")]
+    Flag(&'static str, u8),
 }
 
 /// The 32 bytes the witness's proof of an answer is computed over: the node's nonce and the
@@ -94,6 +137,16 @@ pub fn answer_nonce(node_nonce: &[u8; 32], reply: &Reply) -> [u8; 32] {
     h.update(ANSWER_CONTEXT);
     h.update(node_nonce);
     h.update(&body);
+    h.finalize().into()
+}
+
+/// The 32 bytes a REQUEST2's proof is computed over, in place of the witness's nonce: the
+/// challenge and the degraded flag, hashed.
+pub fn request_nonce(challenge: &[u8; 32], degraded: bool) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(REQUEST_CONTEXT);
+    h.update(challenge);
+    h.update([u8::from(degraded)]);
     h.finalize().into()
 }
 
@@ -112,12 +165,17 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             out.push(CHALLENGE);
             out.extend_from_slice(nonce);
         }
-        Message::Request { proof } => {
+        Message::Request { proof, degraded: None } => {
             out.push(REQUEST);
             out.extend_from_slice(proof);
         }
+        Message::Request { proof, degraded: Some(d) } => {
+            out.push(REQUEST2);
+            out.push(u8::from(*d));
+            out.extend_from_slice(proof);
+        }
         Message::Answer { reply, proof } => {
-            out.push(if matches!(reply, Reply::Grant { .. }) { GRANT } else { REFUSED });
+            out.push(reply_kind(reply));
             encode_reply(&mut out, reply);
             out.extend_from_slice(proof);
         }
@@ -131,21 +189,34 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     out
 }
 
-fn encode_reply(out: &mut Vec<u8>, reply: &Reply) {
+fn reply_kind(reply: &Reply) -> u8 {
     match reply {
-        Reply::Grant { holder, epoch, term, expires_in } => {
-            out.push(GRANT);
+        Reply::Grant { prev_degraded: None, .. } => GRANT,
+        Reply::Grant { .. } => GRANT2,
+        Reply::Refused { degraded: None, .. } => REFUSED,
+        Reply::Refused { .. } => REFUSED2,
+    }
+}
+
+fn encode_reply(out: &mut Vec<u8>, reply: &Reply) {
+    out.push(reply_kind(reply));
+    let flag = match reply {
+        Reply::Grant { holder, epoch, term, expires_in, prev_degraded } => {
             out.extend_from_slice(&epoch.to_be_bytes());
             out.extend_from_slice(&millis(*term).to_be_bytes());
             out.extend_from_slice(&millis(*expires_in).to_be_bytes());
             put_name(out, holder);
+            prev_degraded
         }
-        Reply::Refused { holder, epoch, retry_after } => {
-            out.push(REFUSED);
+        Reply::Refused { holder, epoch, retry_after, degraded } => {
             out.extend_from_slice(&epoch.to_be_bytes());
             out.extend_from_slice(&millis(*retry_after).to_be_bytes());
             put_name(out, holder.as_deref().unwrap_or(""));
+            degraded
         }
+    };
+    if let Some(d) = flag {
+        out.push(u8::from(*d));
     }
 }
 
@@ -184,8 +255,12 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, ProtoError> {
     let msg = match r.u8("kind")? {
         HELLO => Message::Hello { nonce: r.array("HELLO")?, node: r.name()? },
         CHALLENGE => Message::Challenge { nonce: r.array("CHALLENGE")? },
-        REQUEST => Message::Request { proof: r.array("REQUEST")? },
-        kind @ (GRANT | REFUSED) => {
+        REQUEST => Message::Request { proof: r.array("REQUEST")?, degraded: None },
+        REQUEST2 => {
+            let degraded = Some(r.flag("REQUEST2")?);
+            Message::Request { degraded, proof: r.array("REQUEST2")? }
+        }
+        kind @ (GRANT | REFUSED | GRANT2 | REFUSED2) => {
             let reply = decode_reply(&mut r, kind)?;
             Message::Answer { reply, proof: r.array("proof")? }
         }
@@ -203,14 +278,18 @@ fn decode_reply(r: &mut Reader<'_>, kind: u8) -> Result<Reply, ProtoError> {
         return Err(ProtoError::Kind(kind));
     }
     let epoch = r.u64("epoch")?;
-    if kind == GRANT {
+    let flagged = matches!(kind, GRANT2 | REFUSED2);
+    if matches!(kind, GRANT | GRANT2) {
         let term = Duration::from_millis(r.u64("term")?);
         let expires_in = Duration::from_millis(r.u64("expires-in")?);
-        Ok(Reply::Grant { epoch, term, expires_in, holder: r.name()? })
+        let holder = r.name()?;
+        let prev_degraded = if flagged { Some(r.flag("GRANT2")?) } else { None };
+        Ok(Reply::Grant { epoch, term, expires_in, holder, prev_degraded })
     } else {
         let retry_after = Duration::from_millis(r.u64("retry-after")?);
         let holder = Some(r.name()?).filter(|h| !h.is_empty());
-        Ok(Reply::Refused { holder, epoch, retry_after })
+        let degraded = if flagged { Some(r.flag("REFUSED2")?) } else { None };
+        Ok(Reply::Refused { holder, epoch, retry_after, degraded })
     }
 }
 
@@ -228,6 +307,15 @@ impl Reader<'_> {
 
     fn u8(&mut self, what: &'static str) -> Result<u8, ProtoError> {
         Ok(self.take(1, what)?[0])
+    }
+
+    /// A boolean byte: 0 or 1, anything else is a bad frame.
+    fn flag(&mut self, what: &'static str) -> Result<bool, ProtoError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(ProtoError::Flag(what, b)),
+        }
     }
 
     fn u64(&mut self, what: &'static str) -> Result<u64, ProtoError> {
@@ -252,24 +340,37 @@ mod tests {
     use super::*;
 
     fn samples() -> Vec<Message> {
-        let grant = Reply::Grant {
+        let grant = |prev_degraded| Reply::Grant {
             holder: "alpha".into(),
             epoch: 7,
             term: Duration::from_secs(10),
             expires_in: Duration::from_millis(9_999),
+            prev_degraded,
         };
-        let refused =
-            Reply::Refused { holder: Some("beta".into()), epoch: 8, retry_after: Duration::ZERO };
-        let nobody = Reply::Refused { holder: None, epoch: 0, retry_after: Duration::from_secs(3) };
-        vec![
+        let refused = |degraded| Reply::Refused {
+            holder: Some("beta".into()),
+            epoch: 8,
+            retry_after: Duration::ZERO,
+            degraded,
+        };
+        let nobody = Reply::Refused {
+            holder: None,
+            epoch: 0,
+            retry_after: Duration::from_secs(3),
+            degraded: None,
+        };
+        let mut all = vec![
             Message::Hello { node: "alpha".into(), nonce: [1; 32] },
             Message::Challenge { nonce: [2; 32] },
-            Message::Request { proof: [3; 32] },
-            Message::Answer { reply: grant, proof: [4; 32] },
-            Message::Answer { reply: refused, proof: [5; 32] },
             Message::Answer { reply: nobody, proof: [6; 32] },
             Message::Denied { reason: "authentication failed".into() },
-        ]
+        ];
+        for flag in [None, Some(false), Some(true)] {
+            all.push(Message::Request { proof: [3; 32], degraded: flag });
+            all.push(Message::Answer { reply: grant(flag), proof: [4; 32] });
+            all.push(Message::Answer { reply: refused(flag), proof: [5; 32] });
+        }
+        all
     }
 
     #[test]
@@ -305,12 +406,12 @@ mod tests {
 
     #[test]
     fn trailing_and_truncated_bodies_are_refused() {
-        let mut t = encode(&Message::Request { proof: [0; 32] });
+        let mut t = encode(&Message::Request { proof: [0; 32], degraded: None });
         t.push(0);
         let len = (t.len() - 4) as u32;
         t[..4].copy_from_slice(&len.to_be_bytes());
         assert_eq!(decode(&t), Err(ProtoError::Trailing(1)));
-        let mut s = encode(&Message::Request { proof: [0; 32] });
+        let mut s = encode(&Message::Request { proof: [0; 32], degraded: None });
         s.pop();
         let len = (s.len() - 4) as u32;
         s[..4].copy_from_slice(&len.to_be_bytes());
@@ -330,18 +431,36 @@ mod tests {
 
     #[test]
     fn answer_nonce_binds_nonce_and_every_field() {
-        let g = |epoch, ms| Reply::Grant {
+        let g = |epoch, ms, prev_degraded| Reply::Grant {
             holder: "alpha".into(),
             epoch,
             term: Duration::from_millis(ms),
             expires_in: Duration::from_millis(ms),
+            prev_degraded,
         };
-        let base = answer_nonce(&[1; 32], &g(1, 10));
-        assert_ne!(base, answer_nonce(&[2; 32], &g(1, 10)));
-        assert_ne!(base, answer_nonce(&[1; 32], &g(2, 10)));
-        assert_ne!(base, answer_nonce(&[1; 32], &g(1, 11)));
-        let r = Reply::Refused { holder: Some("alpha".into()), epoch: 1, retry_after: ms(10) };
-        assert_ne!(base, answer_nonce(&[1; 32], &r));
+        let base = answer_nonce(&[1; 32], &g(1, 10, Some(false)));
+        assert_ne!(base, answer_nonce(&[2; 32], &g(1, 10, Some(false))));
+        assert_ne!(base, answer_nonce(&[1; 32], &g(2, 10, Some(false))));
+        assert_ne!(base, answer_nonce(&[1; 32], &g(1, 11, Some(false))));
+        assert_ne!(base, answer_nonce(&[1; 32], &g(1, 10, Some(true))));
+        assert_ne!(base, answer_nonce(&[1; 32], &g(1, 10, None)));
+        let r = |degraded| Reply::Refused {
+            holder: Some("alpha".into()),
+            epoch: 1,
+            retry_after: ms(10),
+            degraded,
+        };
+        assert_ne!(base, answer_nonce(&[1; 32], &r(Some(false))));
+        assert_ne!(answer_nonce(&[1; 32], &r(Some(false))), answer_nonce(&[1; 32], &r(Some(true))));
+    }
+
+    #[test]
+    fn the_degraded_flag_is_bound_to_the_request_proof_and_checked() {
+        assert_ne!(request_nonce(&[1; 32], false), request_nonce(&[1; 32], true));
+        assert_ne!(request_nonce(&[1; 32], false), request_nonce(&[2; 32], false));
+        let mut bad = encode(&Message::Request { proof: [0; 32], degraded: Some(true) });
+        bad[10] = 2;
+        assert_eq!(decode(&bad), Err(ProtoError::Flag("REQUEST2", 2)));
     }
 
     fn ms(n: u64) -> Duration {

@@ -105,14 +105,21 @@ impl Shared {
         Ok(Shared { table: Mutex::new(table), state: state_path.to_owned(), secret })
     }
 
-    /// Asks the table for `node` and persists a new epoch before returning it.
-    fn decide(&self, node: &str) -> Result<Reply, StateError> {
+    /// Asks the table for `node` and persists a changed record (new epoch, or the holder's
+    /// degraded flag) before returning the answer. `degraded` None: an old node's REQUEST,
+    /// answered without the flags.
+    fn decide(&self, node: &str, degraded: Option<bool>) -> Result<Reply, StateError> {
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let term = table.term();
-        match table.request(node, Instant::now()) {
+        let before = table.record();
+        let answer = table.request(node, degraded, Instant::now());
+        if table.record() != before {
+            state::save(&self.state, &table.record())?;
+        }
+        let flag = |f: Option<bool>| degraded.and(f);
+        match answer {
             Answer::Grant(g) => {
                 if g.fresh {
-                    state::save(&self.state, &table.record())?;
                     tracing::info!(
                         "lease epoch {} granted to {} for {}",
                         g.epoch,
@@ -123,11 +130,14 @@ impl Shared {
                     tracing::debug!("lease epoch {} renewed by {}", g.epoch, g.holder);
                 }
                 let (holder, epoch, expires_in) = (g.holder, g.epoch, g.expires_in);
-                Ok(Reply::Grant { holder, epoch, term, expires_in })
+                let prev_degraded = flag(g.prev_degraded.or(Some(true)));
+                Ok(Reply::Grant { holder, epoch, term, expires_in, prev_degraded })
             }
             Answer::Refused(r) => {
                 tracing::debug!("lease refused to {node}: epoch {} is {:?}'s", r.epoch, r.holder);
-                Ok(Reply::Refused { holder: r.holder, epoch: r.epoch, retry_after: r.retry_after })
+                let (holder, epoch, retry_after) = (r.holder, r.epoch, r.retry_after);
+                let degraded = flag(r.degraded.or(Some(true)));
+                Ok(Reply::Refused { holder, epoch, retry_after, degraded })
             }
         }
     }
@@ -207,15 +217,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let nonce = auth::new_nonce()?;
     frames::send(&mut s, &Message::Challenge { nonce }).await?;
-    let proof = match recv(&mut s, &mut buf).await? {
-        Message::Request { proof } => proof,
+    let (proof, degraded) = match recv(&mut s, &mut buf).await? {
+        Message::Request { proof, degraded } => (proof, degraded),
         _ => return Err(deny(&mut s, ConnError::Unexpected("something other than REQUEST")).await),
     };
-    if !auth::verify(&shared.secret, &nonce, WITNESS_ID, &node, &proof) {
+    // A REQUEST2's proof covers its flag too.
+    let signed = degraded.map_or(nonce, |d| proto::request_nonce(&nonce, d));
+    if !auth::verify(&shared.secret, &signed, WITNESS_ID, &node, &proof) {
         tracing::warn!("witness: {peer} (node {node:?}) failed authentication: wrong secret?");
         return Err(deny(&mut s, ConnError::Auth(node)).await);
     }
-    let reply = match shared.decide(&node) {
+    let reply = match shared.decide(&node, degraded) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("witness cannot persist its state, no lease granted: {e:#}");

@@ -15,8 +15,18 @@ fn secret(s: &str) -> Arc<[u8]> {
     s.as_bytes().into()
 }
 
-/// Plays a node by hand: HELLO, CHALLENGE, REQUEST (proof with `key`), then the answer.
+/// Plays an old node by hand: HELLO, CHALLENGE, REQUEST (proof with `key`), then the answer.
 async fn ask(shared: &Arc<Shared>, node: &str, key: &[u8]) -> (Message, [u8; 32]) {
+    ask_flagged(shared, node, key, None).await
+}
+
+/// [`ask`] with a REQUEST2 when `degraded` is given (its proof covers the flag).
+async fn ask_flagged(
+    shared: &Arc<Shared>,
+    node: &str,
+    key: &[u8],
+    degraded: Option<bool>,
+) -> (Message, [u8; 32]) {
     let (mut c, s) = duplex(4096);
     let server = {
         let shared = Arc::clone(shared);
@@ -29,8 +39,9 @@ async fn ask(shared: &Arc<Shared>, node: &str, key: &[u8]) -> (Message, [u8; 32]
     else {
         panic!("no challenge")
     };
-    let proof = auth::mac(key, &challenge, node, WITNESS_ID);
-    frames::send(&mut c, &Message::Request { proof }).await.unwrap();
+    let signed = degraded.map_or(challenge, |d| proto::request_nonce(&challenge, d));
+    let proof = auth::mac(key, &signed, node, WITNESS_ID);
+    frames::send(&mut c, &Message::Request { proof, degraded }).await.unwrap();
     let answer = frames::recv(&mut c, &mut buf).await.unwrap();
     let _ = server.await;
     (answer, nonce)
@@ -46,12 +57,65 @@ async fn grant_is_signed_and_persisted_before_it_is_answered() {
     let shared = open(&dir);
     let (answer, nonce) = ask(&shared, "alpha", b"s3cret").await;
     let Message::Answer { reply, proof } = answer else { panic!("{answer:?}") };
-    let want = Reply::Grant { holder: "alpha".into(), epoch: 1, term: TERM, expires_in: TERM };
-    assert_eq!(reply, want);
+    let want = Reply::Grant {
+        holder: "alpha".into(),
+        epoch: 1,
+        term: TERM,
+        expires_in: TERM,
+        prev_degraded: None,
+    };
+    assert_eq!(reply, want, "an old node's request gets the old answer");
     let signed = proto::answer_nonce(&nonce, &reply);
     assert!(auth::verify(b"s3cret", &signed, "alpha", WITNESS_ID, &proof));
     let on_disk = state::load(&dir.path().join("state")).unwrap();
-    assert_eq!(on_disk, Some(Record { epoch: 1, holder: Some("alpha".into()), term: TERM }));
+    let rec = Record { epoch: 1, holder: Some("alpha".into()), term: TERM, degraded: None };
+    assert_eq!(on_disk, Some(rec));
+}
+
+/// REQUEST2: the holder's degraded flag is persisted before the answer and reported to the
+/// other node; a flag flipped in flight fails the proof.
+#[tokio::test(start_paused = true)]
+async fn the_degraded_flag_is_authenticated_persisted_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = open(&dir);
+    let load = || state::load(&dir.path().join("state")).unwrap().unwrap();
+    let (a, _) = ask_flagged(&shared, "alpha", b"s3cret", Some(false)).await;
+    assert!(matches!(
+        a,
+        Message::Answer { reply: Reply::Grant { prev_degraded: Some(false), .. }, .. }
+    ));
+    assert_eq!(load().degraded, Some(false));
+    let (a, _) = ask_flagged(&shared, "beta", b"s3cret", Some(false)).await;
+    assert!(matches!(
+        a,
+        Message::Answer { reply: Reply::Refused { degraded: Some(false), .. }, .. }
+    ));
+    ask_flagged(&shared, "alpha", b"s3cret", Some(true)).await;
+    assert_eq!(load().degraded, Some(true), "on disk before it was answered");
+    let (a, _) = ask_flagged(&shared, "beta", b"s3cret", Some(false)).await;
+    assert!(matches!(
+        a,
+        Message::Answer { reply: Reply::Refused { degraded: Some(true), .. }, .. }
+    ));
+    // An old node's request is answered without the flag.
+    let (a, _) = ask(&shared, "beta", b"s3cret").await;
+    assert!(matches!(a, Message::Answer { reply: Reply::Refused { degraded: None, .. }, .. }));
+    // A proof over "not degraded" sent with the flag set: denied.
+    let (mut c, s) = duplex(4096);
+    let server = {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move { serve(&shared, s, PEER).await })
+    };
+    let mut buf = Vec::new();
+    frames::send(&mut c, &Message::Hello { node: "alpha".into(), nonce: [1; 32] }).await.unwrap();
+    let Message::Challenge { nonce } = frames::recv(&mut c, &mut buf).await.unwrap() else {
+        panic!("no challenge")
+    };
+    let proof = auth::mac(b"s3cret", &proto::request_nonce(&nonce, true), "alpha", WITNESS_ID);
+    frames::send(&mut c, &Message::Request { proof, degraded: Some(false) }).await.unwrap();
+    let answer = frames::recv(&mut c, &mut buf).await.unwrap();
+    assert!(matches!(answer, Message::Denied { .. }), "{answer:?}");
+    assert!(server.await.unwrap().is_err());
 }
 
 #[tokio::test(start_paused = true)]
@@ -92,7 +156,7 @@ async fn restart_from_state_file_waits_a_term_for_anyone_new() {
     let started = Instant::now();
     let shared = open(&dir);
     let (answer, _) = ask(&shared, "beta", b"s3cret").await;
-    let Message::Answer { reply: Reply::Refused { holder, epoch, retry_after }, .. } = answer
+    let Message::Answer { reply: Reply::Refused { holder, epoch, retry_after, .. }, .. } = answer
     else {
         panic!("{answer:?}")
     };

@@ -60,6 +60,10 @@ struct OnDisk {
     holder: Option<String>,
     term_ms: u64,
     changed_at: u64,
+    /// The holder's last grant was degraded; absent in files of witnesses before the flag
+    /// (unknown, which nodes treat as "may have been").
+    #[serde(default)]
+    degraded: Option<bool>,
 }
 
 /// The record in `path`, or None when there is no file (a witness that never ran).
@@ -79,7 +83,7 @@ pub fn load(path: &Path) -> Result<Option<Record>, StateError> {
         return Err(corrupt(path, "epoch, holder and term disagree"));
     }
     let term = Duration::from_millis(disk.term_ms);
-    Ok(Some(Record { epoch: disk.epoch, holder: disk.holder, term }))
+    Ok(Some(Record { epoch: disk.epoch, holder: disk.holder, term, degraded: disk.degraded }))
 }
 
 fn corrupt(path: &Path, why: &str) -> StateError {
@@ -98,6 +102,7 @@ pub fn save(path: &Path, record: &Record) -> Result<(), StateError> {
         // Rounded up: a restart must wait at least the whole term.
         term_ms: u64::try_from(record.term.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX),
         changed_at,
+        degraded: record.degraded,
     };
     let mut text = serde_json::to_string_pretty(&disk).map_err(|e| write(e.into()))?;
     text.push('\n');
@@ -122,7 +127,8 @@ mod tests {
     use super::*;
 
     fn rec(epoch: u64, holder: Option<&str>) -> Record {
-        Record { epoch, holder: holder.map(String::from), term: Duration::from_millis(1500) }
+        let term = Duration::from_millis(1500);
+        Record { epoch, holder: holder.map(String::from), term, degraded: Some(epoch % 2 == 0) }
     }
 
     #[test]
@@ -171,7 +177,8 @@ mod tests {
             edit("}", ",\"x\":1}"),
         ];
         fs::write(&path, good).unwrap();
-        assert!(load(&path).unwrap().is_some(), "the template itself is valid");
+        let old = load(&path).unwrap().expect("the template itself is valid");
+        assert_eq!(old.degraded, None, "a file from before the flag: unknown");
         for b in bad {
             fs::write(&path, b).unwrap();
             let e = load(&path).unwrap_err();

@@ -16,20 +16,33 @@
 //! | 5 | Secondary                        | no witness configured                  | wait (manual only) |
 //! | 6 | Secondary, peer already gone when the agent started | -                   | wait (promote by hand) |
 //! | 7 | Secondary, disk not UpToDate     | peer gone                              | wait     |
-//! | 8 | Secondary, UpToDate              | peer gone, renewed its lease after the link went down | wait (promote by hand) |
-//! | 9 | Secondary, UpToDate              | peer gone; lease refused               | ask again |
-//! | 10| Secondary, UpToDate              | peer gone ≥ `cluster.peer-timeout`; lease granted | promote (--force) |
+//! | 8 | Secondary, UpToDate              | peer gone; the witness says the peer's last grant was degraded (or cannot say) | wait (promote by hand) |
+//! | 9 | Secondary, UpToDate              | peer gone; lease refused, peer's last grant not degraded | ask again |
+//! | 10| Secondary, UpToDate              | peer gone; lease granted, previous holder not degraded | promote (--force) |
 //! | 11| Primary, `failback = "auto"`     | the preferred peer Connected, Secondary, UpToDate, in sync for `failback-delay` | swap |
+//! | 12| Primary, local disk Failed       | peer Connected, Secondary, UpToDate    | swap (the peer serves from its own disk) |
+//! | 12b| Primary, a service or mount failing (`health.rs`) | -                   | restart it in place; after `max-restarts`, swap if the peer is ready |
+//! | 13| Secondary, stack up here (VIP, mount, attach) | -                         | tear it down (demote plan) |
+//! | 14| Secondary, tore down a stale stack, UpToDate | peer Connected, Secondary, UpToDate | promote here (resume) |
 //!
-//! Row 8 is what makes automatic promotion safe: a Primary acknowledges degraded writes only
-//! under a lease it asked for after losing its peer (blockd `fence.rs`). The witness's refusal
-//! says when the holder's lease ends; one term earlier is when it was last granted. If that is
-//! after the link went down (less half a peer-timeout, for the two nodes noticing at slightly
-//! different moments), the peer was alive and may have written what this node lacks: only an
-//! operator may promote then. A peer that died (or was isolated) renewed nothing after its link
-//! went silent, so its lease runs out one term later and this node wins it. The agent asks
-//! from the moment the peer is gone, so it sees such a renewal while it still runs: this needs
-//! `lease.term` longer than the agent's poll plus the witness's answer, which it always is.
+//! Rows 13 and 14 are a blockd that died under a running stack and was restarted (systemd's
+//! `Restart=`): it comes back Secondary while the VIP, the mounts and the services are still
+//! up on a device that is gone. The agent tears that stack down (so the VIP is free for the
+//! peer); if the peer took over meanwhile (it won the lease), that is all; if the restarted
+//! daemon reconnected first, both nodes are Secondary and the peer waits (connected), so this
+//! node, which was Primary, promotes again once in sync. Either way exactly one Primary, no
+//! operator.
+//!
+//! Rows 8 to 10 make automatic promotion both safe and fast. A Primary acknowledges writes
+//! without its peer only under a lease it asked for *as degraded* after losing the peer
+//! (blockd `fence.rs`), and the witness tells the other node whether the holder's last grant
+//! was degraded (`witness/lease.rs`). The agent asks from the moment replication reports the
+//! peer gone and every poll after, so it sees every grant the peer gets while its lease still
+//! runs: a peer that renewed as degraded may have written what this node lacks, and only an
+//! operator may promote then. A peer that died, froze, or was cut off renewed nothing as
+//! degraded; its lease runs out at most one term after its last renewal (while the peer
+//! timeout runs, not after it), and the grant that follows says so: promote at once. Nothing
+//! here depends on when this node's poll noticed the loss, so no kill order is misjudged.
 //!
 //! Row 2: a thawed or reconnected Primary whose epoch went to the peer fails its waiting
 //! degraded writes (never acknowledged), so the demote plan can unmount; its local disk has
@@ -52,14 +65,17 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use blockd::{
-    config::Failback,
+    config::{AgentConfig, Failback},
     control::{Client, ConnState, DiskState, NodeStatus, Request, Role},
     meta::Resolve,
     replication,
-    witness::{Lease, LeaseClient, WitnessError},
+    witness::{Granted, LeaseClient, WitnessError},
 };
 
-use super::EXIT_FAILED;
+use super::{
+    health::{Action, Health, HEALTH_INTERVAL},
+    EXIT_FAILED,
+};
 use crate::step::Ctx;
 
 /// A status request that takes longer than this counts as "unreachable".
@@ -93,42 +109,94 @@ pub enum Decision {
     Demote(String),
     /// `blockctl swap`: hand the service back to the preferred peer (failback).
     Failback(String),
+    /// `blockctl swap`: this Primary cannot serve well (its disk failed); the peer can.
+    Swap(String),
+    /// The demote plan on a Secondary: tear down a stack left up by a daemon that restarted.
+    Recover(String),
+    /// Restart plan step `.0` in place (health, row 12b); `.1` says why.
+    Restart(String, String),
+    /// The promote plan (not forced): this node was Primary, tore its stale stack down, and
+    /// nobody is Primary.
+    Resume(String),
 }
 
 /// The agent's memory between polls. Pure: time comes in as arguments.
 #[derive(Debug)]
 pub struct Agent {
-    peer_timeout: Duration,
     witness: bool,
     /// Set at the first poll: the peer was already gone (nothing known about its last moments).
     gone_at_start: Option<bool>,
     /// Since when this Secondary has seen its peer not connected.
     gone_since: Option<Instant>,
-    /// The peer renewed its lease after the link went down, around this instant after it.
-    peer_alive_after: Option<Duration>,
-    /// The lease this node won, while Secondary and waiting for peer-timeout.
-    won: Option<Lease>,
+    /// The witness said the peer's last grant was degraded (or could not say): why no
+    /// automatic promotion until the peer is connected again.
+    peer_degraded: Option<String>,
     /// No promote or demote before this (after a failure).
     quiet_until: Option<Instant>,
     /// `failback = "auto"` with the peer preferred: swap once it was in sync this long.
     failback: Option<Duration>,
     /// Since when the preferred peer has been connected, Secondary, UpToDate and in sync.
     synced_since: Option<Instant>,
+    /// The stack steps up here (set before each poll of a Secondary, see [`Agent::stack`]).
+    stack_up: Vec<String>,
+    /// A stale stack was torn down here: promote again if nobody else is Primary (row 14).
+    resume: bool,
+    /// Health of the Primary's services and mounts (row 12b), when enabled.
+    health: Option<Health>,
+    /// The latest health probes, consumed by the next poll of a Primary.
+    probes: Vec<(String, bool)>,
 }
 
 impl Agent {
-    pub fn new(peer_timeout: Duration, witness: bool) -> Agent {
+    pub fn new(witness: bool) -> Agent {
         Agent {
-            peer_timeout,
             witness,
             gone_at_start: None,
             gone_since: None,
-            peer_alive_after: None,
-            won: None,
+            peer_degraded: None,
             quiet_until: None,
             failback: None,
             synced_since: None,
+            stack_up: Vec::new(),
+            resume: false,
+            health: None,
+            probes: Vec::new(),
         }
+    }
+
+    /// Checks the Primary's services and mounts (row 12b) as `[agent]` says.
+    pub fn with_health(mut self, c: &AgentConfig) -> Agent {
+        let h = Health::new(c);
+        self.health = h.enabled().then_some(h);
+        self
+    }
+
+    /// Whether health probes are wanted (checking is on).
+    pub fn wants_probes(&self) -> bool {
+        self.health.is_some()
+    }
+
+    /// Probes taken before this poll (`commands::health_probes`).
+    pub fn probed(&mut self, probes: Vec<(String, bool)>) {
+        self.probes = probes;
+    }
+
+    /// A restart of `step` (row 12b) was carried out.
+    pub fn restarted(&mut self, step: &str, now: Instant) {
+        if let Some(h) = &mut self.health {
+            h.restarted(step, now);
+        }
+    }
+
+    /// The parts of the stack up on this node now (`commands::stack_up`), for rows 13, 14.
+    pub fn stack(&mut self, up: Vec<String>) {
+        self.stack_up = up;
+    }
+
+    /// Row 13 succeeded: the stale stack is down.
+    pub fn recovered(&mut self) {
+        self.stack_up.clear();
+        self.resume = true;
     }
 
     /// Hands the service back to the peer (the preferred node) once it has been in sync for
@@ -154,13 +222,17 @@ impl Agent {
         self.gone_at_start.get_or_insert(!connected);
         if connected {
             self.gone_since = None;
-            self.peer_alive_after = None;
-            self.won = None;
+            self.peer_degraded = None;
             self.gone_at_start = Some(false);
+        }
+        let primary = s.volumes.iter().any(|v| v.role == Role::Primary);
+        if let (false, Some(h)) = (primary, &mut self.health) {
+            h.reset();
         }
         let quiet = self.quiet_until.is_some_and(|t| now < t);
         if s.volumes.iter().any(|v| v.role == Role::Primary) {
             self.gone_since = Some(now); // the clock starts again if this node steps down
+            self.resume = false;
             let lost = s
                 .volumes
                 .iter()
@@ -170,11 +242,22 @@ impl Agent {
                     "Primary, lease epoch {epoch} lost to {}, peer not connected",
                     holder.as_deref().unwrap_or("the peer")
                 )),
-                _ => self.failback(s, now, quiet),
+                _ => self.primary(s, now, quiet),
             };
         }
+        if !self.stack_up.is_empty() {
+            if quiet {
+                return Decision::Wait(
+                    "Secondary, stale stack up: backing off after a failure".into(),
+                );
+            }
+            return Decision::Recover(format!(
+                "Secondary, but {} still up here (the daemon restarted under a running stack)",
+                self.stack_up.join(", ")
+            ));
+        }
         if connected {
-            return Decision::Wait("Secondary, peer connected".into());
+            return self.resume(s, quiet);
         }
         if !self.witness {
             return Decision::Wait(
@@ -193,68 +276,149 @@ impl Agent {
             ));
         }
         let since = *self.gone_since.get_or_insert(now);
-        if let Some(after) = self.peer_alive_after {
+        if let Some(why) = &self.peer_degraded {
             return Decision::Wait(format!(
-                "Secondary, peer gone {:.1} s, but it renewed its lease {:.1} s after the link \
-                 went down: it may have written without us; promote by hand",
-                (now - since).as_secs_f64(),
-                after.as_secs_f64()
+                "Secondary, peer gone {:.1} s, but {why}: it may have written without us; \
+                 promote by hand",
+                (now - since).as_secs_f64()
             ));
         }
         if quiet {
             return Decision::Wait("Secondary, peer gone: backing off after a failure".into());
         }
-        match &self.won {
-            Some(l) if now - since >= self.peer_timeout && l.is_valid(now.into()) => {
-                Decision::Promote(self.promote_facts(l, now))
-            }
-            _ => Decision::Ask,
-        }
+        Decision::Ask
     }
 
-    /// Rows 8 to 10: the witness's answer to [`Decision::Ask`] at `asked` (its `term`).
+    /// Rows 8 to 10: the witness's answer to [`Decision::Ask`].
     pub fn answer(
         &mut self,
-        result: Result<Lease, WitnessError>,
-        term: Duration,
+        result: Result<Granted, WitnessError>,
         peer: &str,
         now: Instant,
     ) -> Decision {
-        let since = self.gone_since.unwrap_or(now);
+        let gone = (now - self.gone_since.unwrap_or(now)).as_secs_f64();
         match result {
-            Ok(l) => {
-                self.won = Some(l.clone());
-                if now - since >= self.peer_timeout {
-                    Decision::Promote(self.promote_facts(&l, now))
-                } else {
-                    Decision::Wait(format!(
-                        "Secondary, peer gone {:.1} s, lease epoch {} won; promoting at {:.1} s",
-                        (now - since).as_secs_f64(),
-                        l.epoch,
-                        self.peer_timeout.as_secs_f64()
-                    ))
-                }
+            Ok(Granted { lease, prev_degraded: Some(false) }) => Decision::Promote(format!(
+                "Secondary, UpToDate, peer gone {gone:.1} s, lease epoch {} won, the previous \
+                 holder's last grant was not degraded",
+                lease.epoch
+            )),
+            Ok(Granted { lease, prev_degraded }) => {
+                let why = match prev_degraded {
+                    Some(_) => "the previous holder's last grant was degraded",
+                    None => "the witness does not say whether the previous holder was degraded",
+                };
+                self.peer_degraded = Some(format!("lease epoch {} won, {why}", lease.epoch));
+                self.observe_again(now)
             }
-            Err(WitnessError::Refused { holder, epoch, retry_after }) => {
-                // The holder's lease ends at now + retry_after; it was granted one term before.
-                let granted = (now + retry_after).checked_sub(term).unwrap_or(now);
-                let slack = self.peer_timeout / 2;
-                if holder.as_deref() == Some(peer) && granted + slack > since {
-                    let after = granted.saturating_duration_since(since);
-                    self.peer_alive_after = Some(after);
+            Err(WitnessError::Refused { holder, epoch, retry_after, degraded }) => {
+                let held_by_peer = holder.as_deref() == Some(peer);
+                if held_by_peer && degraded != Some(false) {
+                    let how = if degraded.is_some() { "as degraded" } else { "(degraded unknown)" };
+                    self.peer_degraded =
+                        Some(format!("it renewed its lease (epoch {epoch}) {how} after losing us"));
+                    return self.observe_again(now);
                 }
                 Decision::Wait(format!(
-                    "Secondary, peer gone {:.1} s, lease epoch {epoch} held by {} for {:.1} s more",
-                    (now - since).as_secs_f64(),
+                    "Secondary, peer gone {gone:.1} s, lease epoch {epoch} held by {} for {:.1} s \
+                     more, not degraded: promoting when it runs out",
                     holder.as_deref().unwrap_or("nobody yet (witness restarting)"),
                     retry_after.as_secs_f64()
                 ))
             }
-            Err(e) => Decision::Wait(format!(
-                "Secondary, peer gone {:.1} s, no lease: {e}",
-                (now - since).as_secs_f64()
-            )),
+            Err(e) => Decision::Wait(format!("Secondary, peer gone {gone:.1} s, no lease: {e}")),
         }
+    }
+
+    /// The wait that row 8 says, with the reason just recorded.
+    fn observe_again(&self, now: Instant) -> Decision {
+        let since = self.gone_since.unwrap_or(now);
+        Decision::Wait(format!(
+            "Secondary, peer gone {:.1} s, but {}: it may have written without us; promote by hand",
+            (now - since).as_secs_f64(),
+            self.peer_degraded.as_deref().unwrap_or("")
+        ))
+    }
+
+    /// Row 12b: what the latest probes call for.
+    fn health_action(&mut self, now: Instant, peer_ready: bool, quiet: bool) -> Option<Decision> {
+        let probes = std::mem::take(&mut self.probes);
+        let action = self.health.as_mut()?.observe(&probes, now)?;
+        if quiet {
+            return None;
+        }
+        Some(match action {
+            Action::Move(_, why) if peer_ready => {
+                Decision::Swap(format!("Primary, {why}: moving the stack to the peer"))
+            }
+            Action::Move(step, why) => Decision::Restart(
+                step,
+                format!("Primary, {why}; the peer is not ready to take over: restarting it"),
+            ),
+            Action::Restart(step, why) => {
+                Decision::Restart(step, format!("Primary, {why}: restarting it in place"))
+            }
+        })
+    }
+
+    /// Row 14: after tearing down a stale stack, promote again while nobody is Primary.
+    fn resume(&mut self, s: &NodeStatus, quiet: bool) -> Decision {
+        if !self.resume {
+            return Decision::Wait("Secondary, peer connected".into());
+        }
+        if s.volumes.iter().any(|v| v.peer_role == Some(Role::Primary)) {
+            self.resume = false;
+            return Decision::Wait("Secondary, peer connected and Primary: it took over".into());
+        }
+        let ready = s.volumes.iter().all(|v| {
+            v.conn == ConnState::Connected
+                && v.disk == DiskState::UpToDate
+                && v.peer_disk == Some(DiskState::UpToDate)
+        });
+        if !ready || quiet {
+            return Decision::Wait(
+                "Secondary, stale stack torn down, nobody Primary: promoting here once in sync"
+                    .into(),
+            );
+        }
+        Decision::Resume(
+            "Secondary, stale stack torn down, peer Connected and Secondary, both UpToDate: \
+             nobody is Primary"
+                .into(),
+        )
+    }
+
+    /// Rows 3, 11 and 12 for a Primary that still holds its epoch.
+    fn primary(&mut self, s: &NodeStatus, now: Instant, quiet: bool) -> Decision {
+        let peer_ready = s.volumes.iter().all(|v| {
+            v.conn == ConnState::Connected
+                && v.peer_role == Some(Role::Secondary)
+                && v.peer_disk == Some(DiskState::UpToDate)
+        });
+        let failed =
+            s.volumes.iter().find(|v| v.role == Role::Primary && v.disk == DiskState::Failed);
+        let Some(v) = failed else {
+            return match self.health_action(now, peer_ready, quiet) {
+                Some(d) => d,
+                None => self.failback(s, now, quiet),
+            };
+        };
+        if !peer_ready || quiet {
+            return Decision::Wait(format!(
+                "Primary, local disk of {} Failed, serving through the peer; {}",
+                v.name,
+                if quiet {
+                    "backing off after a failed swap"
+                } else {
+                    "peer not ready to take over"
+                }
+            ));
+        }
+        Decision::Swap(format!(
+            "Primary, local disk of {} Failed; peer Connected, Secondary, UpToDate: moving the \
+             stack to it",
+            v.name
+        ))
     }
 
     /// Row 11: a Primary whose preferred peer is back and in sync for `failback-delay` swaps.
@@ -290,20 +454,9 @@ impl Agent {
         ))
     }
 
-    fn promote_facts(&self, l: &Lease, now: Instant) -> String {
-        let since = self.gone_since.unwrap_or(now);
-        format!(
-            "Secondary, UpToDate, peer gone {:.1} s (peer-timeout {:.1} s), lease epoch {} won",
-            (now - since).as_secs_f64(),
-            self.peer_timeout.as_secs_f64(),
-            l.epoch
-        )
-    }
-
     /// A promote or demote failed: nothing more for a while.
     pub fn failed(&mut self, now: Instant) {
         self.quiet_until = Some(now + BACKOFF);
-        self.won = None;
     }
 }
 
@@ -400,7 +553,8 @@ fn lease_client(ctx: &Ctx) -> Result<Option<LeaseClient>, String> {
 async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClient>) {
     let c = &ctx.config;
     let peer = c.node.keys().find(|n| **n != ctx.node.name).cloned().unwrap_or_default();
-    let mut agent = Agent::new(c.cluster.peer_timeout, client.is_some());
+    let mut agent = Agent::new(client.is_some()).with_health(&c.agent);
+    let mut probed_at: Option<Instant> = None;
     if c.agent.failback == Failback::Auto && c.agent.preferred.as_deref() == Some(peer.as_str()) {
         agent = agent.with_failback(c.agent.failback_delay);
     }
@@ -412,24 +566,43 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
         c.lease.term
     ));
     loop {
-        let path = ctx.node.control_socket();
-        let polled = tokio::task::spawn_blocking(move || {
-            Client::connect(&path, STATUS_TIMEOUT)
-                .and_then(|mut c| c.status())
-                .map_err(|e| super::chain(&e))
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("status request failed: {e}")));
+        let cx = Arc::clone(&ctx);
+        let probe =
+            agent.wants_probes() && probed_at.map_or(true, |t| t.elapsed() >= HEALTH_INTERVAL);
+        let (polled, up, probes) = tokio::task::spawn_blocking(move || poll(&cx, probe))
+            .await
+            .unwrap_or_else(|e| (Err(format!("status request failed: {e}")), Vec::new(), None));
+        agent.stack(up);
+        if let Some(p) = probes {
+            probed_at = Some(Instant::now());
+            agent.probed(p);
+        }
         let mut decision = agent.observe(polled.as_ref().map_err(String::as_str), Instant::now());
         if decision == Decision::Ask {
             if let Some(client) = &client {
-                let result = client.acquire().await;
-                decision = agent.answer(result, c.lease.term, &peer, Instant::now());
+                // A Secondary asking acknowledged nothing alone: not degraded.
+                let result = client.ask(false).await;
+                decision = agent.answer(result, &peer, Instant::now());
             }
         }
         act(&ctx, &mut agent, decision, &mut last).await;
         tokio::time::sleep(interval).await;
     }
+}
+
+/// What one poll found.
+type Polled = (Result<NodeStatus, String>, Vec<String>, Option<Vec<(String, bool)>>);
+
+/// The daemon's status; on a Secondary, what of the stack is up here (rows 13 and 14); on a
+/// Primary, when `probe`, the health probes (row 12b).
+fn poll(ctx: &Ctx, probe: bool) -> Polled {
+    let status = Client::connect(&ctx.node.control_socket(), STATUS_TIMEOUT)
+        .and_then(|mut c| c.status())
+        .map_err(|e| super::chain(&e));
+    let primary = status.as_ref().is_ok_and(|s| s.volumes.iter().any(|v| v.role == Role::Primary));
+    let up = if status.is_ok() && !primary { super::stack_up(ctx) } else { Vec::new() };
+    let probes = (probe && primary).then(|| super::health_probes(ctx));
+    (status, up, probes)
 }
 
 /// Logs the decision (when it changed) and carries it out.
@@ -449,6 +622,14 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
         Decision::Promote(facts) => ("promote", facts),
         Decision::Demote(facts) => ("demote", facts),
         Decision::Failback(facts) => ("failback", facts),
+        Decision::Swap(facts) => ("swap", facts),
+        Decision::Recover(facts) => ("recover", facts),
+        Decision::Resume(facts) => ("resume", facts),
+        Decision::Restart(step, facts) => {
+            restart(ctx, agent, &step, &facts).await;
+            last.clear();
+            return;
+        }
     };
     ctx.say(format!("agent: {}: {facts}", kind.to_uppercase()));
     write_state(ctx, kind, &facts);
@@ -457,7 +638,17 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
     let c = Arc::clone(ctx);
     let r = match kind {
         "promote" => tokio::task::spawn_blocking(move || promote_forced(&c)).await,
-        "failback" => {
+        "recover" => {
+            tokio::task::spawn_blocking(move || super::demote(&c, None).map_err(|e| e.to_string()))
+                .await
+        }
+        "resume" => {
+            tokio::task::spawn_blocking(move || {
+                super::promote(&c, None).map_err(|e| format!("{e} (undone)"))
+            })
+            .await
+        }
+        "failback" | "swap" => {
             tokio::task::spawn_blocking(move || {
                 super::swap(&c, FAILBACK_WAIT).map_err(|e| e.to_string())
             })
@@ -471,7 +662,12 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
         Err(e) => Err(format!("{kind} did not finish: {e}")),
     };
     let (decision, text) = match outcome {
-        Ok(text) => (done(kind).to_string(), text),
+        Ok(text) => {
+            if kind == "recover" {
+                agent.recovered();
+            }
+            (done(kind).to_string(), text)
+        }
         Err(text) => {
             agent.failed(Instant::now());
             (format!("{kind}-failed"), text)
@@ -481,11 +677,36 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
     write_state(ctx, &decision, &format!("{facts}; {text}"));
 }
 
+/// Row 12b: restarts `step` in place and records the outcome.
+async fn restart(ctx: &Arc<Ctx>, agent: &mut Agent, step: &str, facts: &str) {
+    ctx.say(format!("agent: RESTART {step}: {facts}"));
+    write_state(ctx, "restart", facts);
+    let started = Instant::now();
+    let (c, name) = (Arc::clone(ctx), step.to_string());
+    let r = tokio::task::spawn_blocking(move || super::restart_step(&c, &name)).await;
+    let (state, text) = match r {
+        Ok(Ok(())) => {
+            agent.restarted(step, Instant::now());
+            ("restarted", format!("restarted {step} in {:.2} s", started.elapsed().as_secs_f64()))
+        }
+        Ok(Err(e)) => ("restart-failed", format!("restart of {step} failed: {e}")),
+        Err(e) => ("restart-failed", format!("restart of {step} did not finish: {e}")),
+    };
+    if state != "restarted" {
+        agent.failed(Instant::now());
+    }
+    ctx.say(format!("agent: {text}"));
+    write_state(ctx, state, &format!("{facts}; {text}"));
+}
+
 /// The state after `kind` succeeded.
 fn done(kind: &str) -> &'static str {
     match kind {
         "promote" => "promoted",
         "demote" => "demoted",
+        "swap" => "swapped",
+        "recover" => "recovered",
+        "resume" => "resumed",
         _ => "failed-back",
     }
 }

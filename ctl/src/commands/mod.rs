@@ -20,6 +20,7 @@ pub mod agent;
 pub mod events;
 #[cfg(test)]
 mod fake;
+pub mod health;
 pub mod init;
 pub mod node;
 pub mod status;
@@ -127,6 +128,49 @@ fn stack(config: &Config) -> Vec<StepRef> {
         steps.push(at_least(Arc::new(Service::new(i).named(&s.name)), need.max(floor)));
     }
     steps
+}
+
+/// The parts of [`stack`] up on this node, by step name: attach and mount of each volume and
+/// the VIP. The role is the daemon's, and services are left out (their checks may run
+/// commands). On a Secondary these are what a daemon that restarted under a running stack left
+/// behind; the agent tears them down.
+pub fn stack_up(ctx: &Ctx) -> Vec<String> {
+    let c = &ctx.config;
+    let mut steps: Vec<StepRef> = Vec::new();
+    for v in c.volume.iter().filter(|v| v.mount.is_some()) {
+        steps.push(Arc::new(Attach::new(&v.name)));
+        steps.push(Arc::new(mount::Mount::new(&v.name)));
+    }
+    if c.vip.is_some() {
+        steps.push(Arc::new(Vip::new()));
+    }
+    steps.iter().filter(|s| s.check(ctx).unwrap_or(false)).map(|s| s.name()).collect()
+}
+
+/// The Primary's health probes (`health.rs`): each volume's mount and each service, by step
+/// name, and whether its check passes now.
+pub fn health_probes(ctx: &Ctx) -> Vec<(String, bool)> {
+    let c = &ctx.config;
+    let mut steps: Vec<StepRef> = Vec::new();
+    for v in c.volume.iter().filter(|v| v.mount.is_some()) {
+        steps.push(Arc::new(mount::Mount::new(&v.name)));
+    }
+    for (i, s) in c.service.iter().enumerate() {
+        steps.push(Arc::new(Service::new(i).named(&s.name)));
+    }
+    steps.iter().map(|s| (s.name(), s.check(ctx).unwrap_or(false))).collect()
+}
+
+/// Restarts plan step `step` in place on the Primary: undoes it and what comes after it, then
+/// promotes again (the steps still up are "already done"). A mount restarts from its attach.
+pub fn restart_step(ctx: &Arc<Ctx>, step: &str) -> Result<(), CommandError> {
+    let from = match step.strip_prefix("mount ") {
+        Some(volume) => format!("attach {volume}"),
+        None => step.to_string(),
+    };
+    ctx.say(format!("restart {step}: undo from {from}, then promote again"));
+    demote_plan(&ctx.config).demote(ctx, Some(&from))?;
+    promote(ctx, None)
 }
 
 /// What a service stop may add after its deadline: the SIGTERM → SIGKILL escalation.

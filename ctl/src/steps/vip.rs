@@ -30,6 +30,8 @@ use crate::step::{Ctx, Step, StepError};
 /// packet.
 const PROBES: u32 = 3;
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the probe waits for another holder to release the address.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// `vip`.
 #[derive(Debug, Default)]
@@ -160,21 +162,33 @@ impl Vip {
         fs::write(burst_file(ctx), text).map_err(|e| net_err("record the second burst", e))
     }
 
-    /// Fails when another host answers for `ip` (RFC 5227 probe).
+    /// Fails when another host answers for `ip` (RFC 5227 probe) for [`RELEASE_WAIT`]: a
+    /// failed primary whose agent is tearing down its stale stack releases it within that.
     fn probe(&self, ctx: &Ctx, link: Link, ip: std::net::Ipv4Addr) -> Result<(), StepError> {
         ctx.say(format_args!(
             "ARP probe: does another host hold {ip}? ({PROBES} × {PROBE_INTERVAL:?})"
         ));
-        match announce::arp_holder(link, ip, PROBES, PROBE_INTERVAL) {
-            Ok(None) => Ok(()),
-            Ok(Some(mac)) => {
-                let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
-                Err(StepError::Other(format!(
+        let deadline = std::time::Instant::now() + RELEASE_WAIT;
+        let mut said = false;
+        loop {
+            let mac = match announce::arp_holder(link, ip, PROBES, PROBE_INTERVAL) {
+                Ok(None) => return Ok(()),
+                Ok(Some(mac)) => mac,
+                Err(e) => return Err(net_err("ARP probe", e)),
+            };
+            let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+            if std::time::Instant::now() >= deadline {
+                return Err(StepError::Other(format!(
                     "{ip} is held by another host ({}): not taking it",
                     mac.join(":")
-                )))
+                )));
             }
-            Err(e) => Err(net_err("ARP probe", e)),
+            if !std::mem::replace(&mut said, true) {
+                ctx.say(format_args!(
+                    "{ip} is held by {}; probing again for up to {RELEASE_WAIT:?}",
+                    mac.join(":")
+                ));
+            }
         }
     }
 

@@ -42,6 +42,12 @@ impl Cluster {
     pub fn kill_node(&mut self, n: NodeId) {
         // Link first, as in a power cut: no FIN or RST of the dying processes gets out.
         self.netns(n).ip(&["link", "set", IFACE, "down"]);
+        self.kill_processes(n);
+    }
+
+    /// SIGKILL of every process on `n` with its link left up: the kernel closes their sockets,
+    /// so the peer sees a FIN at once (`kill -9` of everything, or an OOM massacre).
+    pub fn kill_processes(&mut self, n: NodeId) {
         if let Some(child) = self.nodes[n.index()].child.as_ref() {
             signal(child.id(), libc::SIGKILL);
         }
