@@ -15,7 +15,7 @@ use super::{codec, proto, serve, Exports, Limits};
 use crate::{
     control::Role,
     meta::MetaFile,
-    storage::{fault::FaultEngine, Allocate, DirectIo, EngineKind, Store, StoreOptions},
+    storage::{fault::FaultEngine, Store, StoreOptions},
     volume::{Volume, VolumeInfo},
 };
 
@@ -25,13 +25,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A volume on a sparse temp file (sync engine, buffered I/O).
 pub fn volume(dir: &TempDir, name: &str, size: u64, role: Role) -> Arc<Volume> {
     let path = dir.path().join(format!("{name}.img"));
-    let opts = StoreOptions {
-        path: path.clone(),
-        size,
-        engine: EngineKind::Sync,
-        direct: DirectIo::Off,
-        allocate: Allocate::Sparse,
-    };
+    let opts = StoreOptions::sparse_sync(path.clone(), size);
     let store = Store::open(&opts).expect("open store");
     let info = VolumeInfo {
         name: name.into(),
@@ -48,13 +42,7 @@ pub fn volume(dir: &TempDir, name: &str, size: u64, role: Role) -> Arc<Volume> {
 /// A volume whose engine fails the ops the returned [`FaultEngine`] is told to fail.
 pub fn faulty_volume(dir: &TempDir, name: &str, size: u64) -> (Arc<Volume>, Arc<FaultEngine>) {
     let path = dir.path().join(format!("{name}.img"));
-    let opts = StoreOptions {
-        path: path.clone(),
-        size,
-        engine: EngineKind::Sync,
-        direct: DirectIo::Off,
-        allocate: Allocate::Sparse,
-    };
+    let opts = StoreOptions::sparse_sync(path.clone(), size);
     let mut fault = None;
     let store = Store::open(&opts).expect("open store").map_engine(|inner| {
         let f = Arc::new(FaultEngine::new(inner));

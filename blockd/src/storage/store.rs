@@ -51,6 +51,20 @@ pub struct StoreOptions {
     pub allocate: Allocate,
 }
 
+#[cfg(test)]
+impl StoreOptions {
+    /// The unit tests' store: a sparse file (created at `size`), the sync engine, buffered I/O.
+    pub(crate) fn sparse_sync(path: PathBuf, size: u64) -> StoreOptions {
+        StoreOptions {
+            path,
+            size,
+            engine: EngineKind::Sync,
+            direct: DirectIo::Off,
+            allocate: Allocate::Sparse,
+        }
+    }
+}
+
 /// The bytes of a read: `len` bytes starting `start` into an aligned buffer.
 #[derive(Debug)]
 pub struct ReadBuf {

@@ -163,7 +163,7 @@ mod tests {
         meta::{AlConfig, MetaFile},
         storage::{
             fault::{Fault, FaultEngine, OpKind},
-            Allocate, DirectIo, EngineKind, Store, StoreOptions,
+            Store, StoreOptions,
         },
         volume::VolumeInfo,
     };
@@ -173,13 +173,7 @@ mod tests {
     /// `volume(dir, Some("beta"))`'s files, through an engine that fails on demand.
     fn faulty(dir: &tempfile::TempDir) -> (Volume, Arc<FaultEngine>) {
         let path = dir.path().join("v.img");
-        let opts = StoreOptions {
-            path: path.clone(),
-            size: SIZE,
-            engine: EngineKind::Sync,
-            direct: DirectIo::Off,
-            allocate: Allocate::Sparse,
-        };
+        let opts = StoreOptions::sparse_sync(path.clone(), SIZE);
         let mut fault = None;
         let store = Store::open(&opts).unwrap().map_engine(|inner| {
             let f = Arc::new(FaultEngine::new(inner));

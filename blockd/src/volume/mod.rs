@@ -645,7 +645,7 @@ mod tests {
     use crate::{
         control::{ConnState, DiskState},
         role::Event,
-        storage::{DirectIo, EngineKind, StoreOptions},
+        storage::StoreOptions,
     };
 
     const SIZE: u64 = 1 << 20;
@@ -653,13 +653,7 @@ mod tests {
     /// A volume on a fresh sparse file; with `peer`, the two-node start state (Secondary).
     pub(super) fn volume(dir: &tempfile::TempDir, peer: Option<&str>) -> Volume {
         let path = dir.path().join("v.img");
-        let opts = StoreOptions {
-            path: path.clone(),
-            size: SIZE,
-            engine: EngineKind::Sync,
-            direct: DirectIo::Off,
-            allocate: crate::storage::Allocate::Sparse,
-        };
+        let opts = StoreOptions::sparse_sync(path.clone(), SIZE);
         let store = Store::open(&opts).unwrap();
         let (file, meta) =
             MetaFile::open_or_create(&dir.path().join("v.meta"), SIZE, "alpha", store.created())
