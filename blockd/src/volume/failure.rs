@@ -126,8 +126,7 @@ impl Volume {
         if !self.peer_done(session, remote).await? {
             return Err(err);
         }
-        self.counters.peer_writes.fetch_add(1, Ordering::Relaxed);
-        self.counters.peer_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.count_peer_write(bytes);
         Ok(())
     }
 

@@ -457,8 +457,7 @@ impl Volume {
             if let Some(f) = self.fence.get() {
                 f.mirroring(self.index());
             }
-            self.counters.peer_writes.fetch_add(1, Ordering::Relaxed);
-            self.counters.peer_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.count_peer_write(bytes);
             let acked = self.track.acked(range.clone(), || session.is_open()).await;
             acked.map_err(|e| self.dirty_log_failed(e))?;
             if wide {
@@ -471,6 +470,12 @@ impl Volume {
             self.fenced(Some(range)).await?;
         }
         Ok(())
+    }
+
+    /// The peer acknowledged a write of `bytes` payload bytes.
+    fn count_peer_write(&self, bytes: u64) {
+        self.counters.peer_writes.fetch_add(1, Ordering::Relaxed);
+        self.counters.peer_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// A degraded request is done here (and a write's `range` marked out of sync): returns when
