@@ -102,6 +102,27 @@ fn bring_back(c: &Cluster, n: NodeId, size: u64) {
     assert!(out.stdout.contains(", 0 bytes differed"), "verify must find nothing:\n{out}");
 }
 
+/// A pair whose `node` has a fault disk of `size` that starts failing with EIO in the middle
+/// of a 32 MiB fio verify job on alpha; asserts fio wrote and verified all of it. The scratch
+/// directory holds the fault disk: keep it until the cluster is gone.
+fn eio_during_fio_verify(
+    test: &str,
+    node: NodeId,
+    size: u64,
+) -> (tempfile::TempDir, FaultDisk, Cluster) {
+    let scratch = tempfile::Builder::new().prefix("blockd-diskerr-").tempdir_in("/var/tmp");
+    let scratch = scratch.expect("scratch dir");
+    let disk = FaultDisk::create(&scratch.path().join(node.name()), size, faults("EIO"));
+    let c = pair(test, "64MiB", Some((node, &disk)));
+    let job = verify_job(32, &[]);
+    let fio = clients::FioRun::spawn(c.dir(), &c.nbd_uri(Alpha), "write", &strs(&job));
+    wait_writes(&c, Alpha, 500);
+    disk.fail();
+    let (written, read) = fio.finish(Duration::from_secs(180));
+    assert_eq!((written, read), (32 * MIB, 32 * MIB), "fio must write and verify all 32 MiB");
+    (scratch, disk, c)
+}
+
 /// EIO on the Primary's disk in the middle of fio verify: fio sees no error (writes are
 /// acknowledged once beta has them, reads come from beta), alpha's disk is Failed with why;
 /// `swap` moves the stack to beta, where fio verify_only passes; alpha stays Failed across a
@@ -109,16 +130,7 @@ fn bring_back(c: &Cluster, n: NodeId, size: u64) {
 #[test]
 fn eio_on_the_primary_is_served_by_the_peer_and_comes_back_by_a_full_resync() {
     const SIZE: u64 = 64 * MIB;
-    let scratch = tempfile::Builder::new().prefix("blockd-diskerr-").tempdir_in("/var/tmp");
-    let scratch = scratch.expect("scratch dir");
-    let disk = FaultDisk::create(&scratch.path().join("alpha"), SIZE, faults("EIO"));
-    let mut c = pair("diskerror-eio-primary", "64MiB", Some((Alpha, &disk)));
-    let job = verify_job(32, &[]);
-    let fio = clients::FioRun::spawn(c.dir(), &c.nbd_uri(Alpha), "write", &strs(&job));
-    wait_writes(&c, Alpha, 500);
-    disk.fail();
-    let (written, read) = fio.finish(Duration::from_secs(180));
-    assert_eq!((written, read), (32 * MIB, 32 * MIB), "fio must write and verify all 32 MiB");
+    let (_scratch, disk, mut c) = eio_during_fio_verify("diskerror-eio-primary", Alpha, SIZE);
     let v = assert_failed(&c, Alpha, 5);
     let text = blockctl(&c, Alpha, &["status"]);
     assert!(text.stdout.contains("Failed: Input/output error"), "status says why:\n{text}");
@@ -155,16 +167,7 @@ fn eio_on_the_primary_is_served_by_the_peer_and_comes_back_by_a_full_resync() {
 #[test]
 fn eio_on_the_secondary_degrades_the_primary_and_comes_back_by_a_full_resync() {
     const SIZE: u64 = 64 * MIB;
-    let scratch = tempfile::Builder::new().prefix("blockd-diskerr-").tempdir_in("/var/tmp");
-    let scratch = scratch.expect("scratch dir");
-    let disk = FaultDisk::create(&scratch.path().join("beta"), SIZE, faults("EIO"));
-    let mut c = pair("diskerror-eio-secondary", "64MiB", Some((Beta, &disk)));
-    let job = verify_job(32, &[]);
-    let fio = clients::FioRun::spawn(c.dir(), &c.nbd_uri(Alpha), "write", &strs(&job));
-    wait_writes(&c, Alpha, 500);
-    disk.fail();
-    let (written, read) = fio.finish(Duration::from_secs(180));
-    assert_eq!((written, read), (32 * MIB, 32 * MIB), "fio must write and verify all 32 MiB");
+    let (_scratch, disk, mut c) = eio_during_fio_verify("diskerror-eio-secondary", Beta, SIZE);
     let a = c.vol(Alpha);
     assert_eq!((a["disk"].as_str(), a["role"].as_str()), (Some("UpToDate"), Some("Primary")));
     assert!(a["counters"]["degraded_writes"].as_u64().unwrap_or(0) > 0, "{a}");
