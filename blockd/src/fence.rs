@@ -198,9 +198,17 @@ impl Fence {
     /// epoch is forgotten once every volume mirrored since the loss: the peer takes a volume's
     /// writes only as its connected Secondary whose handshake found no split brain, so whoever
     /// held the lease meanwhile did not write that volume as Primary.
+    ///
+    /// The end of a degraded episode is told to the witness at once (a renewal not degraded):
+    /// until then its record says this node's last grant was degraded, and a peer that loses
+    /// this node in that window (it just resynced, and this node dies) may not promote
+    /// without an operator. Waiting for the next scheduled renewal left that window open for
+    /// up to a third of the term.
     pub fn mirroring(&self, volume: u16) {
         let mut f = self.facts();
-        f.degraded_since = None;
+        if f.degraded_since.take().is_some() {
+            self.renew_now.notify_one();
+        }
         if f.lost.is_none() {
             return;
         }

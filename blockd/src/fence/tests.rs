@@ -256,6 +256,39 @@ async fn only_a_lease_asked_after_going_degraded_counts() {
     task.await.unwrap();
 }
 
+/// The end of a degraded episode reaches the witness at once, not a third of the term later:
+/// a peer that loses this node right after its resync must not read a stale "degraded" there
+/// (issue 16: the power cut right after a resync that needed an operator).
+#[tokio::test(start_paused = true)]
+async fn mirroring_again_is_told_to_the_witness_at_once() {
+    let f = Arc::new(Fence::new(addr()));
+    let flags = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client = LeaseClient::new(addr(), "alpha", Arc::from(&b"s"[..]), ClientSettings::default());
+    let token = CancellationToken::new();
+    let task = tokio::spawn({
+        let (f, token, flags) = (Arc::clone(&f), token.clone(), Arc::clone(&flags));
+        async move {
+            let ask = move |_c: LeaseClient, _held: Option<Lease>, degraded: bool| {
+                flags.lock().unwrap().push(degraded);
+                async move { Ok(lease(1, Instant::now())) }
+            };
+            keep_lease(&f, client, || true, ask, token).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.went_degraded(Instant::now());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(*flags.lock().unwrap(), [false, true]);
+    f.mirroring(0);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(*flags.lock().unwrap(), [false, true, false], "renewed as not degraded at once");
+    f.mirroring(0);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(flags.lock().unwrap().len(), 3, "no renewal per mirrored write");
+    token.cancel();
+    task.await.unwrap();
+}
+
 /// The lease is the node's: one volume mirroring again does not end a loss for another, which
 /// the other node may have promoted and written; once every volume mirrored, it ends.
 #[tokio::test(start_paused = true)]

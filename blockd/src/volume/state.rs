@@ -234,6 +234,11 @@ impl Volume {
             // `blockctl swap`, which checks it) must not keep the handshake's `Inconsistent`.
             live.peer_disk = Some(DiskState::UpToDate);
         }
+        // Everything acknowledged without the peer is on it now: the degraded episode ends
+        // as after a mirrored write (and the witness hears so at once), also on an idle volume.
+        if let Some(f) = self.fence.get() {
+            f.mirroring(self.index());
+        }
         self.transition(Event::ResyncDone, None).await
     }
 
