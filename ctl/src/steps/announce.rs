@@ -145,6 +145,17 @@ pub fn neighbour_advertisement(mac: [u8; 6], ip: Ipv6Addr) -> Vec<u8> {
     p
 }
 
+/// What [`Announcer::burst_later`] sends: `first` announcements `interval` apart (starting
+/// one interval from now: the rest of a burst whose first packet the caller sent), then
+/// `delay` later `second` more, `interval` apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Later {
+    pub first: u32,
+    pub second: u32,
+    pub interval: Duration,
+    pub delay: Duration,
+}
+
 impl Announcer {
     /// Opens the socket for announcing `ip` on `link`.
     pub fn new(link: Link, ip: IpAddr) -> io::Result<Announcer> {
@@ -189,9 +200,9 @@ impl Announcer {
         Ok(())
     }
 
-    /// Sends a second burst after `delay` from a forked child in a session of its own, so
-    /// the caller (promote) need not wait and may exit. Returns the child.
-    pub fn burst_later(&self, count: u32, interval: Duration, delay: Duration) -> io::Result<Proc> {
+    /// Sends `later`'s announcements from a forked child in a session of its own, so the
+    /// caller (promote) need not wait and may exit. Returns the child.
+    pub fn burst_later(&self, later: Later) -> io::Result<Proc> {
         let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
         // SAFETY: the child of a (possibly multithreaded) process may only make
         // async-signal-safe calls: it calls setsid, dup2, nanosleep (thread::sleep), sendto on
@@ -201,15 +212,13 @@ impl Announcer {
             nix::unistd::ForkResult::Parent { child } => {
                 Ok(Proc::of(u32::try_from(child.as_raw()).unwrap_or_default()))
             }
-            nix::unistd::ForkResult::Child => {
-                self.child(devnull.as_raw_fd(), count, interval, delay)
-            }
+            nix::unistd::ForkResult::Child => self.child(devnull.as_raw_fd(), later),
         }
     }
 
     /// The forked child: detach from the terminal and the caller's output (a caller that
     /// reads blockctl's stdout to its end must not wait for us), wait, send, exit.
-    fn child(&self, devnull: i32, count: u32, interval: Duration, delay: Duration) -> ! {
+    fn child(&self, devnull: i32, later: Later) -> ! {
         // SAFETY: plain syscalls on descriptors this process owns; see burst_later.
         unsafe {
             libc::setsid();
@@ -217,8 +226,16 @@ impl Announcer {
                 libc::dup2(devnull, fd);
             }
         }
-        thread::sleep(delay);
-        let code = i32::from(self.burst(count, interval).is_err());
+        let mut failed = false;
+        if later.first > 0 {
+            thread::sleep(later.interval);
+            failed |= self.burst(later.first, later.interval).is_err();
+        }
+        if later.second > 0 {
+            thread::sleep(later.delay);
+            failed |= self.burst(later.second, later.interval).is_err();
+        }
+        let code = i32::from(failed);
         // SAFETY: _exit ends the child without running the parent's atexit handlers or
         // flushing buffers it shares with the parent.
         unsafe { libc::_exit(code) }

@@ -23,8 +23,10 @@ use blockd::config::{HealthCheck, ServiceConfig};
 use super::{cmd::log_tail, cmd::Cmd, mkdir, proc::Proc, run_dir};
 use crate::step::{Ctx, Step, StepError};
 
-/// Pause between two health checks.
-const POLL: Duration = Duration::from_millis(200);
+/// Pause between two health checks while waiting for a service to come up or go down: a
+/// failover waits for the service's first success, so a coarse poll adds to every one of
+/// them (a TCP connect to the local port, or the check command, is cheap next to it).
+const POLL: Duration = Duration::from_millis(50);
 
 /// One probe may take this long (a TCP connect to a dead address, a slow check command).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
