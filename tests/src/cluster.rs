@@ -32,6 +32,7 @@ pub mod clients;
 pub mod failover;
 pub mod ganesha;
 pub mod lan;
+pub mod loops;
 pub mod mariadb;
 pub mod mountns;
 pub mod netns;

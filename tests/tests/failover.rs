@@ -140,6 +140,47 @@ fn harness_lan_mount_namespaces_kill_node_and_cleanup() {
     assert!(!mountinfo.contains(dir.to_str().expect("utf-8")), "mounts left under {dir:?}");
 }
 
+/// (device name, diskseq) of each loop device bound now.
+fn bound_loops() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/block").expect("/sys/block").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("loop") && e.path().join("loop/backing_file").exists() {
+            let seq = std::fs::read_to_string(e.path().join("diskseq")).unwrap_or_default();
+            out.push((name, seq.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// A test that panics with the stack up on a node (nbdfuse, loop device, ext4, MariaDB) after
+/// the FUSE file's mount went away under the loop device (as a reboot's lazy unmount leaves
+/// it: the backing path reads `/nbd` then, nothing names the test directory) leaves no loop
+/// device of its own bound: the harness detaches what it saw attached, by device and
+/// attachment (issue 16: full runs leaked `/nbd` loop devices).
+#[test]
+fn a_panic_with_the_stack_up_leaves_no_loop_device_bound() {
+    let mut ours = Vec::new();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let c = mariadb::cluster("fo-panic");
+        c.promote(Alpha, &[]);
+        let devs: Vec<String> = c.loops(Alpha).iter().map(|d| d.replace("/dev/", "")).collect();
+        ours = bound_loops().into_iter().filter(|(d, _)| devs.contains(d)).collect();
+        let fuse = c.dir().join("alpha/run/attach").join(mariadb::VOLUME);
+        c.run_on(Alpha, &format!("umount -l {}", fuse.display())).assert_success();
+        for (dev, _) in &ours {
+            let path = std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file"));
+            assert!(!path.unwrap_or_default().contains("blockd-test"), "{dev} still names it");
+        }
+        assert!(!ours.is_empty(), "promote attached no loop device");
+        panic!("on purpose, with the stack up");
+    }));
+    assert!(r.is_err(), "the body panics");
+    blockd_tests::cmd::wait_for("the test's loop devices detached", SYNC, || {
+        bound_loops().iter().all(|l| !ours.contains(l))
+    });
+}
+
 /// "N failed connects; lost sessions: [...]" for the test log.
 fn failure_summary(log: &ClientLog) -> String {
     let connects = log.failures.iter().filter(|f| !f.statement).count();

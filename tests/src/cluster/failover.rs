@@ -17,8 +17,6 @@ use crate::cmd::{run_timeout, signal, try_run, Output};
 pub const PLAN_TIMEOUT: Duration = Duration::from_secs(300);
 /// Connect plus resync of a small volume.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bound of one `losetup -d`.
-const LOOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Cluster {
     /// The bridge/client/mount-namespace part; panics for a plain [`Cluster::new`].
@@ -64,9 +62,8 @@ impl Cluster {
         let lan = self.lan();
         lan.mount_ns(n).kill_all();
         lan.mount_ns(n).unmount_added();
-        for dev in self.loops(n) {
-            let _ = try_run(std::process::Command::new("losetup").args(["-d", &dev]), LOOP_TIMEOUT);
-        }
+        // By device (the FUSE files' paths went with the mounts): see `loops.rs`.
+        lan.detach_loops(&self.dir().join(n.name()));
         let script = format!(
             "rm -rf /run/mysqld/* ; ip addr del {} dev {IFACE} 2>/dev/null; true",
             super::lan::VIP_CIDR
@@ -119,9 +116,23 @@ impl Cluster {
         )
     }
 
+    /// Network diagnostics for a failure through the VIP: the client's neighbour entries,
+    /// link counters and TCP sockets; each node's addresses, listening sockets, neighbours and
+    /// nftables ruleset.
+    pub fn net_diag(&self) -> String {
+        let client = self.client("ip neigh; ip -s link show dev bd0; ss -tni; nft list ruleset");
+        let mut text = format!("\n--- client network ---\n{}{}", client.stdout, client.stderr);
+        for n in [super::Alpha, super::Beta] {
+            let out = self
+                .run_on(n, "ip addr show dev bd0; ip neigh; ss -tlni; ss -tni; nft list ruleset");
+            text.push_str(&format!("\n--- {} network ---\n{}{}", n.name(), out.stdout, out.stderr));
+        }
+        text
+    }
+
     /// Loop devices on files of node `n` (its attach or prepare directories).
     pub fn loops(&self, n: NodeId) -> Vec<String> {
-        super::mountns::loops_under(&self.dir().join(n.name()))
+        self.lan().loops_under(&self.dir().join(n.name()))
     }
 
     /// Processes on `n` other than its daemon, with their command lines.

@@ -24,6 +24,7 @@ use std::{
 };
 
 use super::{
+    loops::LoopTracker,
     mountns::{self, MountNs},
     netns::{self, Netns},
     NodeId,
@@ -52,6 +53,8 @@ pub struct Lan {
     test_dir: PathBuf,
     /// Inodes of the nodes' network namespaces, for the client-side process scan.
     node_nets: Vec<PathBuf>,
+    /// The loop devices the nodes attached on files of this test (dropped last).
+    loops: LoopTracker,
 }
 
 impl Lan {
@@ -70,6 +73,7 @@ impl Lan {
             switch,
             ns_dir: PathBuf::new(),
             test_dir: test_dir.to_path_buf(),
+            loops: LoopTracker::start(test_dir),
             node_nets: nodes.iter().map(|n| Path::new("/run/netns").join(n.name())).collect(),
         };
         run_timeout(cmd("mount", &["--bind"]).arg(&ns_dir).arg(&ns_dir), IP_TIMEOUT);
@@ -181,9 +185,15 @@ impl Lan {
         out.stdout.split_whitespace().any(|w| w == VIP_CIDR)
     }
 
-    /// Loop devices backed by files of this test.
-    pub fn loops(&self) -> Vec<String> {
-        mountns::loops_under(&self.test_dir)
+    /// Loop devices attached on files of this test under `under` (a node's directory) and
+    /// still bound, even once their backing path is gone ([`LoopTracker`]).
+    pub fn loops_under(&self, under: &Path) -> Vec<String> {
+        self.loops.devices(under)
+    }
+
+    /// Detaches the loop devices of [`Lan::loops_under`]`(under)`; never panics.
+    pub fn detach_loops(&self, under: &Path) {
+        self.loops.detach(under);
     }
 }
 
@@ -200,8 +210,11 @@ impl Drop for Lan {
         for pid in mountns::pids_in(&inodes) {
             crate::cmd::signal(pid, libc::SIGKILL);
         }
-        mountns::detach_loops(&self.test_dir);
+        self.loops.detach(&self.test_dir);
         self.mnt.clear();
+        // A device that was still mounted was only marked for autoclear: detach it for good
+        // now that the mounts are gone.
+        self.loops.detach(&self.test_dir);
         if !self.ns_dir.as_os_str().is_empty() {
             let _ = run_quiet(cmd("umount", &["-l"]).arg(&self.ns_dir), IP_TIMEOUT);
         }

@@ -204,36 +204,6 @@ pub fn pids_in(inodes: &[u64]) -> Vec<u32> {
     pids
 }
 
-/// Loop devices whose backing file lies under `dir` (what a test attached, directly or
-/// through `blockctl promote`), as `/dev/loopN`.
-pub fn loops_under(dir: &Path) -> Vec<String> {
-    let Ok(entries) = fs::read_dir("/sys/block") else { return Vec::new() };
-    let mut found = Vec::new();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let backing = fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
-        if Path::new(backing.trim()).starts_with(dir) {
-            found.push(format!("/dev/{name}"));
-        }
-    }
-    found.sort();
-    found
-}
-
-/// Detaches every loop device of [`loops_under`]`(dir)`. Never panics.
-pub fn detach_loops(dir: &Path) {
-    for dev in loops_under(dir) {
-        if let Some(o) = run_quiet(&mut cmd("losetup", &["-d", &dev]), NS_TIMEOUT) {
-            if !o.status.success() {
-                eprintln!("cleanup: {o}");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
