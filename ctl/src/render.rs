@@ -163,7 +163,15 @@ pub fn failover(f: &Failover) -> String {
 pub fn agent(a: Option<&AgentState>) -> String {
     let Some(a) = a else { return String::new() };
     let run = if a.running { format!("pid {}", a.pid) } else { "NOT RUNNING".into() };
-    format!("  {:<9}{}: {} (since {}, {run})\n", "agent", a.decision, a.detail, a.since)
+    let mut out =
+        format!("  {:<9}{}: {} (since {}, {run})\n", "agent", a.decision, a.detail, a.since);
+    for (label, counts) in [("restarts", &a.restarts), ("swaps", &a.swaps)] {
+        if !counts.is_empty() {
+            let list: Vec<String> = counts.iter().map(|(k, n)| format!("{k} × {n}")).collect();
+            out.push_str(&format!("  {label:<9}{}\n", list.join(", ")));
+        }
+    }
+    out
 }
 
 /// "fuse /dev/loop0, nbdfuse pid 42", "ERROR: fuse /dev/loop0, nbdfuse pid 42 is gone".
@@ -369,6 +377,7 @@ mod tests {
             detail: "Secondary, peer connected".into(),
             since: "2026-01-02T03:04:05.000Z".into(),
             running: true,
+            ..AgentState::default()
         };
         assert_eq!(
             agent(Some(&a)),
@@ -376,6 +385,11 @@ mod tests {
         );
         a.running = false;
         assert!(agent(Some(&a)).contains("NOT RUNNING"));
+        a.restarts.insert("service mariadb".into(), 2);
+        a.swaps.insert("health: service mariadb".into(), 1);
+        let text = agent(Some(&a));
+        assert!(text.contains("  restarts service mariadb × 2\n"), "{text}");
+        assert!(text.contains("  swaps    health: service mariadb × 1\n"), "{text}");
     }
 
     #[test]

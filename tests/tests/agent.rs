@@ -357,7 +357,12 @@ fn failover_series(test: &str, kill: Kill, runs: usize) -> Vec<Duration> {
         let frozen = take_down(&mut c, from, kill, &mut agents);
         let answered = mariadb::wait_select_1(&c, LIVENESS).unwrap_or_else(|e| {
             let logs: Vec<String> = agents.iter().flatten().map(|a| a.log_text()).collect();
-            panic!("run {run}: {e}\nagents:\n{}{}{}", logs.join("\n"), c.diag(to), c.diag(from))
+            let (to_d, from_d, net) = (c.diag(to), c.diag(from), c.net_diag());
+            panic!(
+                "run {run}: {e}\nagents:\n{}{to_d}{from_d}{net}\n{:#}",
+                logs.join("\n"),
+                c.vol(to)
+            )
         });
         client.wait_acked(done, 1, LIVENESS).unwrap_or_else(|e| panic!("run {run}: {e}"));
         let committed = t0.elapsed();
@@ -515,7 +520,6 @@ fn matrix_blockd_killed_and_restarted() {
 
 /// Link down first, then every process (a power cut).
 #[test]
-#[ignore = "fails in the full suite (CI run of 2026-12-02, run 1): beta promoted in 2 s and MariaDB listened, yet the client got ETIMEDOUT through the VIP for 20 s; not yet diagnosed (issue 16)"]
 fn matrix_power_cut() {
     report("power cut", failover_series("agent-mx-cut", Kill::PowerCut, 5));
 }
@@ -523,7 +527,6 @@ fn matrix_power_cut() {
 /// The whole node SIGSTOPped until the peer took over (longer than the lease), then thawed:
 /// it demotes itself and rejoins.
 #[test]
-#[ignore = "fails in the full suite (run 4 of 5): after the thaw both agents wait and an operator is asked for; not yet diagnosed (issue 16)"]
 fn matrix_node_frozen_then_thawed() {
     report("node frozen", failover_series("agent-mx-freeze", Kill::Freeze, 5));
 }
@@ -531,7 +534,6 @@ fn matrix_node_frozen_then_thawed() {
 /// 20 automatic failovers in a row with the default timings, alternating power cuts of alpha
 /// and beta with a resync in between: no acknowledged commit lost, one Primary after each.
 #[test]
-#[ignore = "fails in the full suite (run 3): no SELECT 1 through the VIP within 20 s after a power cut, as matrix_power_cut; not yet diagnosed (issue 16)"]
 fn twenty_failovers_in_a_row_lose_nothing() {
     report("20 failovers", failover_series("agent-twenty", Kill::PowerCut, 20));
 }
@@ -713,11 +715,34 @@ fn wait_log_count(agent: &Background, what: &str, n: usize) {
     }
 }
 
+/// The tally of `blockctl status --json`'s `agent` on `n` (`agent.json`): `restarts` or
+/// `swaps`, once `key` has reached `want` (Err with the state after 20 s).
+fn wait_tally(c: &Cluster, n: NodeId, field: &str, key: &str, want: u64) -> Result<(), String> {
+    let deadline = Instant::now() + LIVENESS;
+    loop {
+        let mut cmd = c.blockctl(n);
+        cmd.args(["status", "--json"]);
+        let out = blockd_tests::cmd::try_run(&mut cmd, Duration::from_secs(30));
+        let v: Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        let got = v["agent"][field][key].as_u64();
+        if got == Some(want) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "agent {field}[{key:?}] is {got:?}, want {want}: {:#}",
+                v["agent"]
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// mariadbd alone SIGKILLed, default timings (issue 16): the agent restarts it in place
 /// (`restart-after`), twice; the third time it dies within the window, the agent moves the
-/// stack to the peer (swap). Every acknowledged commit is there, one Primary in sync.
+/// stack to the peer (swap). Every acknowledged commit is there, one Primary in sync; the
+/// agent's tally (`blockctl status`) counts both restarts and the swap with its reason.
 #[test]
-#[ignore = "flaky (1 of 2 runs: the agent never restarted mariadbd); not yet diagnosed"]
 fn mariadbd_killed_is_restarted_in_place_then_moved_when_it_keeps_dying() {
     let (c, _w, agents) = defaults_with_agents("agent-mx-mariadbd");
     let client = DbClient::start(&c);
@@ -734,6 +759,8 @@ fn mariadbd_killed_is_restarted_in_place_then_moved_when_it_keeps_dying() {
             t0.elapsed().as_secs_f64()
         );
         assert_eq!(c.vol(Alpha)["role"], "Primary", "restarted in place");
+        wait_tally(&c, Alpha, "restarts", "service mariadb", i as u64)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
     let done = client.read().acked.len();
     client.wait_acked(done, 5, SYNC).unwrap_or_else(|e| panic!("{e}"));
@@ -746,6 +773,8 @@ fn mariadbd_killed_is_restarted_in_place_then_moved_when_it_keeps_dying() {
     eprintln!("mariadbd kill 3 → commit on beta (swap): {:.2} s", t0.elapsed().as_secs_f64());
     let alog = agents[0].log_text();
     assert!(alog.contains("agent: SWAP") && alog.contains("after 2 restart(s)"), "{alog}");
+    let why = "health: service mariadb";
+    wait_tally(&c, Alpha, "swaps", why, 1).unwrap_or_else(|e| panic!("{e}\n{alog}"));
     let log = client.stop();
     assert_no_lost_commit(&c, &log);
 }

@@ -62,8 +62,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
-
 use blockd::{
     config::{AgentConfig, Failback},
     control::{Client, ConnState, DiskState, NodeStatus, Request, Role},
@@ -72,7 +70,9 @@ use blockd::{
     witness::{Granted, LeaseClient, WitnessError},
 };
 
+pub use super::agent_state::{read_state, AgentState};
 use super::{
+    agent_state::{write_state, Tally},
     health::{Action, Health, HEALTH_INTERVAL},
     EXIT_FAILED,
 };
@@ -109,8 +109,9 @@ pub enum Decision {
     Demote(String),
     /// `blockctl swap`: hand the service back to the preferred peer (failback).
     Failback(String),
-    /// `blockctl swap`: this Primary cannot serve well (its disk failed); the peer can.
-    Swap(String),
+    /// `blockctl swap`: this Primary cannot serve well (its disk failed, or a step keeps
+    /// failing); the peer can. `.0` is the reason the tally counts it under.
+    Swap(String, String),
     /// The demote plan on a Secondary: tear down a stack left up by a daemon that restarted.
     Recover(String),
     /// Restart plan step `.0` in place (health, row 12b); `.1` says why.
@@ -141,6 +142,9 @@ pub struct Agent {
     stack_up: Vec<String>,
     /// A stale stack was torn down here: promote again if nobody else is Primary (row 14).
     resume: bool,
+    /// When the lease the witness refused runs out: the next ask goes then, not a whole poll
+    /// interval later (the grant is what the failover waits for).
+    lease_ends: Option<Instant>,
     /// Health of the Primary's services and mounts (row 12b), when enabled.
     health: Option<Health>,
     /// The latest health probes, consumed by the next poll of a Primary.
@@ -159,6 +163,7 @@ impl Agent {
             synced_since: None,
             stack_up: Vec::new(),
             resume: false,
+            lease_ends: None,
             health: None,
             probes: Vec::new(),
         }
@@ -171,9 +176,11 @@ impl Agent {
         self
     }
 
-    /// Whether health probes are wanted (checking is on).
-    pub fn wants_probes(&self) -> bool {
-        self.health.is_some()
+    /// Whether health probes are due, the last ones taken at `last`: every poll until each
+    /// step has been seen healthy once (see `health.rs`), then every [`HEALTH_INTERVAL`].
+    pub fn probe_due(&self, last: Option<Instant>, now: Instant) -> bool {
+        let Some(h) = &self.health else { return false };
+        !h.settled() || last.map_or(true, |t| now - t >= HEALTH_INTERVAL)
     }
 
     /// Probes taken before this poll (`commands::health_probes`).
@@ -319,6 +326,7 @@ impl Agent {
                         Some(format!("it renewed its lease (epoch {epoch}) {how} after losing us"));
                     return self.observe_again(now);
                 }
+                self.lease_ends = Some(now + retry_after);
                 Decision::Wait(format!(
                     "Secondary, peer gone {gone:.1} s, lease epoch {epoch} held by {} for {:.1} s \
                      more, not degraded: promoting when it runs out",
@@ -327,6 +335,16 @@ impl Agent {
                 ))
             }
             Err(e) => Decision::Wait(format!("Secondary, peer gone {gone:.1} s, no lease: {e}")),
+        }
+    }
+
+    /// How long to sleep before the next poll: `interval`, or less when a refused lease runs
+    /// out sooner (a few milliseconds after, so that the witness has let it go).
+    pub fn next_poll(&mut self, interval: Duration, now: Instant) -> Duration {
+        const AFTER: Duration = Duration::from_millis(5);
+        match self.lease_ends.take() {
+            Some(end) => (end.saturating_duration_since(now) + AFTER).min(interval),
+            None => interval,
         }
     }
 
@@ -348,9 +366,10 @@ impl Agent {
             return None;
         }
         Some(match action {
-            Action::Move(_, why) if peer_ready => {
-                Decision::Swap(format!("Primary, {why}: moving the stack to the peer"))
-            }
+            Action::Move(step, why) if peer_ready => Decision::Swap(
+                format!("health: {step}"),
+                format!("Primary, {why}: moving the stack to the peer"),
+            ),
             Action::Move(step, why) => Decision::Restart(
                 step,
                 format!("Primary, {why}; the peer is not ready to take over: restarting it"),
@@ -414,11 +433,14 @@ impl Agent {
                 }
             ));
         }
-        Decision::Swap(format!(
-            "Primary, local disk of {} Failed; peer Connected, Secondary, UpToDate: moving the \
-             stack to it",
-            v.name
-        ))
+        Decision::Swap(
+            "disk-failed".into(),
+            format!(
+                "Primary, local disk of {} Failed; peer Connected, Secondary, UpToDate: moving \
+                 the stack to it",
+                v.name
+            ),
+        )
     }
 
     /// Row 11: a Primary whose preferred peer is back and in sync for `failback-delay` swaps.
@@ -458,52 +480,6 @@ impl Agent {
     pub fn failed(&mut self, now: Instant) {
         self.quiet_until = Some(now + BACKOFF);
     }
-}
-
-/// What the agent last decided, for `blockctl status` (`<run-dir>/agent.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentState {
-    pub pid: u32,
-    /// "wait", then "promote", "demote" or "failback" and their outcome: "promoted",
-    /// "demoted", "failed-back", or "<kind>-failed".
-    pub decision: String,
-    /// The facts the decision used.
-    pub detail: String,
-    /// When it was decided (RFC 3339).
-    pub since: String,
-    /// Whether the process still runs (filled in by [`read_state`]).
-    #[serde(default)]
-    pub running: bool,
-}
-
-fn state_path(ctx: &Ctx) -> std::path::PathBuf {
-    ctx.node.settings.run_dir.join("agent.json")
-}
-
-/// Replaces the state file (atomically); a failure is logged, not fatal.
-fn write_state(ctx: &Ctx, decision: &str, detail: &str) {
-    let state = AgentState {
-        pid: std::process::id(),
-        decision: decision.into(),
-        detail: detail.into(),
-        since: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-        running: true,
-    };
-    let path = state_path(ctx);
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_string(&state).unwrap_or_default();
-    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
-        ctx.say(format!("agent: cannot write {}: {e}", path.display()));
-    }
-}
-
-/// The agent's last state on this node, if an agent ever ran here.
-pub fn read_state(ctx: &Ctx) -> Option<AgentState> {
-    let text = std::fs::read_to_string(state_path(ctx)).ok()?;
-    let mut s: AgentState = serde_json::from_str(&text).ok()?;
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(s.pid).ok()?);
-    s.running = nix::sys::signal::kill(pid, None).is_ok();
-    Some(s)
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
@@ -558,7 +534,7 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
     if c.agent.failback == Failback::Auto && c.agent.preferred.as_deref() == Some(peer.as_str()) {
         agent = agent.with_failback(c.agent.failback_delay);
     }
-    let mut last = String::new();
+    let mut journal = Journal { last: String::new(), tally: Tally::resumed(&ctx) };
     ctx.say(format!(
         "agent: started (witness {}, peer-timeout {:?}, lease term {:?})",
         c.cluster.witness.map_or("none".into(), |a| a.to_string()),
@@ -567,8 +543,7 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
     ));
     loop {
         let cx = Arc::clone(&ctx);
-        let probe =
-            agent.wants_probes() && probed_at.map_or(true, |t| t.elapsed() >= HEALTH_INTERVAL);
+        let probe = agent.probe_due(probed_at, Instant::now());
         let (polled, up, probes) = tokio::task::spawn_blocking(move || poll(&cx, probe))
             .await
             .unwrap_or_else(|e| (Err(format!("status request failed: {e}")), Vec::new(), None));
@@ -585,8 +560,8 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
                 decision = agent.answer(result, &peer, Instant::now());
             }
         }
-        act(&ctx, &mut agent, decision, &mut last).await;
-        tokio::time::sleep(interval).await;
+        act(&ctx, &mut agent, decision, &mut journal).await;
+        tokio::time::sleep(agent.next_poll(interval, Instant::now())).await;
     }
 }
 
@@ -605,35 +580,49 @@ fn poll(ctx: &Ctx, probe: bool) -> Polled {
     (status, up, probes)
 }
 
+/// What the agent keeps for its log and its state file between decisions.
+struct Journal {
+    /// The words of the last wait logged (see [`act`]).
+    last: String,
+    tally: Tally,
+}
+
 /// Logs the decision (when it changed) and carries it out.
-async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut String) {
+async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, journal: &mut Journal) {
+    let mut swap_reason = None;
     let (kind, facts) = match decision {
         Decision::Ask => return,
         Decision::Wait(why) => {
             // Numbers change every poll: log when the words do.
             let words: String = why.chars().filter(|c| !c.is_ascii_digit() && *c != '.').collect();
-            if words != *last {
+            if words != journal.last {
                 ctx.say(format!("agent: wait: {why}"));
-                write_state(ctx, "wait", &why);
-                *last = words;
+                write_state(ctx, &journal.tally, "wait", &why);
+                journal.last = words;
             }
             return;
         }
         Decision::Promote(facts) => ("promote", facts),
         Decision::Demote(facts) => ("demote", facts),
-        Decision::Failback(facts) => ("failback", facts),
-        Decision::Swap(facts) => ("swap", facts),
+        Decision::Failback(facts) => {
+            swap_reason = Some("failback".to_string());
+            ("failback", facts)
+        }
+        Decision::Swap(reason, facts) => {
+            swap_reason = Some(reason);
+            ("swap", facts)
+        }
         Decision::Recover(facts) => ("recover", facts),
         Decision::Resume(facts) => ("resume", facts),
         Decision::Restart(step, facts) => {
-            restart(ctx, agent, &step, &facts).await;
-            last.clear();
+            restart(ctx, agent, &step, &facts, &mut journal.tally).await;
+            journal.last.clear();
             return;
         }
     };
     ctx.say(format!("agent: {}: {facts}", kind.to_uppercase()));
-    write_state(ctx, kind, &facts);
-    last.clear();
+    write_state(ctx, &journal.tally, kind, &facts);
+    journal.last.clear();
     let started = Instant::now();
     let c = Arc::clone(ctx);
     let r = match kind {
@@ -666,6 +655,9 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
             if kind == "recover" {
                 agent.recovered();
             }
+            if let Some(reason) = &swap_reason {
+                journal.tally.swapped(reason);
+            }
             (done(kind).to_string(), text)
         }
         Err(text) => {
@@ -674,19 +666,20 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, last: &mut S
         }
     };
     ctx.say(format!("agent: {text}"));
-    write_state(ctx, &decision, &format!("{facts}; {text}"));
+    write_state(ctx, &journal.tally, &decision, &format!("{facts}; {text}"));
 }
 
 /// Row 12b: restarts `step` in place and records the outcome.
-async fn restart(ctx: &Arc<Ctx>, agent: &mut Agent, step: &str, facts: &str) {
+async fn restart(ctx: &Arc<Ctx>, agent: &mut Agent, step: &str, facts: &str, tally: &mut Tally) {
     ctx.say(format!("agent: RESTART {step}: {facts}"));
-    write_state(ctx, "restart", facts);
+    write_state(ctx, tally, "restart", facts);
     let started = Instant::now();
     let (c, name) = (Arc::clone(ctx), step.to_string());
     let r = tokio::task::spawn_blocking(move || super::restart_step(&c, &name)).await;
     let (state, text) = match r {
         Ok(Ok(())) => {
             agent.restarted(step, Instant::now());
+            tally.restarted(step);
             ("restarted", format!("restarted {step} in {:.2} s", started.elapsed().as_secs_f64()))
         }
         Ok(Err(e)) => ("restart-failed", format!("restart of {step} failed: {e}")),
@@ -696,7 +689,7 @@ async fn restart(ctx: &Arc<Ctx>, agent: &mut Agent, step: &str, facts: &str) {
         agent.failed(Instant::now());
     }
     ctx.say(format!("agent: {text}"));
-    write_state(ctx, state, &format!("{facts}; {text}"));
+    write_state(ctx, tally, state, &format!("{facts}; {text}"));
 }
 
 /// The state after `kind` succeeded.

@@ -189,6 +189,21 @@ fn fin_before_the_link_goes_down_promotes_when_the_lease_runs_out() {
     promotes(&b.answer(granted(2, Some(false)), "a", t2 + MS), "epoch 2 won");
 }
 
+/// The ask after a refusal goes when the refused lease runs out, not a poll interval later.
+#[test]
+fn the_next_ask_goes_when_the_refused_lease_runs_out() {
+    let t0 = Instant::now();
+    let poll = Duration::from_millis(200);
+    let mut a = agent_peer_gone(t0);
+    assert_eq!(a.next_poll(poll, t0), poll, "nothing refused yet");
+    let left = Duration::from_millis(30);
+    waits(&a.answer(Err(refused("a", left, Some(false))), "a", t0), "not degraded");
+    assert_eq!(a.next_poll(poll, t0 + MS), Duration::from_millis(34));
+    assert_eq!(a.next_poll(poll, t0 + MS), poll, "once");
+    waits(&a.answer(Err(refused("a", poll * 5, Some(false))), "a", t0), "not degraded");
+    assert_eq!(a.next_poll(poll, t0), poll, "never longer than the interval");
+}
+
 /// An alive primary cut off from us but not from the witness keeps renewing, not degraded
 /// (it has no writes): never promoted over, asked again every poll.
 #[test]
@@ -228,12 +243,15 @@ fn row12_a_primary_with_a_failed_disk_swaps_to_a_ready_peer() {
     waits(&a.observe(Ok(&s), t0), "disk of v Failed, serving through the peer; peer not ready");
     s.volumes[0].peer_disk = Some(DiskState::UpToDate);
     match a.observe(Ok(&s), t0) {
-        Decision::Swap(f) => assert!(f.contains("local disk of v Failed"), "{f}"),
+        Decision::Swap(r, f) => {
+            assert_eq!(r, "disk-failed");
+            assert!(f.contains("local disk of v Failed"), "{f}");
+        }
         d => panic!("want Swap, got {d:?}"),
     }
     a.failed(t0);
     waits(&a.observe(Ok(&s), t0 + Duration::from_secs(1)), "backing off after a failed swap");
-    assert!(matches!(a.observe(Ok(&s), t0 + Duration::from_secs(11)), Decision::Swap(_)));
+    assert!(matches!(a.observe(Ok(&s), t0 + Duration::from_secs(11)), Decision::Swap(..)));
     // A healthy Primary: no swap.
     let mut ok = s.clone();
     ok.volumes[0].disk = DiskState::UpToDate;
@@ -317,13 +335,20 @@ fn row12b_a_failing_service_is_restarted_then_swapped_to_the_peer() {
     let t0 = Instant::now();
     let cfg = blockd::config::AgentConfig { max_restarts: 1, ..Default::default() };
     let mut a = Agent::new(true).with_health(&cfg);
-    assert!(a.wants_probes());
+    assert!(a.probe_due(None, t0));
     let mut s = node(Role::Primary, DiskState::UpToDate, ConnState::Connected);
     s.volumes[0].peer_role = Some(Role::Secondary);
     let probes = |ok: bool| vec![("service mariadb".to_string(), ok)];
     let at = |n: u64| t0 + Duration::from_secs(n);
+    // Until the service was seen healthy once, every poll probes (a promote just finished:
+    // a service that dies at once must still be seen up first, or it is never restarted).
+    a.probed(probes(false));
+    waits(&a.observe(Ok(&s), t0), "blockd keeps the lease");
+    assert!(a.probe_due(Some(t0), t0 + MS * 100), "not settled: probe at the next poll");
     a.probed(probes(true));
     waits(&a.observe(Ok(&s), at(0)), "blockd keeps the lease");
+    assert!(!a.probe_due(Some(at(0)), at(0) + MS * 100), "settled: every HEALTH_INTERVAL");
+    assert!(a.probe_due(Some(at(0)), at(1)));
     a.probed(probes(false));
     waits(&a.observe(Ok(&s), at(1)), "blockd keeps the lease");
     a.probed(probes(false));
@@ -349,7 +374,10 @@ fn row12b_a_failing_service_is_restarted_then_swapped_to_the_peer() {
     }
     a.probed(probes(false));
     match a.observe(Ok(&s), at(11)) {
-        Decision::Swap(why) => assert!(why.contains("service mariadb failing"), "{why}"),
+        Decision::Swap(r, why) => {
+            assert_eq!(r, "health: service mariadb");
+            assert!(why.contains("service mariadb failing"), "{why}");
+        }
         d => panic!("want Swap, got {d:?}"),
     }
     // Without probes in a poll nothing is decided about health.

@@ -14,7 +14,10 @@
 //! | 5 | failing for `restart-after`, `max-restarts` restarts within the window | move the stack to the peer (the agent swaps if the peer is ready, else restarts again) |
 //!
 //! Row 1 keeps the agent from restarting a service while an operator's promote is still
-//! bringing it up, and from looping on one that never worked (promote reported that).
+//! bringing it up, and from looping on one that never worked (promote reported that). Until
+//! every step has been seen healthy once ([`Health::settled`]), the agent probes at every
+//! poll rather than every [`HEALTH_INTERVAL`]: a service that died within a second of its
+//! promote finishing was otherwise never seen healthy, hence never restarted.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -47,6 +50,8 @@ pub struct Health {
     failing: HashMap<String, Instant>,
     /// When each step was restarted, within the window.
     restarts: HashMap<String, Vec<Instant>>,
+    /// Every step of the last probes was armed.
+    settled: bool,
 }
 
 impl Health {
@@ -58,7 +63,14 @@ impl Health {
             armed: HashSet::new(),
             failing: HashMap::new(),
             restarts: HashMap::new(),
+            settled: false,
         }
+    }
+
+    /// Every step probed last has been seen healthy since this node became Primary: probing
+    /// every [`HEALTH_INTERVAL`] is enough from now on.
+    pub fn settled(&self) -> bool {
+        self.settled
     }
 
     /// Checking is on (`restart-after` is not "0s").
@@ -71,6 +83,7 @@ impl Health {
         self.armed.clear();
         self.failing.clear();
         self.restarts.clear();
+        self.settled = false;
     }
 
     /// The probes taken at `now`: the first step that needs an action, if any.
@@ -104,6 +117,7 @@ impl Health {
                 Action::Restart(name.clone(), why)
             });
         }
+        self.settled = probes.iter().all(|(name, _)| self.armed.contains(name));
         action
     }
 
@@ -141,7 +155,22 @@ mod tests {
         let (mut h, t0) = (health(), Instant::now());
         for i in 0..100 {
             assert_eq!(h.observe(&probe(false), t0 + secs(i)), None);
+            assert!(!h.settled(), "the service was never seen healthy");
         }
+    }
+
+    #[test]
+    fn settled_once_every_step_was_healthy() {
+        let (mut h, t0) = (health(), Instant::now());
+        assert!(!h.settled(), "nothing probed yet");
+        h.observe(&probe(false), t0);
+        assert!(!h.settled(), "the mount is armed, the service not yet");
+        h.observe(&probe(true), t0 + secs(1));
+        assert!(h.settled());
+        h.observe(&probe(false), t0 + secs(2));
+        assert!(h.settled(), "a failure of an armed step keeps it settled");
+        h.reset();
+        assert!(!h.settled(), "a new Primary term starts over");
     }
 
     #[test]

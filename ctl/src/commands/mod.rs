@@ -17,6 +17,7 @@
 //! promoted while the filesystem may still be mounted here.
 
 pub mod agent;
+mod agent_state;
 pub mod events;
 #[cfg(test)]
 mod fake;
