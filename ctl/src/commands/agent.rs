@@ -11,6 +11,7 @@
 //! |---|----------------------------------|----------------------------------------|----------|
 //! | 1 | daemon unreachable               | -                                      | wait     |
 //! | 2 | Primary, lease epoch lost        | peer not connected                     | demote, then resolve --discard-local |
+//! | 2b| Secondary, demoted by row 2      | peer not connected again yet           | wait (rejoin and resync first) |
 //! | 3 | Primary                          | -                                      | wait (blockd keeps the lease) |
 //! | 4 | Secondary                        | peer connected                         | wait     |
 //! | 5 | Secondary                        | no witness configured                  | wait (manual only) |
@@ -127,6 +128,9 @@ pub struct Agent {
     witness: bool,
     /// Set at the first poll: the peer was already gone (nothing known about its last moments).
     gone_at_start: Option<bool>,
+    /// Row 2 ran: this node gave up its local changes and must resync from the peer before
+    /// anything else (set until the peer is connected again).
+    rejoining: bool,
     /// Since when this Secondary has seen its peer not connected.
     gone_since: Option<Instant>,
     /// The witness said the peer's last grant was degraded (or could not say): why no
@@ -156,6 +160,7 @@ impl Agent {
         Agent {
             witness,
             gone_at_start: None,
+            rejoining: false,
             gone_since: None,
             peer_degraded: None,
             quiet_until: None,
@@ -200,6 +205,11 @@ impl Agent {
         self.stack_up = up;
     }
 
+    /// Row 2 succeeded: demoted, local changes given up; wait for the peer (see `rejoining`).
+    pub fn demoted(&mut self) {
+        self.rejoining = true;
+    }
+
     /// Row 13 succeeded: the stale stack is down.
     pub fn recovered(&mut self) {
         self.stack_up.clear();
@@ -231,6 +241,7 @@ impl Agent {
             self.gone_since = None;
             self.peer_degraded = None;
             self.gone_at_start = Some(false);
+            self.rejoining = false;
         }
         let primary = s.volumes.iter().any(|v| v.role == Role::Primary);
         if let (false, Some(h)) = (primary, &mut self.health) {
@@ -269,6 +280,15 @@ impl Agent {
         if !self.witness {
             return Decision::Wait(
                 "Secondary, peer gone, no witness configured: promotion is manual".into(),
+            );
+        }
+        if self.rejoining {
+            // The peer holds what this node just gave up; until the handshake that resyncs it
+            // the witness would only say what the peer did meanwhile (degraded, surely).
+            return Decision::Wait(
+                "Secondary, demoted with its local changes given up: rejoining the peer first \
+                 (if it never returns, only an operator may promote here)"
+                    .into(),
             );
         }
         if self.gone_at_start == Some(true) {
@@ -652,8 +672,10 @@ async fn act(ctx: &Arc<Ctx>, agent: &mut Agent, decision: Decision, journal: &mu
     };
     let (decision, text) = match outcome {
         Ok(text) => {
-            if kind == "recover" {
-                agent.recovered();
+            match kind {
+                "recover" => agent.recovered(),
+                "demote" => agent.demoted(),
+                _ => {}
             }
             if let Some(reason) = &swap_reason {
                 journal.tally.swapped(reason);

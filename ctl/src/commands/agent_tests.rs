@@ -91,6 +91,25 @@ fn rows2_3_primary_waits_unless_its_lease_was_lost() {
     waits(&a.observe(Ok(&s), t), "blockd keeps the lease");
 }
 
+/// After row 2 (demoted, local changes given up) the node neither asks the witness nor asks
+/// for an operator while it reconnects: it waits for the peer (issue 16: the thawed node's
+/// agent said "promote by hand" during the handshake that resynced it).
+#[test]
+fn row2_a_demoted_node_rejoins_before_anything_else() {
+    let t = Instant::now();
+    let mut a = agent_peer_gone(t);
+    a.demoted();
+    let standalone = node(Role::Secondary, DiskState::UpToDate, ConnState::StandAlone);
+    for i in 0..20 {
+        let d = a.observe(Ok(&standalone), t + MS * (100 * i));
+        waits(&d, "rejoining the peer first");
+        assert!(!matches!(&d, Decision::Wait(w) if w.contains("by hand")), "{d:?}");
+    }
+    let connected = node(Role::Secondary, DiskState::UpToDate, ConnState::Connected);
+    waits(&a.observe(Ok(&connected), t + TERM), "peer connected");
+    assert_eq!(a.observe(Ok(&gone()), t + TERM * 2), Decision::Ask, "an ordinary Secondary again");
+}
+
 #[test]
 fn rows4_to_7_secondary_waits() {
     let t = Instant::now();
