@@ -353,6 +353,7 @@ fn failover_series(test: &str, kill: Kill, runs: usize) -> Vec<Duration> {
         let done = client.read().acked.len();
         client.wait_acked(done, 10, SYNC).unwrap_or_else(|e| panic!("run {run}: {e}"));
         let done = client.read().acked.len();
+        let (to_log, killed) = (c.log_text(to).len(), utc_now());
         let t0 = Instant::now();
         let frozen = take_down(&mut c, from, kill, &mut agents);
         let answered = mariadb::wait_select_1(&c, LIVENESS).unwrap_or_else(|e| {
@@ -367,7 +368,8 @@ fn failover_series(test: &str, kill: Kill, runs: usize) -> Vec<Duration> {
         client.wait_acked(done, 1, LIVENESS).unwrap_or_else(|e| panic!("run {run}: {e}"));
         let committed = t0.elapsed();
         if committed > Duration::from_secs(5) {
-            // Not an oracle: what the agents did, for the bench's slow runs.
+            // Not an oracle: where the time went, for the bench's slow runs (the agents' log
+            // has no timestamps; the survivor's blockd log has).
             for a in agents.iter().flatten() {
                 let log = a.log_text();
                 let tail: Vec<&str> = log.lines().rev().take(12).collect();
@@ -376,6 +378,20 @@ fn failover_series(test: &str, kill: Kill, runs: usize) -> Vec<Duration> {
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
+            let log = c.log_text(to);
+            let since: Vec<&str> = log[to_log.min(log.len())..]
+                .lines()
+                .filter(|l| {
+                    ["link down", "witness lease", "Promote", "no lease"]
+                        .iter()
+                        .any(|w| l.contains(w))
+                })
+                .collect();
+            eprintln!(
+                "slow run {run}: killed at {killed} UTC; {} since:\n{}",
+                to.name(),
+                since.join("\n")
+            );
         }
         times.push(answered - t0);
         eprintln!(
@@ -398,6 +414,13 @@ fn failover_series(test: &str, kill: Kill, runs: usize) -> Vec<Duration> {
     assert_no_lost_commit(&c, &log);
     eprintln!("{kill:?}: {runs} failovers, {} commits acknowledged, none lost", log.acked.len());
     times
+}
+
+/// The time of day now, UTC, as blockd's log writes it ("14:20:08.951").
+fn utc_now() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let s = t.as_secs() % 86_400;
+    format!("{:02}:{:02}:{:02}.{:03}", s / 3600, s / 60 % 60, s % 60, t.subsec_millis())
 }
 
 /// Waits until one node is Primary and the other a Connected, UpToDate Secondary; returns the
