@@ -76,10 +76,10 @@ impl LoopTracker {
     /// mount does.
     pub fn detach(&self, under: &Path) {
         for dev in self.devices(under) {
-            if let Some(o) = run_quiet(&mut cmd("losetup", &["-d", &dev]), LOSETUP_TIMEOUT) {
-                if !o.status.success() {
-                    eprintln!("cleanup: {o}");
-                }
+            match run_quiet(&mut cmd("losetup", &["-d", &dev]), LOSETUP_TIMEOUT) {
+                Some(o) if o.status.success() => {}
+                Some(o) => eprintln!("cleanup: {o}"),
+                None => eprintln!("cleanup: losetup -d {dev} did not finish"),
             }
         }
     }
