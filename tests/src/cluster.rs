@@ -30,6 +30,7 @@
 
 pub mod clients;
 pub mod failover;
+pub mod files;
 pub mod ganesha;
 pub mod lan;
 pub mod mariadb;
