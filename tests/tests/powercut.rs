@@ -142,6 +142,12 @@ fn round(rig: &mut Rig, cut: Cut, seed: u64, failover: bool) {
     eprintln!("round seed {seed}: cut {cut:?} of {} after {after:?}, {load:?}", p.name());
     let tag = format!("load-{seed}");
     let (mut writer, log) = flush_writer(rig.c.dir(), &rig.c.nbd_uri(p), &tag, load);
+    // The random moment counts from the first completed flush: on a loaded machine the first
+    // flush_every writes can take longer than the longest delay, and a cut before any flush
+    // checks nothing.
+    blockd_tests::cmd::wait_for("a first completed flush", Duration::from_secs(60), || {
+        log.exists() && flushed_floor(&log).2 > 0
+    });
     sleep(after);
     match cut {
         Cut::Primary => power_cut(rig, p),
