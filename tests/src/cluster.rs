@@ -30,6 +30,7 @@
 
 pub mod clients;
 pub mod failover;
+pub mod files;
 pub mod ganesha;
 pub mod lan;
 pub mod loops;
@@ -265,8 +266,8 @@ impl Cluster {
             None => self.netns[n.index()].command(blockd.as_os_str()),
         };
         c.arg("--config").arg(&d.config).arg("--node").arg(n.name());
-        c.env("NO_COLOR", "1")
-            .env_remove("BLOCKD_TEST_KEEP")
+        crate::without_test_knobs(&mut c)
+            .env("NO_COLOR", "1")
             .env("BLOCKD_STORAGE__ALLOCATE", crate::TEST_ALLOCATE)
             .envs(env.iter().copied())
             .stdin(Stdio::null());
@@ -367,8 +368,7 @@ impl Cluster {
             Some(lan) => lan.mount_ns(n).command(bin("blockctl")),
             None => std::process::Command::new(bin("blockctl")),
         };
-        // The harness's own variable is not a configuration key.
-        c.env_remove("BLOCKD_TEST_KEEP");
+        crate::without_test_knobs(&mut c);
         c.arg("--config").arg(self.config(n)).arg("--node").arg(n.name());
         c
     }

@@ -260,6 +260,11 @@ impl Background {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Whether the process has exited (or was waited for already).
+    pub fn has_exited(&mut self) -> bool {
+        !self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
 }
 
 impl Drop for Background {

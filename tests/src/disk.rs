@@ -10,8 +10,8 @@
 //!   serves what `disk.img` kept. Such a disk refuses `FALLOC_FL_PUNCH_HOLE` with EINVAL:
 //!   nbdfuse turns a punch into an NBD trim, which the cache filter may ignore (a trim is
 //!   advisory), so the range would not read back as zeroes as on a real file; refused, the
-//!   caller falls back to writing zeroes (blockd does). TRIM through blockd fails there too:
-//!   format without discard (`mkfs.ext4 -E nodiscard`).
+//!   caller falls back to writing zeroes (blockd does, for WRITE_ZEROES and TRIM alike; a loop
+//!   device sends its write-zeroes as punches, which nbdfuse turns into TRIMs).
 //! - `error`: the error filter fails every request with `errno` while the trigger file exists
 //!   ([`FaultDisk::fail`] / [`FaultDisk::heal`]).
 //! - `pause`: the pause filter holds every request from [`FaultDisk::pause`] to
@@ -33,7 +33,7 @@ use std::{
 };
 
 use crate::{
-    cmd::{kill_with_parent, signal, wait_until},
+    cmd::{cmd, kill_with_parent, run_timeout, signal, wait_until},
     mounts::NbdFuse,
 };
 
@@ -58,6 +58,8 @@ pub struct FaultDisk {
     dir: PathBuf,
     size: u64,
     faults: Faults,
+    /// The mount namespace (its file) nbdfuse mounts in; `None`: the test's own.
+    ns: Option<PathBuf>,
     nbdkit: Option<Child>,
     fuse: Option<NbdFuse>,
 }
@@ -70,7 +72,27 @@ impl FaultDisk {
         let image = dir.join("disk.img");
         let f = std::fs::File::create(&image).expect("create disk.img");
         f.set_len(size).expect("size disk.img");
-        let mut disk = FaultDisk { dir: dir.to_path_buf(), size, faults, nbdkit: None, fuse: None };
+        FaultDisk::serve(dir, size, faults, None)
+    }
+
+    /// A fault disk holding a copy of `from` (say a node's backing file, while its daemon is
+    /// stopped), its file mounted in the mount namespace bound to `ns` (a node of a
+    /// [`crate::cluster::Cluster::with_lan`] cluster: blockd there sees it, the test does not).
+    /// nbdkit runs in the test's namespaces: a node's `kill_node` leaves it to
+    /// [`FaultDisk::power_cut`].
+    pub fn on_node(dir: &Path, from: &Path, faults: Faults, ns: &Path) -> FaultDisk {
+        crate::require("nbdkit");
+        std::fs::create_dir_all(dir).expect("mkdir fault disk dir");
+        let image = dir.join("disk.img");
+        let mut cp = cmd("cp", &["--sparse=always"]);
+        run_timeout(cp.arg(from).arg(&image), Duration::from_secs(120));
+        let size = std::fs::metadata(&image).expect("stat disk.img").len();
+        FaultDisk::serve(dir, size, faults, Some(ns.to_path_buf()))
+    }
+
+    fn serve(dir: &Path, size: u64, faults: Faults, ns: Option<PathBuf>) -> FaultDisk {
+        let dir = dir.to_path_buf();
+        let mut disk = FaultDisk { dir, size, faults, ns, nbdkit: None, fuse: None };
         disk.power_on();
         disk
     }
@@ -119,7 +141,7 @@ impl FaultDisk {
         }
         self.nbdkit = Some(child);
         let uri = format!("nbd+unix:///?socket={}", socket.display());
-        self.fuse = Some(NbdFuse::attach(&self.dir.join("fuse"), &uri));
+        self.fuse = Some(NbdFuse::attach_in(&self.dir.join("fuse"), &uri, self.ns.as_deref()));
     }
 
     fn nbdkit_command(&self, socket: &Path) -> Command {

@@ -43,6 +43,19 @@ pub use node::{Node, TestDir};
 /// ("full") is tested where it matters (tests/tests/diskerror.rs).
 pub const TEST_ALLOCATE: &str = "sparse";
 
+/// Removes the test suite's own variables (`BLOCKD_TEST_KEEP`, `BLOCKD_POWERCUT_*`) from the
+/// environment of a blockd or blockctl command: their `BLOCKD_` prefix would make them
+/// configuration keys there, unknown ones, and the daemon would refuse to start.
+pub fn without_test_knobs(c: &mut std::process::Command) -> &mut std::process::Command {
+    c.env_remove("BLOCKD_TEST_KEEP");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("BLOCKD_POWERCUT_") {
+            c.env_remove(key);
+        }
+    }
+    c
+}
+
 /// Deterministic pseudo-random bytes (xorshift64*), so a test can regenerate what it wrote
 /// instead of keeping it in memory, and so a failure reproduces with the same data.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {

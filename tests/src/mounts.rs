@@ -20,12 +20,20 @@ const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct NbdFuse {
     mountpoint: PathBuf,
     log: PathBuf,
+    /// The mount namespace (its file) the mount lives in; `None`: the test's own.
+    ns: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl NbdFuse {
     /// Mounts `uri` on `mountpoint` (created) and waits until the file is there.
     pub fn attach(mountpoint: &Path, uri: &str) -> NbdFuse {
+        NbdFuse::attach_in(mountpoint, uri, None)
+    }
+
+    /// [`NbdFuse::attach`] inside the mount namespace bound to `ns` (a node's, see
+    /// [`crate::cluster::mountns`]): only processes of that namespace see the file.
+    pub fn attach_in(mountpoint: &Path, uri: &str, ns: Option<&Path>) -> NbdFuse {
         crate::require("nbdfuse");
         crate::require("fusermount3");
         ensure_fuse();
@@ -34,12 +42,14 @@ impl NbdFuse {
         let pidfile = mountpoint.with_extension("nbdfuse.pid");
         let _ = std::fs::remove_file(&pidfile);
         let logf = File::create(&log).expect("nbdfuse log");
-        let mut c = Command::new("nbdfuse");
+        let ns = ns.map(Path::to_path_buf);
+        let mut c = in_ns(ns.as_deref(), "nbdfuse");
         c.arg("-P").arg(&pidfile).arg(mountpoint.join("disk")).arg(uri);
         c.stdin(Stdio::null()).stdout(logf.try_clone().expect("dup")).stderr(logf);
         kill_with_parent(&mut c);
         let child = c.spawn().expect("start nbdfuse");
-        let mut fuse = NbdFuse { mountpoint: mountpoint.to_path_buf(), log, child: Some(child) };
+        let mp = mountpoint.to_path_buf();
+        let mut fuse = NbdFuse { mountpoint: mp, log, ns, child: Some(child) };
         fuse.wait_ready(&pidfile);
         fuse
     }
@@ -55,7 +65,10 @@ impl NbdFuse {
             assert!(Instant::now() < deadline, "nbdfuse not ready:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(self.file().is_file(), "{} missing after nbdfuse start", self.file().display());
+        let mut test = in_ns(self.ns.as_deref(), "test");
+        test.arg("-f").arg(self.file());
+        let found = run_quiet(&mut test, MOUNT_TIMEOUT).is_some_and(|o| o.status.success());
+        assert!(found, "{} missing after nbdfuse start", self.file().display());
     }
 
     /// The file that stands for the NBD export.
@@ -69,7 +82,8 @@ impl NbdFuse {
 
     /// Unmounts and waits for nbdfuse to exit 0 (it flushes and disconnects on the way out).
     pub fn detach(mut self) {
-        run_timeout(cmd("fusermount3", &["-u"]).arg(&self.mountpoint), MOUNT_TIMEOUT);
+        let mut umount = in_ns(self.ns.as_deref(), "fusermount3");
+        run_timeout(umount.arg("-u").arg(&self.mountpoint), MOUNT_TIMEOUT);
         let mut child = self.child.take().expect("nbdfuse running");
         let status = wait_until(&mut child, Instant::now() + MOUNT_TIMEOUT);
         let Some(status) = status else {
@@ -84,9 +98,11 @@ impl NbdFuse {
 impl Drop for NbdFuse {
     fn drop(&mut self) {
         let Some(mut child) = self.child.take() else { return };
-        let out = run_quiet(cmd("fusermount3", &["-u", "-z"]).arg(&self.mountpoint), MOUNT_TIMEOUT);
+        let mut umount = in_ns(self.ns.as_deref(), "fusermount3");
+        let out = run_quiet(umount.args(["-u", "-z"]).arg(&self.mountpoint), MOUNT_TIMEOUT);
         if !out.is_some_and(|o| o.status.success()) {
-            let _ = run_quiet(cmd("umount", &["-l"]).arg(&self.mountpoint), MOUNT_TIMEOUT);
+            let mut lazy = in_ns(self.ns.as_deref(), "umount");
+            let _ = run_quiet(lazy.arg("-l").arg(&self.mountpoint), MOUNT_TIMEOUT);
         }
         if wait_until(&mut child, Instant::now() + Duration::from_secs(5)).is_none() {
             signal(child.id(), libc::SIGKILL);
@@ -95,6 +111,19 @@ impl Drop for NbdFuse {
         if std::thread::panicking() {
             eprintln!("----- nbdfuse log -----\n{}", self.log_text());
         }
+    }
+}
+
+/// `program` in the mount namespace bound to `ns` (nsenter execs it: the pid is the
+/// program's own), or in the test's own namespace.
+fn in_ns(ns: Option<&Path>, program: &str) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--mount={}", ns.display())).arg(program);
+            c
+        }
+        None => Command::new(program),
     }
 }
 

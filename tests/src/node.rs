@@ -133,7 +133,7 @@ impl Node {
         writeln!(log, "===== blockd start =====").expect("write log");
         let mut c = Command::new(bin("blockd"));
         c.arg("--config").arg(&self.config).arg("--node").arg(&self.name);
-        c.env("NO_COLOR", "1").env_remove("BLOCKD_TEST_KEEP").stdin(Stdio::null());
+        crate::without_test_knobs(&mut c).env("NO_COLOR", "1").stdin(Stdio::null());
         c.env("BLOCKD_STORAGE__ALLOCATE", crate::TEST_ALLOCATE);
         c.stdout(log.try_clone().expect("dup log")).stderr(log);
         kill_with_parent(&mut c);
@@ -195,7 +195,7 @@ impl Node {
     /// A `blockctl` command for this node, arguments still to add.
     pub fn blockctl(&self) -> Command {
         let mut c = Command::new(bin("blockctl"));
-        c.env_remove("BLOCKD_TEST_KEEP");
+        crate::without_test_knobs(&mut c);
         c.arg("--config").arg(&self.config).arg("--node").arg(&self.name);
         c
     }

@@ -11,10 +11,7 @@
 //! Timing figures (promote duration by step, kill → `SELECT 1` through the VIP) are printed
 //! with eprintln; `cargo test -- --nocapture` shows them.
 
-use std::{
-    collections::BTreeSet,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use blockd_tests::{
     cluster::{
@@ -83,24 +80,6 @@ fn fail_over(c: &mut Cluster, from: NodeId) -> (Duration, Duration, Duration) {
         total.as_secs_f64()
     );
     (detect, promote, total)
-}
-
-/// Every acknowledged id is in the table, and the table has no gap (a failed id is retried
-/// until it commits, so 1..=max must all be there).
-fn assert_no_lost_commit(c: &Cluster, log: &ClientLog) -> BTreeSet<u64> {
-    let ids = mariadb::ids(c);
-    let lost: Vec<u64> = log.acked.iter().filter(|id| !ids.contains(id)).copied().collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged ids missing, first {:?}",
-        lost.len(),
-        log.acked.len(),
-        &lost[..lost.len().min(10)]
-    );
-    let max = ids.iter().max().copied().unwrap_or(0);
-    let gaps: Vec<u64> = (1..=max).filter(|i| !ids.contains(i)).take(10).collect();
-    assert!(gaps.is_empty(), "ids missing below the highest ({max}): {gaps:?}");
-    ids
 }
 
 /// The harness itself: bridge and client namespace, per-node mount namespaces (isolated
@@ -263,7 +242,7 @@ fn kill_primary_then_force_promote_keeps_every_commit() {
 
     client.wait_acked(acked_at_kill, 30, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
     let log = client.stop();
-    let ids = assert_no_lost_commit(&c, &log);
+    let ids = mariadb::assert_no_lost_commit(&c, &log);
     eprintln!(
         "{} commits acknowledged ({acked_at_kill} before the kill), {} rows; {}",
         log.acked.len(),
@@ -303,7 +282,7 @@ fn swap_under_load_loses_nothing() {
     assert!(after_reconnect.is_empty(), "commits failed after reconnect: {after_reconnect:#?}");
     let sessions_lost = log.failures.iter().filter(|f| f.statement && f.ok_on_conn > 0).count();
     assert!(sessions_lost <= 2, "{sessions_lost} sessions lost for 2 swaps: {:#?}", log.failures);
-    assert_no_lost_commit(&c, &log);
+    mariadb::assert_no_lost_commit(&c, &log);
 }
 
 /// Each failure injected in turn (fsck, mount, MariaDB start, VIP held elsewhere) makes

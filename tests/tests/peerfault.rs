@@ -1,13 +1,14 @@
 //! A peer whose disk hangs, is slow, or is flooded (issue 17, "hung peers, bounded memory"), on
 //! the two-node harness with real faults: beta's backing is a [`FaultDisk`] (nbdkit's pause
 //! or delay filter behind nbdfuse). Every test ends with both nodes in sync, the backing files
-//! byte-identical and `blockctl verify` finding 0 differences.
+//! byte-identical and `blockctl verify` finding 0 differences. The same hung disk under the
+//! Primary shows that a stop whose drain could not finish is not recorded as clean.
 
 use std::time::{Duration, Instant};
 
 use blockd_tests::{
     cluster::{clients::FioRun, Alpha, Beta, Cluster, NodeId, PEER_TIMEOUT},
-    cmd::{cmd, try_run, Output},
+    cmd::{cmd, signal, try_run, Background, Output},
     disk::{FaultDisk, Faults},
 };
 use serde_json::Value;
@@ -104,6 +105,76 @@ fn hung_peer_disk_costs_at_most_peer_timeout() {
     assert!(counter(&v, "connects") > before, "the pair reconnected: {v:#}");
     reads_back(&c, 8 * MIB, 0x5a);
     reads_back(&c, 16 * MIB, 0x6b);
+}
+
+/// The last start of `n`'s daemon, from its log.
+fn last_start_log(c: &Cluster, n: NodeId) -> String {
+    let log = c.log_text(n);
+    log.rsplit("===== blockd start").next().unwrap_or_default().to_string()
+}
+
+/// The clean-shutdown flag of `n`'s superblock (`<data-dir>/<volume>.meta`: two 4 KiB slots,
+/// the one with the higher sequence number is current; flags at byte 36, clean = 4; see
+/// blockd/src/meta/format.rs).
+fn recorded_clean(c: &Cluster, n: NodeId) -> bool {
+    let meta = std::fs::read(c.backing(n).with_extension("meta")).expect("read .meta");
+    let le = |b: &[u8], off: usize, len: usize| {
+        b[off..off + len].iter().rev().fold(0u64, |v, &x| (v << 8) | u64::from(x))
+    };
+    let current = [&meta[..4096], &meta[4096..8192]]
+        .into_iter()
+        .filter(|slot| &slot[..8] == b"BLKDMETA")
+        .max_by_key(|slot| le(slot, 16, 8))
+        .expect("a superblock slot");
+    le(current, 36, 4) & 4 != 0
+}
+
+/// A stop whose drain could not finish is not recorded as clean: beta (Primary) has a write
+/// held by its own hung disk when it gets SIGTERM, and a second SIGTERM ends the drain with
+/// the write still in flight. The disk comes back during the final flush, which then
+/// succeeds: only the unfinished drain says the stop was not orderly. The next start treats
+/// the volume as crashed (the activity log's extents go into the bitmap); the pair converges.
+#[test]
+fn stop_with_a_request_in_flight_is_not_recorded_clean() {
+    let faults = Faults { pause: true, ..Faults::default() };
+    let (mut c, disk) = on_fault_disk("unclean-stop", 64 * MIB, faults, &[]);
+    c.role(Alpha, "secondary", false).expect("demote alpha");
+    c.role(Beta, "primary", false).expect("promote beta");
+    c.wait_for(Beta, "role Primary", Duration::from_secs(10), |v| v["role"] == "Primary");
+    c.stop(Beta);
+    assert!(recorded_clean(&c, Beta), "an orderly stop is recorded as clean");
+    c.start(Beta);
+    c.wait_in_sync(Duration::from_secs(60));
+    c.role(Beta, "primary", false).expect("promote beta");
+
+    disk.pause();
+    let mut q = cmd("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 8m 4k"]);
+    q.arg(c.nbd_uri(Beta));
+    let mut writer = Background::spawn(&mut q, &c.dir().join("inflight-write.log"));
+    // Long enough for qemu-io to connect and send its write.
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(c.pid(Beta), libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(2));
+            disk.resume();
+        });
+        c.stop(Beta); // the second SIGTERM: the drain stops waiting for the connection
+    });
+    let _ = writer.wait(Duration::from_secs(10));
+    let stopped = last_start_log(&c, Beta);
+    assert!(
+        stopped.contains("again: not waiting for connections tasks=1"),
+        "the drain was meant to end with the write in flight:\n{stopped}"
+    );
+    assert!(stopped.contains("INFO blockd::daemon: stopped"), "{stopped}");
+    assert!(!recorded_clean(&c, Beta), "a stop with a write in flight was recorded as clean");
+
+    c.start(Beta);
+    c.wait_in_sync(Duration::from_secs(120));
+    c.role(Alpha, "primary", false).expect("promote alpha");
+    assert_converged(&c);
 }
 
 /// Beta's disk is slow (20 ms per write and flush): writes slow down, but the peer is never

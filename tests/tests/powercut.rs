@@ -133,7 +133,9 @@ fn round(rig: &mut Rig, cut: Cut, seed: u64, failover: bool) {
     let (p, s) = (rig.primary, rig.primary.other());
     let load = FlushLoad {
         seed,
-        secs: 4,
+        // Long enough for a first flush and the delay after it on a loaded machine; the cut
+        // ends the load early.
+        secs: 12,
         nblocks: SIZE / 4096,
         depth: 1 + (next(&mut rng) % 16) as u32,
         flush_every: 20 + (next(&mut rng) % 80) as u32,
@@ -142,6 +144,12 @@ fn round(rig: &mut Rig, cut: Cut, seed: u64, failover: bool) {
     eprintln!("round seed {seed}: cut {cut:?} of {} after {after:?}, {load:?}", p.name());
     let tag = format!("load-{seed}");
     let (mut writer, log) = flush_writer(rig.c.dir(), &rig.c.nbd_uri(p), &tag, load);
+    // The random moment counts from the first completed flush: on a loaded machine the first
+    // flush_every writes can take longer than the longest delay, and a cut before any flush
+    // checks nothing.
+    blockd_tests::cmd::wait_for("a first completed flush", Duration::from_secs(60), || {
+        log.exists() && flushed_floor(&log).2 > 0 || writer.has_exited()
+    });
     sleep(after);
     match cut {
         Cut::Primary => power_cut(rig, p),

@@ -251,9 +251,11 @@ impl Store {
         .map(|_| ())
     }
 
-    /// Discards the whole allocation units inside `offset..offset+len`: a hint, so partial
-    /// units are left alone and a backing that cannot punch (EOPNOTSUPP) counts as success.
-    /// Afterwards the punched units read as zeroes on files; the rest is unchanged.
+    /// Discards the whole allocation units inside `offset..offset+len`; partial units are left
+    /// alone. Afterwards those units read as zeroes: a backing that cannot punch them
+    /// (EOPNOTSUPP/EINVAL) gets them zeroed instead, as the peer's punched copy reads zeroes
+    /// and the replicas must not differ unrecorded (and a loop device sends its WRITE_ZEROES
+    /// through nbdfuse as a trim: ext4 relies on those zeroes).
     ///
     /// Contract: as for [`write`](Self::write), the caller holds [`lock_span`](Self::lock_span).
     pub async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -263,10 +265,7 @@ impl Store {
         if a >= e {
             return Ok(());
         }
-        match self.run(Op::PunchHole { offset: a, len: e - a }).await.result {
-            Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-            r => r,
-        }
+        self.zero_units(a, e - a, true).await
     }
 
     /// Returns once every write completed before the call is on stable storage (`fdatasync`).

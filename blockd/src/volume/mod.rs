@@ -32,6 +32,7 @@ mod peer;
 mod resync;
 mod state;
 mod track;
+mod wide;
 
 use std::{
     io,
@@ -424,8 +425,8 @@ impl Volume {
             true => self.admit(range.clone()).await?,
             false => false,
         };
-        let admitted =
-            Admitted { track: &self.track, range: range.clone(), pinned: tracked && !wide };
+        let pinned = tracked && !wide;
+        let admitted = Admitted { track: &self.track, range: range.clone(), pinned, wide };
         let failed = self.detached();
         let (local, msg) = prepare(session.is_some());
         let Some((session, msg)) = session.zip(msg) else {
@@ -620,12 +621,16 @@ struct Admitted<'a> {
     track: &'a track::Tracker,
     range: std::ops::Range<u64>,
     pinned: bool,
+    wide: bool,
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         if self.pinned {
             self.track.done(self.range.clone());
+        }
+        if self.wide {
+            self.track.wide_release(&self.range);
         }
     }
 }

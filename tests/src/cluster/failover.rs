@@ -11,7 +11,10 @@ use super::{
     lan::{Lan, IFACE},
     Cluster, NodeId,
 };
-use crate::cmd::{run_timeout, signal, try_run, Output};
+use crate::{
+    cmd::{run_timeout, signal, try_run, Output},
+    disk::FaultDisk,
+};
 
 /// Bound of one `blockctl promote/demote/swap` (a plan of steps each bounded by 60 s).
 pub const PLAN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -53,6 +56,32 @@ impl Cluster {
         if self.nodes[n.index()].child.is_some() {
             self.kill(n);
         }
+    }
+
+    /// A power cut of `n`, whose backing is `disk`: its link goes down (nothing more gets
+    /// out), blockd and the disk's nbdkit get SIGKILL (what the disk had not flushed is
+    /// gone), then every other process on the node. Mounts stay, as after a kill_node.
+    pub fn power_cut_node(&mut self, n: NodeId, disk: &mut FaultDisk) {
+        self.netns(n).ip(&["link", "set", IFACE, "down"]);
+        self.kill(n);
+        disk.power_cut();
+        self.kill_processes(n);
+    }
+
+    /// Power back on after [`Cluster::power_cut_node`]: the reboot's cleanup, the disk, blockd.
+    pub fn power_on_node(&mut self, n: NodeId, disk: &mut FaultDisk) {
+        self.reboot_node(n);
+        disk.power_on();
+        self.start(n);
+    }
+
+    /// [`Cluster::assert_identical`] run on `n`, whose backing may be a fault disk mounted in
+    /// its mount namespace only ([`FaultDisk::on_node`]).
+    #[track_caller]
+    pub fn assert_identical_on(&self, n: NodeId) {
+        let (a, b) = (self.backing(super::Alpha), self.backing(super::Beta));
+        let out = self.run_on(n, &format!("cmp {} {}", a.display(), b.display()));
+        assert!(out.status.success(), "backing files differ (cmp on {}):\n{out}", n.name());
     }
 
     /// After [`Cluster::kill_node`], what a reboot of `n` would clear: the mounts and loop

@@ -132,6 +132,24 @@ pub fn ids(c: &Cluster) -> BTreeSet<u64> {
     out.stdout.lines().map(|l| l.trim().parse().expect("numeric id")).collect()
 }
 
+/// Every acknowledged id is in the table, and the table has no gap (a failed id is retried
+/// until it commits, so 1..=max must all be there).
+pub fn assert_no_lost_commit(c: &Cluster, log: &ClientLog) -> BTreeSet<u64> {
+    let ids = ids(c);
+    let lost: Vec<u64> = log.acked.iter().filter(|id| !ids.contains(id)).copied().collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged ids missing, first {:?}",
+        lost.len(),
+        log.acked.len(),
+        &lost[..lost.len().min(10)]
+    );
+    let max = ids.iter().max().copied().unwrap_or(0);
+    let gaps: Vec<u64> = (1..=max).filter(|i| !ids.contains(i)).take(10).collect();
+    assert!(gaps.is_empty(), "ids missing below the highest ({max}): {gaps:?}");
+    ids
+}
+
 /// One failed statement or connection of the client.
 #[derive(Debug, Clone)]
 pub struct Failure {
