@@ -374,7 +374,7 @@ fn alpha_with_data(test: &str) -> Cluster {
     let mut c = Cluster::new(test, "64MiB");
     c.start(Alpha);
     c.role(Alpha, "primary", true).unwrap_or_else(|e| panic!("role primary --force on alpha: {e}"));
-    qemu_io(&c, Alpha, "write -P 0xa5 0 1M");
+    c.qemu_io(Alpha, "write -P 0xa5 0 1M");
     c
 }
 
@@ -419,7 +419,7 @@ fn assert_untouched(c: &Cluster) {
     let beta = std::fs::read(c.backing(Beta)).expect("read beta's backing");
     let touched = beta.iter().position(|&b| b != 0);
     assert_eq!(touched, None, "beta's backing was written although the link was refused");
-    qemu_io(c, Alpha, "read -P 0xa5 0 1M");
+    c.qemu_io(Alpha, "read -P 0xa5 0 1M");
 }
 
 /// Positive control after a refusal: beta restarted with the shared config connects, the
@@ -583,10 +583,10 @@ fn corrupted_frame_is_detected_and_never_applied() {
     c.wait_in_sync(SYNC_TIMEOUT);
     c.role(Alpha, "primary", false).unwrap_or_else(|e| panic!("role primary on alpha: {e}"));
 
-    qemu_io(&c, Alpha, "write -P 0x11 1M 64k");
-    assert_eq!(backing_at(&c, Beta, 1 << 20, 65536), vec![0x11; 65536], "proxy not transparent");
+    c.qemu_io(Alpha, "write -P 0x11 1M 64k");
+    assert_eq!(c.backing_at(Beta, 1 << 20, 65536), vec![0x11; 65536], "proxy not transparent");
     proxy.arm();
-    qemu_io(&c, Alpha, "write -P 0x5a 4M 4k");
+    c.qemu_io(Alpha, "write -P 0x5a 4M 4k");
     let corrupted = proxy.corrupted();
     assert!(
         corrupted.is_some_and(|n| n > 4096),
@@ -598,13 +598,13 @@ fn corrupted_frame_is_detected_and_never_applied() {
     let line =
         line.unwrap_or_else(|| panic!("no warning of beta says authentication: {warned:#?}"));
     eprintln!("beta: log {line}");
-    assert_eq!(backing_at(&c, Beta, 4 << 20, 4096), vec![0; 4096], "corrupted WRITE applied");
+    assert_eq!(c.backing_at(Beta, 4 << 20, 4096), vec![0; 4096], "corrupted WRITE applied");
     let a = c.wait_for(Alpha, "degraded", PEER_TIMEOUT, |v| !is_connected(v));
     assert!(a["out_of_sync"].as_u64() >= Some(4096), "the write must be out of sync: {a}");
 
     proxy.release();
     c.wait_in_sync(SYNC_TIMEOUT);
-    assert_eq!(backing_at(&c, Beta, 4 << 20, 4096), vec![0x5a; 4096], "resync did not repair");
+    assert_eq!(c.backing_at(Beta, 4 << 20, 4096), vec![0x5a; 4096], "resync did not repair");
     c.assert_identical();
 }
 
@@ -629,19 +629,4 @@ fn periodic_peer_flush_follows_writes_and_stops_when_idle() {
         "no flushes without writes: {}",
         c.vol(Alpha)
     );
-}
-
-/// Runs one qemu-io command against `n`'s export; panics unless it succeeds.
-fn qemu_io(c: &Cluster, n: NodeId, command: &str) {
-    let mut q = cmd("qemu-io", &["-f", "raw", &c.nbd_uri(n), "-c", command]);
-    let out = try_run(&mut q, Duration::from_secs(30));
-    assert!(out.status.success() && !out.stdout.contains("failed"), "qemu-io {command}:\n{out}");
-}
-
-fn backing_at(c: &Cluster, n: NodeId, offset: u64, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(c.backing(n)).expect("open backing");
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset).expect("read backing");
-    buf
 }

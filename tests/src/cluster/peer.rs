@@ -150,6 +150,9 @@ pub fn frame(msg: Message) -> Frame {
     Frame { volume: 0, id: 0, reply: false, msg }
 }
 
+/// How much of a connection a [`Proxy`] records.
+const RECORD_MAX: usize = 8 << 20;
+
 /// State shared by a [`Proxy`]'s threads.
 #[derive(Default)]
 struct ProxyState {
@@ -158,6 +161,8 @@ struct ProxyState {
     blocked: AtomicBool,
     /// Length of the record that was corrupted.
     corrupted: Mutex<Option<usize>>,
+    /// What the dialer sent on the latest connection (the first [`RECORD_MAX`] bytes).
+    recorded: Mutex<Vec<u8>>,
     /// Every stream, to shut them down on drop.
     streams: Mutex<Vec<TcpStream>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -191,6 +196,12 @@ impl Proxy {
     /// The length of the record that was corrupted, once one was.
     pub fn corrupted(&self) -> Option<usize> {
         *self.state.corrupted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bytes the dialing node sent on the latest connection, as they went over the wire
+    /// (for replaying them, or looking for plaintext).
+    pub fn recorded(&self) -> Vec<u8> {
+        self.state.recorded.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Accepts and forwards connections again.
@@ -256,8 +267,13 @@ fn forward_frames(mut from: TcpStream, mut to: TcpStream, st: &ProxyState) {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 1 << 16];
     let mut clear = 2;
+    st.recorded.lock().unwrap_or_else(|p| p.into_inner()).clear();
     while let Ok(n @ 1..) = from.read(&mut chunk) {
         buf.extend_from_slice(&chunk[..n]);
+        let mut rec = st.recorded.lock().unwrap_or_else(|p| p.into_inner());
+        let room = RECORD_MAX.saturating_sub(rec.len()).min(n);
+        rec.extend_from_slice(&chunk[..room]);
+        drop(rec);
         while let Some(used) = unit_len(&buf, clear) {
             if buf.len() < used {
                 break;
