@@ -12,10 +12,14 @@ use std::{
 };
 
 use blockd::replication::wire::{Frame, Message};
-use blockd_tests::cluster::{
-    netns::VETH,
-    peer::{Proxy, Wire},
-    Alpha, Beta, Cluster, NodeId, PORT,
+use blockd_tests::{
+    cluster::{
+        netns::VETH,
+        peer::{Proxy, Wire},
+        Alpha, Beta, Cluster, NodeId, PORT,
+    },
+    cmd::{cmd, run_timeout, signal, Background},
+    pattern,
 };
 use bytes::Bytes;
 
@@ -167,4 +171,57 @@ fn a_recorded_session_replayed_into_a_new_connection_is_refused() {
         vec![0x44; 4096],
         "the replayed WRITE was applied"
     );
+}
+
+/// `tcpdump -w` on beta's end of the veth while alpha writes 1 MiB of a recognisable
+/// pseudo-random pattern: with encryption on, none of 16 64-byte samples of it is in the
+/// capture; with "off" they are (the search can find them, so the "on" result means something).
+#[test]
+fn a_capture_of_the_link_shows_the_data_only_with_encryption_off() {
+    let data = pattern(0x11c4, 1 << 20);
+    let samples: Vec<&[u8]> = (0..16).map(|k| &data[k * 65536 + 1000..k * 65536 + 1064]).collect();
+    for (encryption, visible) in [("on", false), ("off", true)] {
+        let c = connected(&format!("linksec-capture-{encryption}"), |c| {
+            let mut spec = c.spec();
+            spec.cluster_toml = format!("encryption = \"{encryption}\"\n");
+            let shared = c.config(Alpha).to_path_buf();
+            c.write_config(&shared, &spec);
+        });
+        let file = c.dir().join("pattern.bin");
+        std::fs::write(&file, &data).expect("write the pattern file");
+        let pcap = c.dir().join("link.pcap");
+        let mut dump = c.netns(Beta).command("tcpdump".as_ref());
+        dump.args(["-i", VETH, "-U", "-B", "32768", "-s", "0", "-w"]).arg(&pcap).args([
+            "tcp",
+            "port",
+            &PORT.to_string(),
+        ]);
+        let mut dump = Background::spawn(&mut dump, &c.dir().join("tcpdump.log"));
+        let listening = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            dump.log_text().contains("listening on")
+        });
+        assert!(listening, "tcpdump did not start: {}", dump.log_text());
+        let uri = c.nbd_uri(Alpha);
+        run_timeout(
+            &mut cmd("nbdcopy", &[file.to_str().expect("utf-8 path"), &uri]),
+            Duration::from_secs(30),
+        );
+        assert_eq!(c.backing_at(Beta, 0, 4096), data[..4096], "the pattern must reach beta");
+        std::thread::sleep(Duration::from_millis(300));
+        signal(dump.pid(), libc::SIGINT);
+        dump.wait(Duration::from_secs(5));
+        let captured = std::fs::read(&pcap).expect("read the capture");
+        assert!(captured.len() > 512 << 10, "capture too small: {} bytes", captured.len());
+        let found = samples.iter().filter(|s| captured.windows(64).any(|w| w == **s)).count();
+        eprintln!(
+            "encryption = {encryption}: {found} of 16 samples in {} captured bytes",
+            captured.len()
+        );
+        if visible {
+            assert!(found >= 8, "with encryption off the data must be in the capture: {found}/16");
+        } else {
+            assert_eq!(found, 0, "with encryption on no sample may be in the capture");
+        }
+    }
 }

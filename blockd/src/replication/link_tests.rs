@@ -350,6 +350,40 @@ async fn corrupted_frame_drops_the_session_and_is_never_applied() {
     assert!(!sa.is_open());
 }
 
+/// A record dropped, duplicated or reordered on the way (the fake peer plays the relay): the
+/// session ends at that record, which is never delivered; the ones before it are.
+#[tokio::test]
+async fn dropped_duplicated_or_reordered_records_end_the_session() {
+    for case in ["dropped", "duplicated", "reordered"] {
+        let (ca, cb) = pair();
+        let mut a = run(ca, Tuning { higher_dial_delay: WAIT * 10, ..fast() });
+        let (mut f, _) = fake_peer(&cb.0).await.unwrap();
+        let sa = up(&mut a).await;
+        let recs: Vec<_> = (1..=3u64)
+            .map(|id| f.ch.tx.seal(&Frame { volume: 0, id, reply: false, msg: write4k() }).unwrap())
+            .collect();
+        let order: &[usize] = match case {
+            "dropped" => &[0, 2],
+            "duplicated" => &[0, 0, 1],
+            _ => &[0, 2, 1],
+        };
+        for &i in order {
+            f.s.write_all(&recs[i]).await.unwrap();
+        }
+        match next(&mut a).await {
+            LinkEvent::Request { msg, .. } => assert_eq!(msg, write4k(), "{case}"),
+            e => panic!("{case}: expected the first write, got {e:?}"),
+        }
+        match next(&mut a).await {
+            LinkEvent::Down { session, reason } => {
+                assert_eq!(session, sa.id(), "{case}");
+                assert!(reason.contains("failed authentication"), "{case}: {reason}");
+            }
+            e => panic!("{case}: the changed stream must end the session: {e:?}"),
+        }
+    }
+}
+
 /// Fills the socket so that direct writes go partial and the writer task must finish them
 /// (`skip`), then checks that the fake peer receives every frame intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
