@@ -11,14 +11,14 @@ use std::{
     time::Duration,
 };
 
-use blockd::replication::wire::{Frame, Message};
+use blockd::replication::wire::{self, Frame, Header, Message};
 use blockd_tests::{
     cluster::{
         netns::VETH,
         peer::{Proxy, Wire},
         Alpha, Beta, Cluster, NodeId, PORT,
     },
-    cmd::{cmd, run_timeout, signal, Background},
+    cmd::{cmd, run_timeout, signal, status_kib, Background},
     pattern,
 };
 use bytes::Bytes;
@@ -224,4 +224,56 @@ fn a_capture_of_the_link_shows_the_data_only_with_encryption_off() {
             assert_eq!(found, 0, "with encryption on no sample may be in the capture");
         }
     }
+}
+
+/// Unauthenticated connections that announce and send 32 MiB frames (a WRITE after the HELLO,
+/// four at a time, three rounds): beta refuses each from its header, and the peak of its
+/// resident memory (VmHWM, which also catches memory freed again) grows by less than one such
+/// frame.
+#[test]
+fn unauthenticated_big_frames_leave_the_secondarys_memory_flat() {
+    let c = connected("linksec-rss", |_| {});
+    let pid = c.pid(Beta);
+    let before = status_kib(pid, "VmHWM:");
+    let hello = Message::Hello {
+        version: wire::PROTOCOL_VERSION,
+        node: "alpha".into(),
+        instance: 9,
+        encrypt: true,
+    };
+    let header = wire::encode_header(&Header {
+        magic: wire::MAGIC,
+        version: wire::PROTOCOL_VERSION,
+        kind: wire::kind::WRITE,
+        length: wire::MAX_DATA as u64,
+        payload_len: wire::MAX_DATA as u32,
+        ..Header::default()
+    });
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..3 {
+        let conns: Vec<Wire> = (0..4).map(|_| dial(&c, Beta)).collect();
+        let sent: Vec<_> = conns
+            .into_iter()
+            .map(|mut w| {
+                let (hello, header, chunk) = (hello.clone(), header, chunk.clone());
+                std::thread::spawn(move || {
+                    w.send(&Frame { volume: 0, id: 0, reply: false, msg: hello });
+                    let mut sent = 0;
+                    let mut go = w.try_send_raw(&header).is_ok();
+                    while go && sent < wire::MAX_DATA {
+                        go = w.try_send_raw(&chunk).is_ok();
+                        sent += chunk.len();
+                    }
+                    w.closed_within(WAIT)
+                })
+            })
+            .collect();
+        for t in sent {
+            assert!(t.join().expect("attacker thread"), "beta must close the connection");
+        }
+    }
+    let after = status_kib(pid, "VmHWM:");
+    eprintln!("beta's peak VmRSS {before} KiB before, {after} KiB after");
+    assert!(after < before + 16 * 1024, "beta's memory grew from {before} to {after} KiB");
+    assert_eq!(c.vol(Beta)["conn"], "Connected");
 }

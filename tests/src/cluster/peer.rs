@@ -66,6 +66,11 @@ impl Wire {
         self.stream.write_all(bytes).expect("send to the node");
     }
 
+    /// Sends bytes the node may refuse halfway (it closes the connection).
+    pub fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
     /// Seals `frame` into the next record of `ch` and sends it.
     pub fn send_sealed(&mut self, ch: &mut Channel, frame: &Frame) {
         let rec = ch.tx.seal(frame).expect("seal");
