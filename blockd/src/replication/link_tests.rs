@@ -213,6 +213,40 @@ async fn volume_size_mismatch_is_refused_naming_both() {
     assert!(r.contains("4194304") && r.contains("8388608"), "{r}");
 }
 
+/// The next Up, skipping refusals (a rotation's refused dials).
+async fn up_after_refusals(n: &mut Node) -> Session {
+    loop {
+        match next(n).await {
+            LinkEvent::Up(s) => return s,
+            LinkEvent::Refused { .. } => {}
+            e => panic!("expected Up, got {e:?}"),
+        }
+    }
+}
+
+/// Halfway through a secret rotation: alpha has the new secret and keeps the old one as the
+/// previous; beta has only the old one. Alpha's dials (new secret) are refused, beta's (old)
+/// are accepted, so the pair connects. Without the previous secret on alpha it cannot.
+#[tokio::test]
+async fn rotation_accepts_the_previous_secret() {
+    let (new, old): (std::sync::Arc<[u8]>, std::sync::Arc<[u8]>) =
+        (std::sync::Arc::from(&b"new secret"[..]), std::sync::Arc::from(&b"old secret"[..]));
+    let (mut ca, mut cb) = pair();
+    ca.0.secrets = Secrets::Fixed(vec![new.clone(), old.clone()]);
+    cb.0.secrets = Secrets::Fixed(vec![old.clone()]);
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, sb) = (up_after_refusals(&mut a).await, up_after_refusals(&mut b).await);
+    assert_eq!(sa.epoch(), sb.epoch());
+    // Control: the same pair without the previous secret never connects.
+    let (mut ca, mut cb) = pair();
+    ca.0.secrets = Secrets::Fixed(vec![new]);
+    cb.0.secrets = Secrets::Fixed(vec![old]);
+    let (mut a, _b) = (run(ca, fast()), run(cb, fast()));
+    for _ in 0..4 {
+        assert!(refused(&mut a).await.contains("failed authentication"));
+    }
+}
+
 /// Issue 17: bitmaps of different granularities cannot be merged for a resync.
 #[tokio::test]
 async fn granularity_mismatch_is_refused_naming_both() {
