@@ -413,9 +413,11 @@ fn start_lease(
     if peer_name(config, local).is_none() {
         return Ok(());
     }
-    let secret_file = config.cluster.secret_file.clone().unwrap_or_default();
-    let secret = replication::load_secret(&secret_file).map_err(DaemonError::Secret)?;
-    let client = LeaseClient::new(addr, &local.name, secret, config.lease.client_settings());
+    let current = config.cluster.secret_file.clone().unwrap_or_default();
+    let secrets = Secrets::Files { current, previous: None };
+    secrets.load().map_err(DaemonError::Secret)?;
+    let client =
+        LeaseClient::with_secrets(addr, &local.name, secrets, config.lease.client_settings());
     let (node, token) = (Arc::clone(node), serving.token.clone());
     tracing::info!(witness = %addr, "degraded writes are fenced by the witness lease");
     serving.tracker.spawn(async move {
