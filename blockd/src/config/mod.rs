@@ -557,6 +557,24 @@ mod tests {
     }
 
     #[test]
+    fn encryption_defaults_on_and_takes_off_and_previous_secret() {
+        let c = load(SINGLE).unwrap();
+        assert_eq!(c.cluster.encryption, Encryption::On);
+        assert_eq!(c.cluster.previous_secret_file, None);
+        let text = format!(
+            "[cluster]\nencryption = \"off\"\nprevious-secret-file = \"/etc/blockd/old\"\n{SINGLE}"
+        );
+        let c = load(&text).unwrap();
+        assert_eq!(
+            c.cluster.encryption.protection(),
+            crate::replication::record::Protection::AuthOnly
+        );
+        assert_eq!(c.cluster.previous_secret_file.as_deref(), Some(Path::new("/etc/blockd/old")));
+        let err = load(&format!("[cluster]\nencryption = \"maybe\"\n{SINGLE}")).unwrap_err();
+        assert!(err.to_string().contains("encryption"), "{err}");
+    }
+
+    #[test]
     fn single_node_file_needs_no_node_name() {
         let c = load(SINGLE).unwrap();
         assert_eq!(c.local_node(None).unwrap().name, "alpha");
