@@ -23,7 +23,7 @@ MIRROR_FILLED=""
 
 # True when ROWS holds a mirror row, i.e. the namespaces are needed.
 mirror_wanted() {
-  case " $ROWS " in *" blockd-mirror "* | *" qsd-mirror "*) return 0 ;; esac
+  case " $ROWS " in *" blockd-mirror "* | *" blockd-mirror-noenc "* | *" qsd-mirror "*) return 0 ;; esac
   return 1
 }
 
@@ -139,9 +139,11 @@ PY
 mirror_start_blockd() {
   local ctl=$1 cfg=$WORK/mirror/blockd.toml slog=$WORK/logs/blockd-mirror.log _
   rm -f -- "$WORK"/mirror/*/run/*.sock
-  ip netns exec "$NS_B" "$BLOCKD" --config "$cfg" --node beta >>"$WORK/logs/blockd-beta.log" 2>&1 &
+  local enc="BLOCKD_CLUSTER__ENCRYPTION=${MIRROR_ENCRYPTION:-on}"
+  ip netns exec "$NS_B" env "$enc" "$BLOCKD" --config "$cfg" --node beta \
+    >>"$WORK/logs/blockd-beta.log" 2>&1 &
   PEER_PID=$!
-  ip netns exec "$NS_A" "$BLOCKD" --config "$cfg" --node alpha >>"$slog" 2>&1 &
+  ip netns exec "$NS_A" env "$enc" "$BLOCKD" --config "$cfg" --node alpha >>"$slog" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 600); do
     if ! kill -0 "$SERVER_PID" 2>/dev/null || ! kill -0 "$PEER_PID" 2>/dev/null; then break; fi
@@ -161,8 +163,10 @@ mirror_start_blockd() {
 # Fresh daemons for every workload, over the same data: blockd creates both backing files on the
 # first start; the first time the pair is up, the volume is written through completely over NBD
 # (so the read test reads real data and no write allocates), which also writes beta's copy.
+# ROW (default blockd-mirror) names the row; MIRROR_ENCRYPTION=off (row blockd-mirror-noenc)
+# runs the same pair with `[cluster] encryption = "off"`: frames authenticated, not encrypted.
 row_blockd_mirror() {
-  local ctl uri="nbd+unix:///bench?socket=$WORK/mirror/alpha/run/bench.sock"
+  local row=${1:-blockd-mirror} ctl uri="nbd+unix:///bench?socket=$WORK/mirror/alpha/run/bench.sock"
   [ -n "$BLOCKD" ] || return 0
   ctl=$(blockctl_bin) || return 0
   mirror_config
@@ -176,7 +180,7 @@ row_blockd_mirror() {
         log "blockd-mirror: prefill failed (see logs/prefill-mirror.log)"
       fi
     fi
-    [ -z "$MIRROR_FILLED" ] || run_workloads blockd-mirror --ioengine=nbd --uri="$uri"
+    [ -z "$MIRROR_FILLED" ] || run_workloads "$row" --ioengine=nbd --uri="$uri"
   fi
   stop_server
 }

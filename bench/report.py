@@ -174,18 +174,25 @@ def mirror_checks(results, rtt):
     return out
 
 
+# Bytes per I/O of each workload, for CPU per MiB.
+BLOCK = {"w4k1": 4096, "w4k32": 4096, "seq1m8": 1 << 20, "r4k32": 4096}
+
+
 def server_use(json_dir, row, wid, iops):
-    """Server CPU in % of one core and context switches per I/O over fio's measured window."""
+    """Server CPU in % of one core, context switches per I/O, and server CPU milliseconds per
+    MiB moved, over fio's measured window."""
     try:
         with open(os.path.join(json_dir, f"{row}.{wid}.cpu"), encoding="utf-8") as f:
             hz, cpu0, ctx0, t0, cpu1, ctx1, t1 = (float(x) for x in f.read().split())
     except (OSError, ValueError):
-        return "-", "-"
+        return "-", "-", "-"
     if t1 <= t0 or cpu1 < cpu0 or ctx1 < ctx0:
-        return "-", "-"
+        return "-", "-", "-"
     cpu = f"{100 * (cpu1 - cpu0) / hz / (t1 - t0):.0f}"
     per_io = f"{(ctx1 - ctx0) / (iops * (t1 - t0)):.1f}" if iops else "-"
-    return cpu, per_io
+    mib = iops * (t1 - t0) * BLOCK[wid] / (1 << 20) if iops else 0
+    per_mib = f"{1000 * (cpu1 - cpu0) / hz / mib:.2f}" if mib else "-"
+    return cpu, per_io, per_mib
 
 
 def cpu_line(json_dir, row):
@@ -196,9 +203,33 @@ def cpu_line(json_dir, row):
         client = f"{job['usr_cpu'] + job['sys_cpu']:.0f}" if job else "-"
         direction = "read" if wid == "r4k32" else "write"
         iops = metric(job, direction, "iops")
-        server, per_io = server_use(json_dir, row, wid, iops)
-        parts.append(f"{wid} {server}/{client}/{per_io}")
+        server, per_io, per_mib = server_use(json_dir, row, wid, iops)
+        parts.append(f"{wid} {server}/{client}/{per_io}/{per_mib}")
     return f"- {row}: " + ", ".join(parts)
+
+
+def encryption_checks(results):
+    """Issue 11: encryption costs little against authentication only, in the same run."""
+    on, off = results.get("blockd-mirror", {}), results.get("blockd-mirror-noenc", {})
+    out = []
+    for wid, kind, label, factor in [
+        ("w4k1", "iops", "4k randwrite QD1 IOPS", 0.9),
+        ("w4k32", "iops", "4k randwrite QD32 IOPS", 0.85),
+        ("seq1m8", "mibs", "1M seq write MiB/s", 0.85),
+    ]:
+        a, b = on.get((wid, kind)), off.get((wid, kind))
+        name = f"encryption on >= {factor:g}x off on {label}"
+        if a is None or b is None:
+            out.append(verdict(False, f"{name}: missing"))
+        else:
+            out.append(verdict(a >= factor * b, f"{name}: {a:.0f} vs {b:.0f}"))
+    a, b = on.get(("w4k1", "p50")), off.get(("w4k1", "p50"))
+    name = "encryption on QD1 p50 <= 1.1x off"
+    if a is None or b is None:
+        out.append(verdict(False, f"{name}: missing"))
+    else:
+        out.append(verdict(a <= 1.1 * b, f"{name}: {a:.0f} µs vs {b:.0f} µs"))
+    return out
 
 
 def main(argv):
@@ -217,7 +248,8 @@ def main(argv):
         print()
     print(table(results, rows))
     print()
-    print("Per workload: server CPU % of one core / fio CPU % / server context switches per I/O")
+    print("Per workload: server CPU % of one core / fio CPU % / server context switches per I/O"
+          " / server CPU ms per MiB")
     print("(server figures from /proc over fio's measured window; raw has no server):")
     for row in rows:
         print(cpu_line(json_dir, row))
@@ -231,6 +263,8 @@ def main(argv):
         checks += raw_checks(results)
     if mirrored:
         checks += mirror_checks(results, rtt)
+    if "blockd-mirror" in rows and "blockd-mirror-noenc" in rows:
+        checks += encryption_checks(results)
     if not checks:
         print("SKIP  target checks need the blockd row and its peers, or the mirror rows")
         return 0

@@ -36,7 +36,7 @@ use crate::{
     metrics,
     nbd::{self, Exports, Limits},
     node::Node,
-    replication::{self, LinkConfig},
+    replication::{self, auth::Secrets, wire::VolumeParams, LinkConfig},
     storage::{StorageError, Store, StoreOptions},
     sys,
     volume::{Volume, VolumeError, VolumeInfo},
@@ -349,8 +349,13 @@ fn start_link(
     serving: &Serving,
 ) -> Result<(), DaemonError> {
     let Some(peer) = peer_name(config, local) else { return Ok(()) };
-    let secret_file = config.cluster.secret_file.clone().unwrap_or_default();
-    let secret = replication::load_secret(&secret_file).map_err(DaemonError::Secret)?;
+    let secrets = Secrets::Files {
+        current: config.cluster.secret_file.clone().unwrap_or_default(),
+        previous: config.cluster.previous_secret_file.clone(),
+    };
+    // Read now so that a bad file stops the start; the link reads them again at every
+    // handshake (a rotation needs no restart).
+    secrets.load().map_err(DaemonError::Secret)?;
     let addr = |name: &str| config.node.get(name).and_then(|n| n.replication);
     let (Some(listen), Some(peer_addr)) = (addr(&local.name), addr(&peer)) else {
         return Ok(()); // validate() requires both; nothing to do otherwise
@@ -360,9 +365,10 @@ fn start_link(
         peer,
         listen,
         peer_addr,
-        secret,
+        secrets,
+        protection: config.cluster.encryption.protection(),
         peer_timeout: config.cluster.peer_timeout,
-        volumes: config.volume.iter().map(|v| (v.name.clone(), v.size.bytes())).collect(),
+        volumes: volume_params(config, node),
         max_in_flight_bytes: usize::try_from(config.cluster.max_in_flight_bytes.bytes())
             .unwrap_or(usize::MAX),
     };
@@ -370,6 +376,27 @@ fn start_link(
     let task = Arc::clone(node).run_link(events, serving.tracker.clone(), serving.token.clone());
     serving.tracker.spawn(task);
     Ok(())
+}
+
+/// What the handshake compares with the peer: each volume's name and size as configured, and
+/// its tracking geometry as its metadata has it.
+fn volume_params(config: &Config, node: &Node) -> Vec<VolumeParams> {
+    let geometry = |name: &str| {
+        let v = node.volumes().iter().find(|v| v.name() == name)?;
+        let (granularity, al) = v.tracking();
+        Some((granularity, al.extent_size, al.extents))
+    };
+    let params = |v: &crate::config::VolumeConfig| {
+        let (granularity, al_extent_size, al_extents) = geometry(&v.name).unwrap_or((0, 0, 0));
+        VolumeParams {
+            name: v.name.clone(),
+            size: v.size.bytes(),
+            granularity,
+            al_extent_size,
+            al_extents,
+        }
+    };
+    config.volume.iter().map(params).collect()
 }
 
 /// With `cluster.witness` on a two-node setup: keeps this node's lease while it is Primary, so
@@ -386,9 +413,11 @@ fn start_lease(
     if peer_name(config, local).is_none() {
         return Ok(());
     }
-    let secret_file = config.cluster.secret_file.clone().unwrap_or_default();
-    let secret = replication::load_secret(&secret_file).map_err(DaemonError::Secret)?;
-    let client = LeaseClient::new(addr, &local.name, secret, config.lease.client_settings());
+    let current = config.cluster.secret_file.clone().unwrap_or_default();
+    let secrets = Secrets::Files { current, previous: None };
+    secrets.load().map_err(DaemonError::Secret)?;
+    let client =
+        LeaseClient::with_secrets(addr, &local.name, secrets, config.lease.client_settings());
     let (node, token) = (Arc::clone(node), serving.token.clone());
     tracing::info!(witness = %addr, "degraded writes are fenced by the witness lease");
     serving.tracker.spawn(async move {

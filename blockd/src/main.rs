@@ -51,6 +51,10 @@ struct WitnessArgs {
     /// The cluster's shared secret file (the nodes' `cluster.secret-file`, mode 0600).
     #[arg(long, value_name = "FILE")]
     secret: PathBuf,
+    /// During a secret rotation, the secret being replaced (mode 0600): accepted as well. A
+    /// missing file is skipped. Both files are read again for every request.
+    #[arg(long, value_name = "FILE")]
+    previous_secret: Option<PathBuf>,
     /// How long a lease lasts without renewal ("10s", "500ms"); announced to the nodes.
     #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_term)]
     term: std::time::Duration,
@@ -109,15 +113,18 @@ fn serve(config: Config, node: config::LocalNode) -> anyhow::Result<()> {
 }
 
 fn witness(args: WitnessArgs) -> ExitCode {
-    let secret = match blockd::replication::load_secret(&args.secret) {
-        Ok(s) => s,
-        Err(e) => return fail(&e.into(), EXIT_CONFIG),
+    let secrets = blockd::replication::Secrets::Files {
+        current: args.secret,
+        previous: args.previous_secret,
     };
+    if let Err(e) = secrets.load() {
+        return fail(&e.into(), EXIT_CONFIG);
+    }
     let cfg = blockd::witness::ServerConfig {
         listen: args.listen,
         state: args.state,
         term: args.term,
-        secret,
+        secrets,
     };
     let run = || -> anyhow::Result<()> {
         // One thread: the witness answers two nodes every few seconds and should stay small.

@@ -124,7 +124,8 @@ impl Node {
                     self.request(&tracker, session, volume, msg, reply).await;
                 }
                 LinkEvent::Refused { reason } => {
-                    tracing::warn!("replication connection refused: {reason}");
+                    // The link logs refusals, once a minute per source.
+                    tracing::debug!("replication connection refused: {reason}");
                     self.volumes.iter().for_each(|v| v.note_refused(&reason));
                 }
             }

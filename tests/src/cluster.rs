@@ -458,6 +458,25 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("symlink {} -> {}: {e}", link.display(), file.display()));
     }
 
+    /// Runs one qemu-io command on `n`'s export; it must succeed.
+    pub fn qemu_io(&self, n: NodeId, command: &str) {
+        let mut q = crate::cmd::cmd("qemu-io", &["-f", "raw", &self.nbd_uri(n), "-c", command]);
+        let out = try_run(&mut q, Duration::from_secs(30));
+        assert!(
+            out.status.success() && !out.stdout.contains("failed"),
+            "qemu-io {command}:\n{out}"
+        );
+    }
+
+    /// `len` bytes of `n`'s backing file at `offset`.
+    pub fn backing_at(&self, n: NodeId, offset: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::open(self.backing(n)).expect("open backing");
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset).expect("read backing");
+        buf
+    }
+
     pub fn run_dir(&self, n: NodeId) -> &Path {
         &self.nodes[n.index()].run_dir
     }

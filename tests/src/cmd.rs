@@ -198,6 +198,20 @@ impl Collector {
 }
 
 /// Sends `sig` to `pid`. Processes are only ever signalled by the pid the harness started.
+/// `(VmRSS, RssAnon)` of process `pid` in KiB, from /proc: all resident memory, and the part
+/// that is the process's own (heap, stacks) rather than pages of the binary.
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    (status_kib(pid, "VmRSS:"), status_kib(pid, "RssAnon:"))
+}
+
+/// One `... kB` field of /proc/PID/status (`"VmHWM:"`: the peak of VmRSS).
+pub fn status_kib(pid: u32, name: &str) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let line = status.lines().find(|l| l.starts_with(name)).expect("status field");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
+}
+
 pub fn signal(pid: u32, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
     // SAFETY: kill(2) takes plain integers; signalling a pid we spawned (or one that already

@@ -130,13 +130,7 @@ impl WitnessNet {
     /// `(VmRSS, RssAnon)` of the running witness in KiB, from /proc: all resident memory, and
     /// the part that is the process's own (heap, stacks) rather than pages of the binary.
     pub fn memory_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/PID/status");
-        let field = |name: &str| -> u64 {
-            let line = status.lines().find(|l| l.starts_with(name)).expect("status field");
-            line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
-        };
-        (field("VmRSS:"), field("RssAnon:"))
+        crate::cmd::memory_kib(self.pid())
     }
 
     /// A client for node `name` with `secret`, as node `i` would build it.

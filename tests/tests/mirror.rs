@@ -14,7 +14,8 @@ use std::{
 };
 
 use blockd::replication::{
-    auth,
+    noise::{self, Side},
+    record::{Channel, Protection},
     wire::{Frame, Message, PROTOCOL_VERSION},
 };
 use blockd_tests::{
@@ -121,8 +122,8 @@ fn harness_namespaces_cut_heal_and_daemons() {
     }
 }
 
-/// The harness's proxy: transparent until armed, then it flips a byte of the next WRITE (the
-/// receiver's decoder must see a crc error) and refuses new connections until released.
+/// The harness's proxy: transparent until armed, then it flips a byte of the next large record
+/// (the receiver must see it fail authentication) and refuses new connections until released.
 #[test]
 fn harness_proxy_corrupts_one_write() {
     let c = Cluster::new("mirror-proxy", "16MiB");
@@ -138,24 +139,40 @@ fn harness_proxy_corrupts_one_write() {
         let data = Bytes::from(vec![0x33; 4096]);
         Frame { volume: 0, id: 1, reply: false, msg: Message::Write { offset, data } }
     };
+    // Both ends of a record channel with made-up keys, after the two clear frames.
+    let start = |client: &mut Wire, end: &mut Wire| {
+        let (k1, k2) = ([1u8; 32], [2u8; 32]);
+        let p = Protection::Encrypt;
+        for _ in 0..2 {
+            client.send(&peer::frame(Message::Ping));
+            assert_eq!(end.recv(Duration::from_secs(5)).expect("ping").msg, Message::Ping);
+        }
+        (Channel::new(&k1, &k2, p), Channel::new(&k2, &k1, p))
+    };
     let mut client = dial();
     let mut end = Wire::accept(&server, Duration::from_secs(5));
-    client.send(&peer::frame(Message::Ping));
-    client.send(&write(4096));
-    assert_eq!(end.recv(Duration::from_secs(5)).expect("ping").msg, Message::Ping);
-    assert_eq!(end.recv(Duration::from_secs(5)).expect("write"), write(4096));
+    let (mut tx, mut rx) = start(&mut client, &mut end);
+    client.send_sealed(&mut tx, &peer::frame(Message::Ping));
+    client.send_sealed(&mut tx, &write(4096));
+    assert_eq!(end.recv_sealed(&mut rx, Duration::from_secs(5)).expect("ping").msg, Message::Ping);
+    assert_eq!(end.recv_sealed(&mut rx, Duration::from_secs(5)).expect("write"), write(4096));
     proxy.arm();
-    client.send(&write(8192));
-    let got = end.recv(Duration::from_secs(5));
-    assert!(got.as_ref().is_err_and(|e| e.contains("crc")), "corruption not detected: {got:?}");
-    assert_eq!(proxy.corrupted(), Some(8192));
+    client.send_sealed(&mut tx, &peer::frame(Message::Ping));
+    client.send_sealed(&mut tx, &write(8192));
+    assert_eq!(end.recv_sealed(&mut rx, Duration::from_secs(5)).expect("ping").msg, Message::Ping);
+    let got = end.recv_sealed(&mut rx, Duration::from_secs(5));
+    let caught = got.as_ref().is_err_and(|e| e.contains("authentication"));
+    assert!(caught, "corruption not detected: {got:?}");
+    assert!(proxy.corrupted().is_some_and(|n| n > 4096), "{:?}", proxy.corrupted());
     let mut refused = dial();
     assert!(refused.closed_within(Duration::from_secs(5)), "armed proxy must refuse");
     proxy.release();
     let mut again = dial();
     let mut end = Wire::accept(&server, Duration::from_secs(5));
-    again.send(&write(0));
-    assert_eq!(end.recv(Duration::from_secs(5)).expect("write after release"), write(0));
+    let (mut tx, mut rx) = start(&mut again, &mut end);
+    again.send_sealed(&mut tx, &write(0));
+    let got = end.recv_sealed(&mut rx, Duration::from_secs(5));
+    assert_eq!(got.expect("write after release"), write(0));
 }
 
 /// Waits up to 2 s for the daemon's state in /proc/PID/stat to be (or not be) 'T' (stopped);
@@ -357,7 +374,7 @@ fn alpha_with_data(test: &str) -> Cluster {
     let mut c = Cluster::new(test, "64MiB");
     c.start(Alpha);
     c.role(Alpha, "primary", true).unwrap_or_else(|e| panic!("role primary --force on alpha: {e}"));
-    qemu_io(&c, Alpha, "write -P 0xa5 0 1M");
+    c.qemu_io(Alpha, "write -P 0xa5 0 1M");
     c
 }
 
@@ -402,7 +419,7 @@ fn assert_untouched(c: &Cluster) {
     let beta = std::fs::read(c.backing(Beta)).expect("read beta's backing");
     let touched = beta.iter().position(|&b| b != 0);
     assert_eq!(touched, None, "beta's backing was written although the link was refused");
-    qemu_io(c, Alpha, "read -P 0xa5 0 1M");
+    c.qemu_io(Alpha, "read -P 0xa5 0 1M");
 }
 
 /// Positive control after a refusal: beta restarted with the shared config connects, the
@@ -472,10 +489,9 @@ fn second_primary_is_refused() {
     assert_refuses_nbd(&c, Beta, "alpha");
 }
 
-/// The HELLO a fake "beta" sends: `version`, the cluster's one volume, `nonce`.
-fn fake_hello(version: u16, size: u64, nonce: [u8; 32]) -> Message {
-    let volumes = vec![(VOL.to_string(), size)];
-    Message::Hello { version, node: "beta".into(), instance: 0x7e57, nonce, volumes }
+/// The HELLO a fake "beta" sends.
+fn fake_hello(version: u16) -> Message {
+    Message::Hello { version, node: "beta".into(), instance: 0x7e57, encrypt: true }
 }
 
 /// A fake beta answers alpha's dial with a HELLO of the next protocol version followed by a
@@ -491,7 +507,7 @@ fn wrong_protocol_version_is_refused() {
     let listener = c.netns(Beta).enter(|| TcpListener::bind(addr)).expect("listen as beta");
     let mut w = Wire::accept(&listener, Duration::from_secs(10));
     let (ours, next) = (PROTOCOL_VERSION, PROTOCOL_VERSION + 1);
-    w.send(&peer::frame(fake_hello(next, size, [9; 32])));
+    w.send(&peer::frame(fake_hello(next)));
     let data = Bytes::from(vec![0x5a; 4096]);
     w.send(&Frame { volume: 0, id: 1, reply: false, msg: Message::Write { offset: 0, data } });
     assert!(
@@ -512,20 +528,33 @@ fn wrong_protocol_version_is_refused() {
     // Control: alpha's own version and the right secret get to READY.
     let secret = std::fs::read(&c.spec().secret_file).expect("secret");
     let mut w = Wire::accept(&listener, Duration::from_secs(10));
-    let nonce = auth::new_nonce().expect("nonce");
-    w.send(&peer::frame(fake_hello(ours, size, nonce)));
+    w.send(&peer::frame(fake_hello(ours)));
+    let mut ch = fake_responder(&mut w, &secret, ours);
+    let params = w.recv_sealed(&mut ch, Duration::from_secs(5)).expect("alpha's PARAMS");
+    let Message::Params { volumes } = params.msg else { panic!("expected PARAMS, got {params:?}") };
+    assert_eq!((volumes.len(), volumes[0].name.as_str(), volumes[0].size), (1, VOL, size));
+    w.send_sealed(&mut ch, &peer::frame(Message::Params { volumes }));
+    let ready = w.recv_sealed(&mut ch, Duration::from_secs(5));
+    assert!(matches!(ready, Ok(Frame { msg: Message::Ready { .. }, .. })), "got {ready:?}");
+}
+
+/// Plays beta's side of the Noise handshake on a connection alpha dialed (beta's HELLO sent):
+/// reads alpha's HELLO and message 1, answers it under `secret`.
+fn fake_responder(w: &mut Wire, secret: &[u8], version: u16) -> Channel {
     let hello = w.recv_no_ping(Duration::from_secs(5)).expect("alpha's HELLO");
-    let Message::Hello { version, node, nonce: theirs, volumes, .. } = hello.msg else {
+    let Message::Hello { version: v, node, instance, encrypt } = hello.msg else {
         panic!("expected alpha's HELLO, got {hello:?}");
     };
-    assert_eq!(version, ours);
-    assert_eq!((node.as_str(), volumes), ("alpha", vec![(VOL.to_string(), size)]));
-    w.send(&peer::frame(Message::Auth { mac: auth::mac(&secret, &theirs, "beta", "alpha") }));
-    let answer = w.recv_no_ping(Duration::from_secs(5)).expect("alpha's AUTH");
-    let Message::Auth { mac } = answer.msg else { panic!("expected AUTH, got {answer:?}") };
-    assert!(auth::verify(&secret, &nonce, "beta", "alpha", &mac), "alpha's AUTH does not verify");
-    let ready = w.recv_no_ping(Duration::from_secs(5));
-    assert!(matches!(ready, Ok(Frame { msg: Message::Ready { .. }, .. })), "got {ready:?}");
+    assert_eq!((v, node.as_str(), encrypt), (version, "alpha", true));
+    let alpha = Side { node: "alpha", instance };
+    let prologue = noise::prologue(version, true, alpha, Side { node: "beta", instance: 0x7e57 });
+    let m1 = w.recv(Duration::from_secs(5)).expect("alpha's NOISE");
+    let Message::Noise { msg } = m1.msg else { panic!("expected NOISE, got {m1:?}") };
+    let secrets = [std::sync::Arc::from(secret)];
+    let (m2, ch, _) = noise::respond(&secrets, &prologue, &msg, Protection::Encrypt)
+        .expect("alpha's message 1 verifies under the cluster secret");
+    w.send(&peer::frame(Message::Noise { msg: m2.into() }));
+    ch
 }
 
 /// A proxy between the nodes flips one byte in the payload of a WRITE: beta detects it (crc),
@@ -554,23 +583,28 @@ fn corrupted_frame_is_detected_and_never_applied() {
     c.wait_in_sync(SYNC_TIMEOUT);
     c.role(Alpha, "primary", false).unwrap_or_else(|e| panic!("role primary on alpha: {e}"));
 
-    qemu_io(&c, Alpha, "write -P 0x11 1M 64k");
-    assert_eq!(backing_at(&c, Beta, 1 << 20, 65536), vec![0x11; 65536], "proxy not transparent");
+    c.qemu_io(Alpha, "write -P 0x11 1M 64k");
+    assert_eq!(c.backing_at(Beta, 1 << 20, 65536), vec![0x11; 65536], "proxy not transparent");
     proxy.arm();
-    qemu_io(&c, Alpha, "write -P 0x5a 4M 4k");
-    assert_eq!(proxy.corrupted(), Some(4 << 20), "the proxy did not corrupt the WRITE at 4M");
+    c.qemu_io(Alpha, "write -P 0x5a 4M 4k");
+    let corrupted = proxy.corrupted();
+    assert!(
+        corrupted.is_some_and(|n| n > 4096),
+        "the proxy did not corrupt the WRITE: {corrupted:?}"
+    );
     c.wait_for(Beta, "link dropped", Duration::from_secs(5), |v| !is_connected(v));
     let warned = warnings(&c, Beta);
-    let line = warned.iter().find(|l| l.contains("crc"));
-    let line = line.unwrap_or_else(|| panic!("no warning of beta names the crc: {warned:#?}"));
+    let line = warned.iter().find(|l| l.contains("failed authentication"));
+    let line =
+        line.unwrap_or_else(|| panic!("no warning of beta says authentication: {warned:#?}"));
     eprintln!("beta: log {line}");
-    assert_eq!(backing_at(&c, Beta, 4 << 20, 4096), vec![0; 4096], "corrupted WRITE applied");
+    assert_eq!(c.backing_at(Beta, 4 << 20, 4096), vec![0; 4096], "corrupted WRITE applied");
     let a = c.wait_for(Alpha, "degraded", PEER_TIMEOUT, |v| !is_connected(v));
     assert!(a["out_of_sync"].as_u64() >= Some(4096), "the write must be out of sync: {a}");
 
     proxy.release();
     c.wait_in_sync(SYNC_TIMEOUT);
-    assert_eq!(backing_at(&c, Beta, 4 << 20, 4096), vec![0x5a; 4096], "resync did not repair");
+    assert_eq!(c.backing_at(Beta, 4 << 20, 4096), vec![0x5a; 4096], "resync did not repair");
     c.assert_identical();
 }
 
@@ -595,19 +629,4 @@ fn periodic_peer_flush_follows_writes_and_stops_when_idle() {
         "no flushes without writes: {}",
         c.vol(Alpha)
     );
-}
-
-/// Runs one qemu-io command against `n`'s export; panics unless it succeeds.
-fn qemu_io(c: &Cluster, n: NodeId, command: &str) {
-    let mut q = cmd("qemu-io", &["-f", "raw", &c.nbd_uri(n), "-c", command]);
-    let out = try_run(&mut q, Duration::from_secs(30));
-    assert!(out.status.success() && !out.stdout.contains("failed"), "qemu-io {command}:\n{out}");
-}
-
-fn backing_at(c: &Cluster, n: NodeId, offset: u64, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(c.backing(n)).expect("open backing");
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset).expect("read backing");
-    buf
 }

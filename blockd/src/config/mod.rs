@@ -129,6 +129,15 @@ pub struct ClusterConfig {
     /// Shared secret of the replication link (mode 0600); required when there are two nodes.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+    /// During a rotation, the secret being replaced (mode 0600): accepted from the peer as
+    /// well as `secret-file`, never dialed with. A missing file is skipped. Read at every
+    /// handshake, like `secret-file`.
+    #[serde(default)]
+    pub previous_secret_file: Option<PathBuf>,
+    /// "on": every frame of the link (and of the witness protocol) encrypted and
+    /// authenticated; "off": authenticated only, data in clear, for links already protected.
+    #[serde(default)]
+    pub encryption: Encryption,
     /// A peer silent this long is declared gone (DESIGN §6).
     #[serde(default = "default_peer_timeout", deserialize_with = "values::duration")]
     pub peer_timeout: Duration,
@@ -145,9 +154,30 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             secret_file: None,
+            previous_secret_file: None,
+            encryption: Encryption::On,
             peer_timeout: default_peer_timeout(),
             witness: None,
             max_in_flight_bytes: default_in_flight_bytes(),
+        }
+    }
+}
+
+/// See [`ClusterConfig::encryption`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encryption {
+    #[default]
+    On,
+    Off,
+}
+
+impl Encryption {
+    /// What the link's records do.
+    pub fn protection(self) -> crate::replication::record::Protection {
+        match self {
+            Encryption::On => crate::replication::record::Protection::Encrypt,
+            Encryption::Off => crate::replication::record::Protection::AuthOnly,
         }
     }
 }
@@ -524,6 +554,24 @@ mod tests {
         assert_eq!(node.backing(vol), Path::new("/srv/data/vol.img"));
         assert_eq!(node.nbd_socket("vol"), Path::new("/srv/run/vol.sock"));
         assert_eq!(node.control_socket(), Path::new("/srv/run/control.sock"));
+    }
+
+    #[test]
+    fn encryption_defaults_on_and_takes_off_and_previous_secret() {
+        let c = load(SINGLE).unwrap();
+        assert_eq!(c.cluster.encryption, Encryption::On);
+        assert_eq!(c.cluster.previous_secret_file, None);
+        let text = format!(
+            "[cluster]\nencryption = \"off\"\nprevious-secret-file = \"/etc/blockd/old\"\n{SINGLE}"
+        );
+        let c = load(&text).unwrap();
+        assert_eq!(
+            c.cluster.encryption.protection(),
+            crate::replication::record::Protection::AuthOnly
+        );
+        assert_eq!(c.cluster.previous_secret_file.as_deref(), Some(Path::new("/etc/blockd/old")));
+        let err = load(&format!("[cluster]\nencryption = \"maybe\"\n{SINGLE}")).unwrap_err();
+        assert!(err.to_string().contains("encryption"), "{err}");
     }
 
     #[test]

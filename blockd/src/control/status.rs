@@ -119,6 +119,10 @@ pub struct Counters {
     /// Times the replication link came up for this volume.
     #[serde(default)]
     pub connects: u64,
+    /// Replication connections refused: failed authentication, another version or volume
+    /// set, too many handshakes in progress from one source.
+    #[serde(default)]
+    pub link_refused: u64,
 }
 
 /// One volume on one node.

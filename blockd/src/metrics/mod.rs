@@ -114,6 +114,11 @@ const COUNTERS: &[(&str, &str, Value)] = &[
     ("blockd_volume_connects_total", "Times the replication link came up for this volume.", |v| {
         v.counters.connects
     }),
+    (
+        "blockd_volume_link_refused_total",
+        "Replication connections refused (authentication, version, volumes, too many handshakes).",
+        |v| v.counters.link_refused,
+    ),
 ];
 
 /// Requests by kind: the `kind` label and its counter.

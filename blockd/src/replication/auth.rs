@@ -1,7 +1,10 @@
-//! Mutual authentication of the two nodes (DESIGN §6): HMAC-SHA256 challenge/response over the
-//! shared secret file.
+//! The shared secret files, and the HMAC challenge/response the witness protocol uses
+//! (`witness/proto.rs`; the link itself authenticates with Noise, `noise.rs`).
 //!
-//! Each side sends a fresh random nonce in its HELLO and answers the peer's nonce with
+//! [`Secrets`] is what the link authenticates with: the current secret, and during a rotation
+//! the previous one, read again at every handshake so that a rotation needs no restart.
+//!
+//! For the MAC, each side sends a fresh random nonce in its HELLO and answers the peer's nonce with
 //! `HMAC(secret, "blockd-auth-v1" || peer_nonce || len(own) || own_name || len(peer) || peer_name)`.
 //! The names are length-prefixed (one byte each) so that no two name pairs give the same input,
 //! and each side puts its own name first, so a MAC cannot be reflected back to its sender. The
@@ -52,6 +55,38 @@ pub fn load_secret(path: &Path) -> Result<Arc<[u8]>, AuthError> {
         return Err(AuthError::Empty { path: path.to_owned() });
     }
     Ok(bytes.into())
+}
+
+/// Where the link's secrets come from: files read at every handshake (the daemon), or fixed
+/// bytes (tests). The first is the current secret: a node dials with it and accepts it; the
+/// second, during a rotation, is accepted as well.
+#[derive(Debug, Clone)]
+pub enum Secrets {
+    Files { current: PathBuf, previous: Option<PathBuf> },
+    Fixed(Vec<Arc<[u8]>>),
+}
+
+impl Secrets {
+    /// One fixed secret.
+    pub fn fixed(secret: &[u8]) -> Secrets {
+        Secrets::Fixed(vec![Arc::from(secret)])
+    }
+
+    /// The secrets accepted now, current first. A `previous` file that does not exist is
+    /// skipped (removing it ends a rotation); one that exists must pass [`load_secret`].
+    pub fn load(&self) -> Result<Vec<Arc<[u8]>>, AuthError> {
+        match self {
+            Secrets::Fixed(v) if !v.is_empty() => Ok(v.clone()),
+            Secrets::Fixed(_) => Err(AuthError::Empty { path: PathBuf::from("(no secret)") }),
+            Secrets::Files { current, previous } => {
+                let mut v = vec![load_secret(current)?];
+                if let Some(p) = previous.as_deref().filter(|p| p.exists()) {
+                    v.push(load_secret(p)?);
+                }
+                Ok(v)
+            }
+        }
+    }
 }
 
 /// A fresh random nonce for a HELLO.
@@ -155,6 +190,23 @@ mod tests {
         assert!(matches!(load_secret(f.path()), Err(AuthError::Empty { .. })));
         let missing = Path::new("/nonexistent/blockd-secret");
         assert!(matches!(load_secret(missing), Err(AuthError::Read { .. })));
+    }
+
+    #[test]
+    fn secrets_are_read_again_and_a_missing_previous_file_is_skipped() {
+        let cur = secret_file(0o600, b"one");
+        let prev_path = cur.path().with_extension("previous");
+        let s = Secrets::Files { current: cur.path().into(), previous: Some(prev_path.clone()) };
+        assert_eq!(s.load().unwrap().len(), 1);
+        std::fs::write(&prev_path, b"zero").unwrap();
+        std::fs::set_permissions(&prev_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let v = s.load().unwrap();
+        assert_eq!((&*v[0], &*v[1]), (&b"one"[..], &b"zero"[..]));
+        std::fs::set_permissions(&prev_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(s.load(), Err(AuthError::Mode { .. })));
+        std::fs::remove_file(&prev_path).unwrap();
+        std::fs::write(cur.path(), b"two").unwrap();
+        assert_eq!(&*s.load().unwrap()[0], b"two", "read at every handshake");
     }
 
     #[test]

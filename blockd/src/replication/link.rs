@@ -21,7 +21,8 @@
 //! TCP_USER_TIMEOUT = peer-timeout so that unacknowledged data to a black-holed peer fails the
 //! socket in the same time the heartbeat would notice silence.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,10 +32,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::Secrets;
 use super::handshake::{self, HandshakeError, PeerHello};
+use super::record::{Channel, Protection};
 use super::session::{self as sess, SessionParams};
 pub use super::session::{Responder, Session};
-use super::wire::{Frame, Message};
+use super::wire::{Frame, Message, VolumeParams};
 
 /// Everything the link needs from the config.
 #[derive(Debug, Clone)]
@@ -47,12 +50,15 @@ pub struct LinkConfig {
     pub listen: SocketAddr,
     /// Where the peer listens.
     pub peer_addr: SocketAddr,
-    /// The shared secret (`auth::load_secret`).
-    pub secret: Arc<[u8]>,
+    /// The shared secrets (current, and during a rotation the previous one).
+    pub secrets: Secrets,
+    /// `[cluster] encryption`: records encrypted, or authenticated only.
+    pub protection: Protection,
     /// No frame for this long declares the peer gone.
     pub peer_timeout: Duration,
-    /// Volume names and sizes, in config order; must equal the peer's.
-    pub volumes: Vec<(String, u64)>,
+    /// Volume names, sizes and tracking geometry, in config order; names, sizes and bitmap
+    /// granularities must equal the peer's.
+    pub volumes: Vec<VolumeParams>,
     /// Payload bytes of the peer's requests held at once before the link stops reading
     /// (`cluster.max-in-flight-bytes`; see `session.rs`).
     pub max_in_flight_bytes: usize,
@@ -167,6 +173,8 @@ pub fn start(
         next_session: 1,
         dialing: false,
         next_dial: Instant::now(),
+        in_progress: HashMap::new(),
+        logged: HashMap::new(),
     };
     tokio::spawn(m.run(listener, results_rx, ended_rx, shutdown));
     Ok(rx)
@@ -189,11 +197,12 @@ struct Authed {
     buf: BytesMut,
     addr: SocketAddr,
     hello: PeerHello,
+    channel: Channel,
 }
 
 enum Outcome {
     Authed(Box<Authed>),
-    Failed { dialed: bool, error: HandshakeError },
+    Failed { dialed: bool, addr: Option<SocketAddr>, error: HandshakeError },
 }
 
 /// Runs the handshake on a connected stream and reports the outcome to the manager.
@@ -205,14 +214,17 @@ async fn run_handshake(
     instance: u64,
     results: mpsc::UnboundedSender<Outcome>,
 ) {
-    let mut buf = BytesMut::with_capacity(64 << 10);
+    // Small: nothing more is allocated before the peer is authenticated (handshake.rs).
+    let mut buf = BytesMut::with_capacity(4096);
     let r = match tune_socket(&stream, cfg.peer_timeout) {
         Err(e) => Err(HandshakeError::Io(e)),
-        Ok(()) => handshake::handshake(&mut stream, &mut buf, &cfg, instance, addr).await,
+        Ok(()) => handshake::handshake(&mut stream, &mut buf, &cfg, instance, addr, dialed).await,
     };
     let o = match r {
-        Ok(hello) => Outcome::Authed(Box::new(Authed { dialed, stream, buf, addr, hello })),
-        Err(error) => Outcome::Failed { dialed, error },
+        Ok((hello, channel)) => {
+            Outcome::Authed(Box::new(Authed { dialed, stream, buf, addr, hello, channel }))
+        }
+        Err(error) => Outcome::Failed { dialed, addr: Some(addr), error },
     };
     let _ = results.send(o);
 }
@@ -241,7 +253,18 @@ struct Manager {
     dialing: bool,
     next_dial: Instant,
     backoff: Duration,
+    /// Accepted connections still in their handshake, per source address.
+    in_progress: HashMap<IpAddr, usize>,
+    /// When a refusal from each source was last logged.
+    logged: HashMap<IpAddr, Instant>,
 }
+
+/// Handshakes in progress one source address may have; more connections are dropped at once.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 4;
+/// Handshakes in progress from all sources together.
+pub const MAX_HANDSHAKES: usize = 32;
+/// A source's refusals are logged at most this often (each one is still counted).
+const LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl Manager {
     async fn run(
@@ -259,7 +282,7 @@ impl Manager {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = listener.accept() => match r {
-                    Ok((stream, addr)) => self.handshake(stream, addr),
+                    Ok((stream, addr)) => self.handshake(stream, addr).await,
                     Err(e) => tracing::warn!(error = %e, "replication accept failed"),
                 },
                 Some(o) = results.recv() => self.outcome(o).await,
@@ -285,13 +308,50 @@ impl Manager {
                 Ok(Err(e)) => HandshakeError::Io(e),
                 Err(_) => HandshakeError::Timeout,
             };
-            let _ = results.send(Outcome::Failed { dialed: true, error });
+            let _ = results.send(Outcome::Failed { dialed: true, addr: None, error });
         });
     }
 
-    fn handshake(&self, stream: TcpStream, addr: SocketAddr) {
+    /// Starts the handshake of an accepted connection, unless its source already has
+    /// [`MAX_HANDSHAKES_PER_SOURCE`] in progress (or all sources [`MAX_HANDSHAKES`]).
+    async fn handshake(&mut self, stream: TcpStream, addr: SocketAddr) {
+        let ip = addr.ip();
+        let mine = self.in_progress.get(&ip).copied().unwrap_or(0);
+        let all: usize = self.in_progress.values().sum();
+        if mine >= MAX_HANDSHAKES_PER_SOURCE || all >= MAX_HANDSHAKES {
+            drop(stream);
+            let why = format!(
+                "too many handshakes in progress from {ip}: connection from {addr} dropped"
+            );
+            self.failed(Some(addr), &HandshakeError::Refused(why));
+            return;
+        }
+        *self.in_progress.entry(ip).or_default() += 1;
         let (cfg, results, instance) = (self.cfg.clone(), self.results.clone(), self.instance);
         tokio::spawn(run_handshake(stream, addr, false, cfg, instance, results));
+    }
+
+    /// A failed handshake: logged once per source per [`LOG_EVERY`], always reported.
+    fn failed(&mut self, addr: Option<SocketAddr>, error: &HandshakeError) {
+        let HandshakeError::Refused(reason) = error else {
+            tracing::debug!(%error, ?addr, "replication connection failed");
+            return;
+        };
+        let ip = addr.map_or(self.cfg.peer_addr.ip(), |a| a.ip());
+        let now = Instant::now();
+        if self.logged.len() > 1024 {
+            self.logged.clear();
+        }
+        let quiet = self.logged.get(&ip).is_some_and(|t| now.duration_since(*t) < LOG_EVERY);
+        if quiet {
+            tracing::debug!(%reason, "replication connection refused");
+        } else {
+            self.logged.insert(ip, now);
+            tracing::warn!(%reason, source = %ip, "replication connection refused (logged once a minute per source)");
+        }
+        // Never blocks the manager: under a flood of refusals some may go uncounted rather than
+        // hold up the session's requests behind them.
+        let _ = self.events.try_send(LinkEvent::Refused { reason: reason.clone() });
     }
 
     async fn outcome(&mut self, o: Outcome) {
@@ -301,19 +361,35 @@ impl Manager {
             self.dialing = false;
         }
         match o {
-            Outcome::Authed(a) => self.adopt(*a).await,
-            Outcome::Failed { dialed, error } => {
-                match &error {
-                    HandshakeError::Refused(reason) => {
-                        tracing::warn!(%reason, "replication connection refused");
-                        let _ =
-                            self.events.send(LinkEvent::Refused { reason: reason.clone() }).await;
-                    }
-                    e => tracing::debug!(error = %e, dialed, "replication connection failed"),
+            Outcome::Authed(a) => {
+                self.finished(&a);
+                self.adopt(*a).await
+            }
+            Outcome::Failed { dialed, addr, error } => {
+                if !dialed {
+                    self.done_from(addr);
                 }
+                self.failed(addr, &error);
                 if dialed {
                     self.after_failure();
                 }
+            }
+        }
+    }
+
+    fn finished(&mut self, a: &Authed) {
+        if !a.dialed {
+            self.done_from(Some(a.addr));
+        }
+    }
+
+    /// An accepted connection's handshake ended.
+    fn done_from(&mut self, addr: Option<SocketAddr>) {
+        let Some(ip) = addr.map(|a| a.ip()) else { return };
+        if let Some(n) = self.in_progress.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_progress.remove(&ip);
             }
         }
     }
@@ -379,7 +455,7 @@ impl Manager {
             first,
             budget: Arc::clone(&self.budget),
         };
-        let (session, reader) = sess::start(a.stream, a.buf, params);
+        let (session, reader) = sess::start(a.stream, a.buf, a.channel, params);
         tracing::info!(peer = %a.hello.node, addr = %a.addr, session = id, epoch, "replication link up");
         self.current =
             Some(Current { session: session.clone(), peer_instance: a.hello.instance, epoch });

@@ -9,8 +9,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::super::auth::Secrets;
 use super::super::handshake::{handshake, PeerHello};
-use super::super::wire::{self, Frame, Message, PROTOCOL_VERSION};
+use super::super::record::{self, Channel, Protection};
+use super::super::wire::{self, Frame, Message, VolumeParams, PROTOCOL_VERSION};
 use super::{bind, start, LinkConfig, LinkError, LinkEvent, Responder, Session, Tuning};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -26,10 +28,21 @@ fn config(
         peer: peer.into(),
         listen,
         peer_addr,
-        secret: b"shared secret".to_vec().into(),
+        secrets: Secrets::fixed(b"shared secret"),
+        protection: Protection::Encrypt,
         peer_timeout: Duration::from_secs(3),
-        volumes: vec![("vol0".into(), 1 << 30), ("vol1".into(), 4 << 20)],
+        volumes: vec![vol("vol0", 1 << 30), vol("vol1", 4 << 20)],
         max_in_flight_bytes: 128 << 20,
+    }
+}
+
+fn vol(name: &str, size: u64) -> VolumeParams {
+    VolumeParams {
+        name: name.into(),
+        size,
+        granularity: 4096,
+        al_extent_size: 4 << 20,
+        al_extents: 61,
     }
 }
 
@@ -178,7 +191,7 @@ async fn requests_are_delivered_in_arrival_order() {
 #[tokio::test]
 async fn wrong_secret_is_refused_on_both_sides() {
     let (ca, mut cb) = pair();
-    cb.0.secret = b"another secret".to_vec().into();
+    cb.0.secrets = Secrets::fixed(b"another secret");
     let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
     for n in [&mut a, &mut b] {
         let r = refused(n).await;
@@ -192,12 +205,94 @@ async fn wrong_secret_is_refused_on_both_sides() {
 #[tokio::test]
 async fn volume_size_mismatch_is_refused_naming_both() {
     let (ca, mut cb) = pair();
-    cb.0.volumes[1].1 = 8 << 20;
+    cb.0.volumes[1].size = 8 << 20;
     let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
     let r = refused(&mut a).await;
     assert!(r.contains("volumes differ") && r.contains("4194304") && r.contains("8388608"), "{r}");
     let r = refused(&mut b).await;
     assert!(r.contains("4194304") && r.contains("8388608"), "{r}");
+}
+
+/// The next Up, skipping refusals (a rotation's refused dials).
+async fn up_after_refusals(n: &mut Node) -> Session {
+    loop {
+        match next(n).await {
+            LinkEvent::Up(s) => return s,
+            LinkEvent::Refused { .. } => {}
+            e => panic!("expected Up, got {e:?}"),
+        }
+    }
+}
+
+/// Halfway through a secret rotation: alpha has the new secret and keeps the old one as the
+/// previous; beta has only the old one. Alpha's dials (new secret) are refused, beta's (old)
+/// are accepted, so the pair connects. Without the previous secret on alpha it cannot.
+#[tokio::test]
+async fn rotation_accepts_the_previous_secret() {
+    let (new, old): (std::sync::Arc<[u8]>, std::sync::Arc<[u8]>) =
+        (std::sync::Arc::from(&b"new secret"[..]), std::sync::Arc::from(&b"old secret"[..]));
+    let (mut ca, mut cb) = pair();
+    ca.0.secrets = Secrets::Fixed(vec![new.clone(), old.clone()]);
+    cb.0.secrets = Secrets::Fixed(vec![old.clone()]);
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, sb) = (up_after_refusals(&mut a).await, up_after_refusals(&mut b).await);
+    assert_eq!(sa.epoch(), sb.epoch());
+    // Control: the same pair without the previous secret never connects.
+    let (mut ca, mut cb) = pair();
+    ca.0.secrets = Secrets::Fixed(vec![new]);
+    cb.0.secrets = Secrets::Fixed(vec![old]);
+    let (mut a, _b) = (run(ca, fast()), run(cb, fast()));
+    for _ in 0..4 {
+        assert!(refused(&mut a).await.contains("failed authentication"));
+    }
+}
+
+/// Issue 17: bitmaps of different granularities cannot be merged for a resync.
+#[tokio::test]
+async fn granularity_mismatch_is_refused_naming_both() {
+    let (ca, mut cb) = pair();
+    cb.0.volumes[0].granularity = 65536;
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    for n in [&mut a, &mut b] {
+        let r = refused(n).await;
+        assert!(r.contains("granularity") && r.contains("vol0"), "{r}");
+        assert!(r.contains("4096 bytes") && r.contains("65536 bytes"), "{r}");
+    }
+}
+
+/// The activity-log geometry travels (and is shown) but need not be equal.
+#[tokio::test]
+async fn activity_log_geometry_may_differ() {
+    let (ca, mut cb) = pair();
+    cb.0.volumes[0].al_extents = 7;
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, sb) = (up(&mut a).await, up(&mut b).await);
+    assert_eq!(sa.epoch(), sb.epoch());
+}
+
+/// `encryption` must be the same on both nodes; the refusal names both settings.
+#[tokio::test]
+async fn encryption_setting_mismatch_is_refused() {
+    let (ca, mut cb) = pair();
+    cb.0.protection = Protection::AuthOnly;
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    for n in [&mut a, &mut b] {
+        let r = refused(n).await;
+        assert!(r.contains("encryption") && r.contains("\"on\"") && r.contains("\"off\""), "{r}");
+    }
+}
+
+/// With encryption off, the link works the same (authenticated records).
+#[tokio::test]
+async fn auth_only_link_carries_requests() {
+    let (mut ca, mut cb) = pair();
+    ca.0.protection = Protection::AuthOnly;
+    cb.0.protection = Protection::AuthOnly;
+    let (mut a, b) = (run(ca, fast()), run(cb, fast()));
+    let sa = up(&mut a).await;
+    let b = serve(b);
+    assert_eq!(sa.call(0, write4k()).await.unwrap(), Message::Ack { error: 0 });
+    drop(b);
 }
 
 #[tokio::test]
@@ -210,8 +305,7 @@ async fn wrong_protocol_version_is_refused() {
         version: PROTOCOL_VERSION + 1,
         node: "beta".into(),
         instance: 1,
-        nonce: [1; 32],
-        volumes: vec![],
+        encrypt: true,
     };
     s.write_all(&wire::encode(&Frame { volume: 0, id: 0, reply: false, msg: hello }))
         .await
@@ -236,12 +330,28 @@ async fn unknown_node_name_is_refused() {
     assert!(reason.contains("'gamma'") && reason.contains("'beta'"), "{reason}");
 }
 
+/// A fake peer's end of an authenticated connection.
+struct Fake {
+    s: TcpStream,
+    buf: BytesMut,
+    ch: Channel,
+}
+
+impl Fake {
+    async fn send(&mut self, f: &Frame) {
+        let rec = self.ch.tx.seal(f).unwrap();
+        self.s.write_all(&rec).await.unwrap();
+    }
+}
+
 /// Connects to `cfg.peer_addr` and completes a valid handshake as `cfg.node`.
-async fn fake_peer(cfg: &LinkConfig) -> Result<(TcpStream, BytesMut, PeerHello), String> {
+async fn fake_peer(cfg: &LinkConfig) -> Result<(Fake, PeerHello), String> {
     let mut s = TcpStream::connect(cfg.peer_addr).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::new();
-    let h = handshake(&mut s, &mut buf, cfg, 77, cfg.peer_addr).await.map_err(|e| e.to_string())?;
-    Ok((s, buf, h))
+    let (h, ch) = handshake(&mut s, &mut buf, cfg, 77, cfg.peer_addr, true)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((Fake { s, buf, ch }, h))
 }
 
 #[tokio::test]
@@ -249,14 +359,14 @@ async fn corrupted_frame_drops_the_session_and_is_never_applied() {
     let (ca, cb) = pair();
     let mut a = run(ca, Tuning { higher_dial_delay: WAIT * 10, ..fast() });
     // The fake beta is the higher-named node: alpha's READY comes inside the session.
-    let (mut s, _, hello) = fake_peer(&cb.0).await.unwrap();
+    let (mut f, hello) = fake_peer(&cb.0).await.unwrap();
     assert_eq!(hello.epoch, Some(1));
     let sa = up(&mut a).await;
     let good = Frame { volume: 0, id: 1, reply: false, msg: write4k() };
-    let mut bad = wire::encode(&Frame { id: 2, ..good.clone() });
-    bad[wire::HEADER_LEN + 2048] ^= 0x01;
-    s.write_all(&wire::encode(&good)).await.unwrap();
-    s.write_all(&bad).await.unwrap();
+    f.send(&good).await;
+    let mut bad = f.ch.tx.seal(&Frame { id: 2, ..good.clone() }).unwrap().to_vec();
+    bad[record::LEN_LEN + wire::HEADER_LEN + 2048] ^= 0x01;
+    f.s.write_all(&bad).await.unwrap();
     match next(&mut a).await {
         LinkEvent::Request { msg, reply, .. } => {
             assert_eq!(msg, write4k());
@@ -267,11 +377,45 @@ async fn corrupted_frame_drops_the_session_and_is_never_applied() {
     match next(&mut a).await {
         LinkEvent::Down { session, reason } => {
             assert_eq!(session, sa.id());
-            assert!(reason.contains("crc"), "{reason}");
+            assert!(reason.contains("failed authentication"), "{reason}");
         }
         e => panic!("the corrupted write must not be delivered: {e:?}"),
     }
     assert!(!sa.is_open());
+}
+
+/// A record dropped, duplicated or reordered on the way (the fake peer plays the relay): the
+/// session ends at that record, which is never delivered; the ones before it are.
+#[tokio::test]
+async fn dropped_duplicated_or_reordered_records_end_the_session() {
+    for case in ["dropped", "duplicated", "reordered"] {
+        let (ca, cb) = pair();
+        let mut a = run(ca, Tuning { higher_dial_delay: WAIT * 10, ..fast() });
+        let (mut f, _) = fake_peer(&cb.0).await.unwrap();
+        let sa = up(&mut a).await;
+        let recs: Vec<_> = (1..=3u64)
+            .map(|id| f.ch.tx.seal(&Frame { volume: 0, id, reply: false, msg: write4k() }).unwrap())
+            .collect();
+        let order: &[usize] = match case {
+            "dropped" => &[0, 2],
+            "duplicated" => &[0, 0, 1],
+            _ => &[0, 2, 1],
+        };
+        for &i in order {
+            f.s.write_all(&recs[i]).await.unwrap();
+        }
+        match next(&mut a).await {
+            LinkEvent::Request { msg, .. } => assert_eq!(msg, write4k(), "{case}"),
+            e => panic!("{case}: expected the first write, got {e:?}"),
+        }
+        match next(&mut a).await {
+            LinkEvent::Down { session, reason } => {
+                assert_eq!(session, sa.id(), "{case}");
+                assert!(reason.contains("failed authentication"), "{case}: {reason}");
+            }
+            e => panic!("{case}: the changed stream must end the session: {e:?}"),
+        }
+    }
 }
 
 /// Fills the socket so that direct writes go partial and the writer task must finish them
@@ -280,7 +424,7 @@ async fn corrupted_frame_drops_the_session_and_is_never_applied() {
 async fn frames_survive_a_full_socket() {
     let (ca, cb) = pair();
     let mut a = run(ca, Tuning { higher_dial_delay: WAIT * 10, ..fast() });
-    let (mut s, mut buf, _) = fake_peer(&cb.0).await.unwrap();
+    let (mut f, _) = fake_peer(&cb.0).await.unwrap();
     let sa = up(&mut a).await;
     // The first call is alone, so it is written directly; 16 MiB cannot fit in the socket
     // buffer, so the direct write is partial and the writer task must finish it.
@@ -296,13 +440,13 @@ async fn frames_survive_a_full_socket() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut seen = std::collections::BTreeSet::new();
     while seen.len() < 40 {
-        let f = read_frame(&mut s, &mut buf).await;
-        if let Message::Write { offset, data } = &f.msg {
+        let fr = read_frame(&mut f).await;
+        if let Message::Write { offset, data } = &fr.msg {
             let i = (offset >> 20) as u8;
             assert!(data.iter().all(|&b| b == i), "frame {i} intact");
             assert!(seen.insert(i), "frame {i} once");
-            let ack = Frame { volume: 0, id: f.id, reply: true, msg: Message::Ack { error: 0 } };
-            s.write_all(&wire::encode(&ack)).await.unwrap();
+            let ack = Frame { volume: 0, id: fr.id, reply: true, msg: Message::Ack { error: 0 } };
+            f.send(&ack).await;
         }
     }
     for c in calls {
@@ -310,13 +454,14 @@ async fn frames_survive_a_full_socket() {
     }
 }
 
-async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Frame {
+async fn read_frame(f: &mut Fake) -> Frame {
     use tokio::io::AsyncReadExt;
     loop {
-        if let Some(f) = wire::decode_buf(buf).expect("valid frame") {
-            return f;
+        if let Some(fr) = f.ch.rx.open(&mut f.buf, record::MAX_BODY).expect("valid record") {
+            return fr;
         }
-        let n = tokio::time::timeout(WAIT, s.read_buf(buf)).await.expect("frame in time").unwrap();
+        let read = f.s.read_buf(&mut f.buf);
+        let n = tokio::time::timeout(WAIT, read).await.expect("frame in time").unwrap();
         assert_ne!(n, 0, "connection closed");
     }
 }
@@ -326,7 +471,7 @@ async fn silent_peer_times_out() {
     let (mut ca, cb) = pair();
     ca.0.peer_timeout = Duration::from_millis(400);
     let mut a = run(ca, Tuning { higher_dial_delay: WAIT * 10, ..fast() });
-    let (_s, _, _) = fake_peer(&cb.0).await.unwrap();
+    let (_f, _) = fake_peer(&cb.0).await.unwrap();
     let sa = up(&mut a).await;
     // From here on only timers matter: let tokio's clock jump.
     tokio::time::pause();

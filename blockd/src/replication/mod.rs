@@ -1,9 +1,11 @@
 //! The replication link between the two nodes (DESIGN §6).
 //!
 //! - [`wire`]: the frame format. Pure: bytes in, values out; no I/O, no tokio.
-//! - [`auth`]: the shared secret file and the HMAC challenge/response. No sockets.
-//! - [`handshake`]: HELLO / AUTH / READY on a fresh connection; public so that integration
-//!   tests can play a fake peer against a real daemon.
+//! - [`auth`]: the shared secret files (and the HMAC the witness protocol uses). No sockets.
+//! - [`noise`]: the Noise NNpsk0 handshake with the secret as PSK (snow). Pure.
+//! - [`record`]: every frame after the handshake as an AEAD record, numbered. Pure.
+//! - [`handshake`]: HELLO / NOISE / PARAMS / READY on a fresh connection; public so that
+//!   integration tests can play a fake peer against a real daemon.
 //! - [`link`]: the actor: listens and dials, keeps exactly one session, reconnects with backoff.
 //!   The node (`node.rs`) sees only [`LinkEvent`]s and cloneable [`Session`] handles.
 //! - `session` (private): one connection's reader task, request/reply matching, heartbeats.
@@ -16,10 +18,12 @@
 pub mod auth;
 pub mod handshake;
 pub mod link;
+pub mod noise;
+pub mod record;
 mod session;
 pub mod wire;
 mod writer;
 
-pub use auth::{load_secret, AuthError};
+pub use auth::{load_secret, AuthError, Secrets};
 pub use link::{spawn, LinkConfig, LinkError, LinkEvent, Responder, Session, Tuning};
 pub use wire::{Frame, Message, WireError, PROTOCOL_VERSION};

@@ -42,6 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{LinkError, LinkEvent};
+use super::record::{self, Channel, Opener};
 use super::wire::{self, Frame, Message};
 use super::writer::{self, Out};
 
@@ -343,10 +344,11 @@ impl PendingReader {
 pub(crate) fn start(
     stream: tokio::net::TcpStream,
     buf: BytesMut,
+    channel: Channel,
     p: SessionParams,
 ) -> (Session, PendingReader) {
     let (rd, wr) = stream.into_split();
-    let (out, wr, rx) = Out::new(wr);
+    let (out, wr, rx) = Out::new(wr, channel.tx);
     let inner = Arc::new(Inner {
         id: p.id,
         epoch: p.epoch,
@@ -368,6 +370,7 @@ pub(crate) fn start(
         inner: inner.clone(),
         rd,
         buf,
+        opener: channel.rx,
         timeout: p.peer_timeout,
         events: p.events,
         budget: p.budget,
@@ -391,6 +394,8 @@ struct Reader {
     inner: Arc<Inner>,
     rd: OwnedReadHalf,
     buf: BytesMut,
+    /// Opens the peer's records, in order.
+    opener: Opener,
     timeout: Duration,
     events: mpsc::Sender<LinkEvent>,
     budget: Arc<Budget>,
@@ -418,7 +423,7 @@ impl Reader {
         tokio::pin!(silence);
         loop {
             loop {
-                match wire::decode_buf(&mut self.buf) {
+                match self.opener.open(&mut self.buf, record::MAX_BODY) {
                     Ok(Some(f)) => {
                         if let Err(reason) = self.dispatch(f).await {
                             return reason;
@@ -476,7 +481,10 @@ impl Reader {
                 Ok(())
             }
             Message::Goodbye { reason } => Err(format!("peer closed the session: {reason}")),
-            Message::Hello { .. } | Message::Auth { .. } | Message::Ready { .. } => {
+            Message::Hello { .. }
+            | Message::Noise { .. }
+            | Message::Params { .. }
+            | Message::Ready { .. } => {
                 Err(format!("unexpected handshake message kind {} in session", f.msg.kind()))
             }
             msg => {

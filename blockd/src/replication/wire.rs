@@ -32,7 +32,7 @@ use crate::meta::{Generations, Resolve};
 /// "BKRP": blockd replication protocol.
 pub const MAGIC: u32 = 0x424B_5250;
 /// The protocol version this build speaks; the handshake requires both sides to be equal.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Fixed header length, including `header_crc`.
 pub const HEADER_LEN: usize = 44;
 /// The crc32 trailer after the payload.
@@ -45,8 +45,13 @@ pub const MAX_CONTROL: usize = 64 << 10;
 pub const MAX_NAME: usize = 255;
 /// Longest GOODBYE reason.
 pub const MAX_REASON: usize = 1024;
-/// Most volumes a HELLO may list.
+/// Most volumes a PARAMS may list.
 pub const MAX_VOLUMES: usize = 1024;
+/// Largest payload of a frame read before the peer is authenticated (HELLO, NOISE, GOODBYE):
+/// nothing larger is allocated for a connection that has not proven the secret.
+pub const MAX_UNAUTHENTICATED: usize = 2048;
+/// Largest Noise handshake message (NNpsk0's are 48 bytes).
+pub const MAX_NOISE: usize = 256;
 
 /// Header flag bits.
 pub mod flag {
@@ -61,11 +66,12 @@ pub mod flag {
 /// Message kinds as they appear in the header.
 pub mod kind {
     pub const HELLO: u16 = 1;
-    pub const AUTH: u16 = 2;
+    pub const NOISE: u16 = 2;
     pub const READY: u16 = 3;
     pub const GOODBYE: u16 = 4;
     pub const PING: u16 = 5;
     pub const PONG: u16 = 6;
+    pub const PARAMS: u16 = 7;
     pub const STATE: u16 = 16;
     pub const ASK_PROMOTE: u16 = 17;
     pub const ROLE_CHANGED: u16 = 18;
@@ -130,18 +136,22 @@ pub struct Header {
 /// the rest are carried for the node, `volume` being the frame's volume field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// First frame both ways. `version` travels in the header; `instance` is random per process
-    /// start, so a restarted peer is told apart from a reconnecting one.
+    /// First frame both ways, in clear. `version` travels in the header; `instance` is random
+    /// per process start, so a restarted peer is told apart from a reconnecting one; `encrypt`
+    /// is `[cluster] encryption`. All of it is bound into the Noise prologue (`handshake.rs`).
     Hello {
         version: u16,
         node: String,
         instance: u64,
-        nonce: [u8; 32],
-        volumes: Vec<(String, u64)>,
+        encrypt: bool,
     },
-    /// HMAC answer to the peer's nonce (see `auth.rs`).
-    Auth {
-        mac: [u8; 32],
+    /// One Noise handshake message (`handshake.rs`).
+    Noise {
+        msg: Bytes,
+    },
+    /// The first record each way after the Noise handshake: the volumes, which must be equal.
+    Params {
+        volumes: Vec<VolumeParams>,
     },
     /// Sent by the lower-named node only: this connection becomes the session. `epoch` grows with
     /// every connection that node adopts, so the other side keeps the newest (see `link.rs`).
@@ -240,6 +250,19 @@ pub enum Message {
     },
 }
 
+/// What both nodes must agree on about one volume, carried in PARAMS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeParams {
+    pub name: String,
+    pub size: u64,
+    /// Bytes per dirty-bitmap bit (fixed when the metadata was created): the bitmaps the nodes
+    /// exchange for a resync are only comparable at the same granularity.
+    pub granularity: u32,
+    /// Activity-log geometry: bytes per extent and hot extents (reported, not compared).
+    pub al_extent_size: u64,
+    pub al_extents: u32,
+}
+
 /// A decoded or to-be-encoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -294,8 +317,9 @@ fn shape_of(kind: u16) -> Option<Shape> {
     let data = (1, MAX_DATA as u32);
     let ctl = MAX_CONTROL as u32;
     let s = match kind {
-        kind::HELLO => shape(false, false, (43, ctl), 0, Some(false)),
-        kind::AUTH => shape(false, false, (32, 32), 0, Some(false)),
+        kind::HELLO => shape(false, false, (10, MAX_UNAUTHENTICATED as u32), 0, Some(false)),
+        kind::NOISE => shape(false, false, (1, MAX_NOISE as u32), 0, Some(false)),
+        kind::PARAMS => shape(false, false, (2, ctl), 0, Some(false)),
         kind::READY => shape(false, false, (8, 8), 0, Some(false)),
         kind::GOODBYE => shape(false, false, (0, MAX_REASON as u32), 0, Some(false)),
         kind::PING | kind::ASK_PROMOTE | kind::FLUSH | kind::RUN_PROMOTE => {
@@ -480,14 +504,15 @@ fn message_from(h: &Header, mut p: Bytes) -> Result<Message, WireError> {
     let (offset, len) = (h.offset, h.length);
     let msg = match h.kind {
         kind::HELLO => parse_hello(h, &mut p)?,
-        kind::AUTH => Message::Auth { mac: take_32(&mut p) },
+        kind::NOISE => Message::Noise { msg: p },
+        kind::PARAMS => parse_params(h.kind, &mut p)?,
         kind::READY => Message::Ready { epoch: p.get_u64() },
         kind::GOODBYE => Message::Goodbye { reason: utf8(h.kind, &p)? },
         kind::PING => Message::Ping,
         kind::PONG => Message::Pong,
         kind::STATE => parse_state(h.kind, &mut p)?,
         kind::ASK_PROMOTE => Message::AskPromote,
-        kind::ROLE_CHANGED => Message::RoleChanged(role_from(h.kind, len)?),
+        kind::ROLE_CHANGED => Message::RoleChanged(codes::role_from(h.kind, len)?),
         kind::PROMOTE_ANSWER => Message::PromoteAnswer { granted: len == 1 },
         kind::WRITE => Message::Write { offset, data: p },
         kind::WRITE_FUA => Message::WriteFua { offset, data: p },
@@ -519,13 +544,7 @@ fn message_from(h: &Header, mut p: Bytes) -> Result<Message, WireError> {
     Ok(msg)
 }
 
-fn take_32(p: &mut Bytes) -> [u8; 32] {
-    let mut a = [0u8; 32];
-    p.copy_to_slice(&mut a);
-    a
-}
-
-fn get_gens(p: &mut Bytes) -> Generations {
+pub(super) fn get_gens(p: &mut Bytes) -> Generations {
     Generations { current: p.get_u64(), bitmap: p.get_u64(), history: [p.get_u64(), p.get_u64()] }
 }
 
@@ -535,65 +554,9 @@ fn put_gens(out: &mut BytesMut, g: &Generations) {
     }
 }
 
-fn utf8(kind: u16, b: &[u8]) -> Result<String, WireError> {
+pub(super) fn utf8(kind: u16, b: &[u8]) -> Result<String, WireError> {
     String::from_utf8(b.to_vec())
         .map_err(|_| WireError::Payload { kind, what: "text is not UTF-8" })
-}
-
-/// A u8-length-prefixed UTF-8 string.
-fn get_name(kind: u16, p: &mut Bytes) -> Result<String, WireError> {
-    let short = WireError::Payload { kind, what: "truncated name" };
-    if p.remaining() < 1 {
-        return Err(short);
-    }
-    let n = usize::from(p.get_u8());
-    if p.remaining() < n {
-        return Err(short);
-    }
-    let s = utf8(kind, &p[..n])?;
-    p.advance(n);
-    Ok(s)
-}
-
-fn parse_hello(h: &Header, p: &mut Bytes) -> Result<Message, WireError> {
-    let kind = h.kind;
-    let node = get_name(kind, p)?;
-    if p.remaining() < 8 + 32 + 2 {
-        return Err(WireError::Payload { kind, what: "truncated hello" });
-    }
-    let instance = p.get_u64();
-    let nonce = take_32(p);
-    let count = usize::from(p.get_u16());
-    if count > MAX_VOLUMES {
-        return Err(WireError::Field { kind, field: "volumes", value: count as u64 });
-    }
-    let mut volumes = Vec::with_capacity(count);
-    for _ in 0..count {
-        let name = get_name(kind, p)?;
-        if p.remaining() < 8 {
-            return Err(WireError::Payload { kind, what: "truncated volume size" });
-        }
-        volumes.push((name, p.get_u64()));
-    }
-    if p.has_remaining() {
-        return Err(WireError::Payload { kind, what: "trailing bytes" });
-    }
-    Ok(Message::Hello { version: h.version, node, instance, nonce, volumes })
-}
-
-fn parse_state(kind: u16, p: &mut Bytes) -> Result<Message, WireError> {
-    let role = role_from(kind, u64::from(p.get_u8()))?;
-    let disk = disk_from(kind, p.get_u8())?;
-    let bits = p.get_u8();
-    let primary_when_stopped = bits & 1 != 0;
-    let resolve = match bits >> 1 {
-        0 => Resolve::None,
-        1 => Resolve::DiscardLocal,
-        2 => Resolve::FullSync,
-        _ => return Err(WireError::Field { kind, field: "state flags", value: bits.into() }),
-    };
-    let gens = get_gens(p);
-    Ok(Message::State { role, disk, gens, primary_when_stopped, dirty: p.get_u64(), resolve })
 }
 
 impl Message {
@@ -601,7 +564,8 @@ impl Message {
     pub fn kind(&self) -> u16 {
         match self {
             Message::Hello { .. } => kind::HELLO,
-            Message::Auth { .. } => kind::AUTH,
+            Message::Noise { .. } => kind::NOISE,
+            Message::Params { .. } => kind::PARAMS,
             Message::Ready { .. } => kind::READY,
             Message::Goodbye { .. } => kind::GOODBYE,
             Message::Ping => kind::PING,
@@ -631,7 +595,7 @@ impl Message {
     }
 
     /// The bulk payload, sent by reference rather than copied.
-    fn data(&self) -> Option<&Bytes> {
+    pub(crate) fn data(&self) -> Option<&Bytes> {
         match self {
             Message::Write { data, .. }
             | Message::WriteFua { data, .. }
@@ -671,17 +635,22 @@ impl Message {
     /// Appends the inline (non-data) payload.
     fn put_inline(&self, out: &mut BytesMut) {
         match self {
-            Message::Hello { node, instance, nonce, volumes, .. } => {
+            Message::Hello { node, instance, encrypt, .. } => {
                 put_name(out, node);
                 out.put_u64(*instance);
-                out.put_slice(nonce);
+                out.put_u8(u8::from(*encrypt));
+            }
+            Message::Noise { msg } => out.put_slice(&msg[..msg.len().min(MAX_NOISE)]),
+            Message::Params { volumes } => {
                 out.put_u16(volumes.len().min(MAX_VOLUMES) as u16);
-                for (name, size) in volumes.iter().take(MAX_VOLUMES) {
-                    put_name(out, name);
-                    out.put_u64(*size);
+                for v in volumes.iter().take(MAX_VOLUMES) {
+                    put_name(out, &v.name);
+                    out.put_u64(v.size);
+                    out.put_u32(v.granularity);
+                    out.put_u64(v.al_extent_size);
+                    out.put_u32(v.al_extents);
                 }
             }
-            Message::Auth { mac } => out.put_slice(mac),
             Message::Ready { epoch } => out.put_u64(*epoch),
             Message::Goodbye { reason } => out.put_slice(truncate(reason, MAX_REASON).as_bytes()),
             Message::State { role, disk, gens, primary_when_stopped, dirty, resolve } => {
@@ -774,7 +743,7 @@ pub fn encode(frame: &Frame) -> BytesMut {
 
 #[path = "wire_codes.rs"]
 mod codes;
-use codes::{disk_code, disk_from, role_code, role_from};
+use codes::{disk_code, parse_hello, parse_params, parse_state, role_code};
 
 #[cfg(test)]
 #[path = "wire_tests.rs"]

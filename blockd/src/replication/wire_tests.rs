@@ -6,6 +6,16 @@ fn gens() -> Generations {
     Generations { current: 0x1122_3344_5566_7788, bitmap: 3, history: [4, u64::MAX] }
 }
 
+fn vol(name: &str, size: u64) -> VolumeParams {
+    VolumeParams {
+        name: name.into(),
+        size,
+        granularity: 65536,
+        al_extent_size: 4 << 20,
+        al_extents: 127,
+    }
+}
+
 fn every_message() -> Vec<Message> {
     let data = Bytes::from((0..4096u32).map(|i| (i * 7) as u8).collect::<Vec<_>>());
     vec![
@@ -13,17 +23,17 @@ fn every_message() -> Vec<Message> {
             version: PROTOCOL_VERSION,
             node: "alpha".into(),
             instance: 42,
-            nonce: [9; 32],
-            volumes: vec![("vol0".into(), 1 << 30), ("vølume-ü".into(), 4096)],
+            encrypt: true,
         },
         Message::Hello {
             version: PROTOCOL_VERSION,
             node: String::new(),
             instance: 1,
-            nonce: [0; 32],
-            volumes: vec![],
+            encrypt: false,
         },
-        Message::Auth { mac: [0xAB; 32] },
+        Message::Noise { msg: Bytes::from_static(&[0xAB; 48]) },
+        Message::Params { volumes: vec![vol("vol0", 1 << 30), vol("vølume-ü", 4096)] },
+        Message::Params { volumes: vec![] },
         Message::Ready { epoch: 7 },
         Message::Goodbye { reason: "volume sizes differ".into() },
         Message::Goodbye { reason: String::new() },
@@ -215,7 +225,7 @@ fn magic_version_and_kind_bounds() {
     for v in [0, PROTOCOL_VERSION + 1, u16::MAX] {
         assert_eq!(err(Header { version: v, ..hdr(kind::PING) }, &[]), WireError::Version(v));
     }
-    for k in [0, 7, 15, 22, 31, 39, 47, 55, 63, 65, u16::MAX] {
+    for k in [0, 8, 15, 22, 31, 39, 47, 55, 63, 65, u16::MAX] {
         assert_eq!(err(hdr(k), &[]), WireError::Kind(k));
     }
     assert_eq!(
@@ -251,7 +261,7 @@ fn flag_bounds() {
     assert!(matches!(err(hdr(kind::PONG), &[]), WireError::Flags { .. }));
     assert!(matches!(err(hdr(kind::ACK), &[]), WireError::Flags { .. }));
     assert!(matches!(
-        err(Header { flags: reply, ..hdr(kind::HELLO) }, &[0; 43]),
+        err(Header { flags: reply, ..hdr(kind::HELLO) }, &[0; 10]),
         WireError::Flags { .. }
     ));
 }
@@ -260,11 +270,13 @@ fn flag_bounds() {
 fn payload_len_bounds() {
     let pl = |kind, len| WireError::PayloadLen { kind, len };
     assert_eq!(err(hdr(kind::PING), &[0]), pl(kind::PING, 1));
-    assert_eq!(err(hdr(kind::AUTH), &[0; 31]), pl(kind::AUTH, 31));
-    assert_eq!(err(hdr(kind::AUTH), &[0; 33]), pl(kind::AUTH, 33));
+    assert_eq!(err(hdr(kind::NOISE), &[]), pl(kind::NOISE, 0));
+    assert_eq!(err(hdr(kind::NOISE), &[0; MAX_NOISE + 1]), pl(kind::NOISE, MAX_NOISE as u32 + 1));
+    let big = [0; MAX_UNAUTHENTICATED + 1];
+    assert_eq!(err(hdr(kind::HELLO), &big), pl(kind::HELLO, MAX_UNAUTHENTICATED as u32 + 1));
     assert_eq!(err(hdr(kind::READY), &[0; 7]), pl(kind::READY, 7));
     assert_eq!(err(hdr(kind::STATE), &[1; 42]), pl(kind::STATE, 42));
-    assert_eq!(err(hdr(kind::HELLO), &[0; 42]), pl(kind::HELLO, 42));
+    assert_eq!(err(hdr(kind::HELLO), &[0; 9]), pl(kind::HELLO, 9));
     assert_eq!(
         err(hdr(kind::GOODBYE), &[b'x'; MAX_REASON + 1]),
         pl(kind::GOODBYE, MAX_REASON as u32 + 1)
@@ -328,18 +340,23 @@ fn malformed_hello_and_text() {
     };
     let hello = Frame { volume: 0, id: 0, reply: false, msg: every_message().remove(0) };
     let good = payload(hello);
-    // Trailing garbage, truncation inside the volume list, a name running past the end.
+    // Trailing garbage, truncation, a name running past the end, a bad flag.
     let mut long = good.clone();
     long.push(0);
     assert!(matches!(err(hdr(kind::HELLO), &long), WireError::Payload { .. }));
-    assert!(matches!(err(hdr(kind::HELLO), &good[..good.len() - 3]), WireError::Payload { .. }));
+    assert!(matches!(err(hdr(kind::HELLO), &good[..good.len() - 1]), WireError::Payload { .. }));
     let mut name = good.clone();
     name[0] = 250;
     assert!(matches!(err(hdr(kind::HELLO), &name), WireError::Payload { .. }));
-    // Too many volumes.
-    let mut many = vec![0u8; 41];
-    many.extend_from_slice(&((MAX_VOLUMES + 1) as u16).to_be_bytes());
-    assert!(matches!(err(hdr(kind::HELLO), &many), WireError::Field { field: "volumes", .. }));
+    let mut flag = good.clone();
+    *flag.last_mut().unwrap() = 2;
+    assert!(matches!(err(hdr(kind::HELLO), &flag), WireError::Field { field: "encrypt", .. }));
+    // PARAMS: truncated inside the volume list, too many volumes.
+    let params = Frame { volume: 0, id: 0, reply: false, msg: every_message().remove(3) };
+    let good = payload(params);
+    assert!(matches!(err(hdr(kind::PARAMS), &good[..good.len() - 3]), WireError::Payload { .. }));
+    let many = ((MAX_VOLUMES + 1) as u16).to_be_bytes();
+    assert!(matches!(err(hdr(kind::PARAMS), &many), WireError::Field { field: "volumes", .. }));
     // Not UTF-8.
     assert!(matches!(err(hdr(kind::GOODBYE), &[0xFF, 0xFE]), WireError::Payload { .. }));
 }

@@ -18,38 +18,40 @@
 //! only writes frames counted in `queued`; so the two never write at the same time and a queued
 //! frame is never overtaken.
 //!
-//! No allocation per frame: headers and small frames go into reused scratch buffers, data
-//! payloads are sent from their own `Bytes`.
+//! Every frame is sealed into its record (`record.rs`) under the same lock, in the order it
+//! will reach the socket: the record counter is the order on the wire. A queued item is a
+//! sealed record, never re-encoded, so a partial direct write is finished byte for byte.
 
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, Frame};
+use super::record::Sealer;
+use super::wire::Frame;
 
 /// At most this many iovecs per `writev` (far below IOV_MAX = 1024).
 const MAX_IOV: usize = 64;
-/// A batch stops growing at this many inline bytes.
-const MAX_BATCH_INLINE: usize = 256 << 10;
+/// A batch stops growing at this many records.
+const MAX_BATCH: usize = MAX_IOV * 4;
 /// How long a closing writer may take to send what is still queued (GOODBYE, last replies).
 const DRAIN_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// A queued frame; `skip` bytes of its encoding were already written by the direct path.
+/// A queued record; `skip` bytes of it were already written by the direct path.
 pub(crate) struct Item {
-    frame: Frame,
+    rec: Bytes,
     skip: usize,
 }
 
 struct State {
     /// Frames handed to the writer task and not yet completely written.
     queued: usize,
-    /// Scratch for direct writes (reused).
-    scratch: BytesMut,
+    /// Seals each frame, in wire order.
+    sealer: Sealer,
     /// None once the writer task has shut the socket down.
     wr: Option<Arc<OwnedWriteHalf>>,
 }
@@ -68,44 +70,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Out {
     pub(crate) fn new(
         wr: OwnedWriteHalf,
+        sealer: Sealer,
     ) -> (Out, Arc<OwnedWriteHalf>, mpsc::UnboundedReceiver<Item>) {
         let wr = Arc::new(wr);
         let (tx, rx) = mpsc::unbounded_channel();
-        let state =
-            State { queued: 0, scratch: BytesMut::with_capacity(4096), wr: Some(wr.clone()) };
+        let state = State { queued: 0, sealer, wr: Some(wr.clone()) };
         (Out { state: Mutex::new(state), tx }, wr, rx)
     }
 
     /// Sends a frame: written at once if `direct`, nothing is queued and the socket takes it,
     /// else queued for the writer task. Callers pass `direct = false` when other requests are
     /// in flight: then the writer's batching saves more syscalls than the hand-off costs.
-    /// Err(io) only for a hard socket error, Err(None) once closed.
+    /// Err(io) only for a hard socket error (or an exhausted record counter), Err(None) once
+    /// closed.
     pub(crate) fn send(&self, frame: Frame, direct: bool) -> Result<(), Option<io::Error>> {
         let mut st = lock(&self.state);
         let st = &mut *st;
-        let Some(wr) = st.wr.as_ref() else {
+        let Some(wr) = st.wr.clone() else {
             return Err(None);
         };
+        let rec = st.sealer.seal(&frame).map_err(|e| Some(io::Error::other(e)))?;
         if st.queued > 0 || !direct {
-            return self.enqueue(st, Item { frame, skip: 0 });
+            return self.enqueue(st, Item { rec, skip: 0 });
         }
-        st.scratch.clear();
-        let data = wire::encode_into(&frame, &mut st.scratch);
-        let head = &st.scratch[..];
-        let (r, total) = match &data {
-            None => (wr.try_write(head), head.len()),
-            Some((d, crc)) => {
-                let iov = [IoSlice::new(head), IoSlice::new(d), IoSlice::new(crc)];
-                (wr.try_write_vectored(&iov), head.len() + d.len() + crc.len())
-            }
-        };
-        let written = match r {
-            Ok(n) if n == total => return Ok(()),
+        let written = match wr.try_write(&rec) {
+            Ok(n) if n == rec.len() => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(Some(e)),
         };
-        self.enqueue(st, Item { frame, skip: written })
+        self.enqueue(st, Item { rec, skip: written })
     }
 
     fn enqueue(&self, st: &mut State, item: Item) -> Result<(), Option<io::Error>> {
@@ -123,53 +117,16 @@ impl Out {
     }
 }
 
-/// A piece of a batch: a range of the scratch buffer, or a data payload sent by reference.
-enum Seg {
-    Scratch(usize, usize),
-    Data(Bytes),
-}
-
-impl Seg {
-    fn bytes<'a>(&'a self, scratch: &'a [u8]) -> &'a [u8] {
-        match self {
-            Seg::Scratch(a, b) => &scratch[*a..*b],
-            Seg::Data(d) => d,
-        }
-    }
-}
-
-/// Appends one frame to the batch, merging adjacent scratch ranges into one iovec.
-fn push(f: &Frame, scratch: &mut BytesMut, segs: &mut Vec<Seg>) {
-    fn add(segs: &mut Vec<Seg>, s: usize, e: usize) {
-        if let Some(Seg::Scratch(_, end)) = segs.last_mut() {
-            if *end == s {
-                *end = e;
-                return;
-            }
-        }
-        segs.push(Seg::Scratch(s, e));
-    }
-    let start = scratch.len();
-    let data = wire::encode_into(f, scratch);
-    add(segs, start, scratch.len());
-    if let Some((data, crc)) = data {
-        segs.push(Seg::Data(data));
-        let s = scratch.len();
-        scratch.put_slice(&crc);
-        add(segs, s, scratch.len());
-    }
-}
-
-/// Position in a batch: segment index and offset inside it.
+/// Position in a batch: record index and offset inside it.
 struct Cursor {
     idx: usize,
     off: usize,
 }
 
 impl Cursor {
-    fn advance(&mut self, mut n: usize, scratch: &[u8], segs: &[Seg]) {
-        while n > 0 && self.idx < segs.len() {
-            let left = segs[self.idx].bytes(scratch).len() - self.off;
+    fn advance(&mut self, mut n: usize, recs: &[Bytes]) {
+        while n > 0 && self.idx < recs.len() {
+            let left = recs[self.idx].len() - self.off;
             if n < left {
                 self.off += n;
                 return;
@@ -182,25 +139,19 @@ impl Cursor {
 }
 
 /// Writes the batch from `skip` bytes on, with as few `writev`s as the kernel allows.
-async fn write_batch(
-    wr: &OwnedWriteHalf,
-    scratch: &[u8],
-    segs: &[Seg],
-    skip: usize,
-) -> io::Result<()> {
+async fn write_batch(wr: &OwnedWriteHalf, recs: &[Bytes], skip: usize) -> io::Result<()> {
     let mut at = Cursor { idx: 0, off: 0 };
-    at.advance(skip, scratch, segs);
-    while at.idx < segs.len() {
+    at.advance(skip, recs);
+    while at.idx < recs.len() {
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         let mut n = 0;
-        for (k, seg) in segs[at.idx..].iter().take(MAX_IOV).enumerate() {
-            let b = seg.bytes(scratch);
-            iov[k] = IoSlice::new(if k == 0 { &b[at.off..] } else { b });
+        for (k, rec) in recs[at.idx..].iter().take(MAX_IOV).enumerate() {
+            iov[k] = IoSlice::new(if k == 0 { &rec[at.off..] } else { rec });
             n += 1;
         }
         match wr.try_write_vectored(&iov[..n]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(w) => at.advance(w, scratch, segs),
+            Ok(w) => at.advance(w, recs),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wr.as_ref().writable().await?,
             Err(e) => return Err(e),
         }
@@ -208,26 +159,23 @@ async fn write_batch(
     Ok(())
 }
 
-/// Takes everything queued (up to the batch limits) into the batch; returns how many frames.
+/// Takes everything queued (up to the batch limit) into the batch; returns how many records
+/// and the skip of the first.
 fn fill(
     first: Item,
     rx: &mut mpsc::UnboundedReceiver<Item>,
-    scratch: &mut BytesMut,
-    segs: &mut Vec<Seg>,
+    recs: &mut Vec<Bytes>,
 ) -> (usize, usize) {
-    scratch.clear();
-    segs.clear();
-    push(&first.frame, scratch, segs);
-    let mut count = 1;
-    while segs.len() < MAX_IOV * 4 && scratch.len() < MAX_BATCH_INLINE {
+    recs.clear();
+    recs.push(first.rec);
+    while recs.len() < MAX_BATCH {
         match rx.try_recv() {
             // Only the head of the queue can carry a skip (see the module doc).
-            Ok(item) => push(&item.frame, scratch, segs),
+            Ok(item) => recs.push(item.rec),
             Err(_) => break,
         }
-        count += 1;
     }
-    (count, first.skip)
+    (recs.len(), first.skip)
 }
 
 /// The writer task. `ping` makes a heartbeat frame; it is sent through `send` like any frame
@@ -240,8 +188,7 @@ pub(crate) async fn run(
     ping_every: Duration,
     ping: impl Fn() -> Frame,
 ) -> Option<String> {
-    let mut scratch = BytesMut::with_capacity(MAX_BATCH_INLINE + 4096);
-    let mut segs: Vec<Seg> = Vec::with_capacity(MAX_IOV * 4 + 2);
+    let mut recs: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
     let cancelled = cancel.cancelled_owned();
     tokio::pin!(cancelled);
     let mut result = None;
@@ -263,11 +210,11 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        let (count, skip) = fill(first, &mut rx, &mut scratch, &mut segs);
+        let (count, skip) = fill(first, &mut rx, &mut recs);
         let r = tokio::select! {
             biased;
             _ = &mut cancelled => break,
-            r = write_batch(&wr, &scratch, &segs, skip) => r,
+            r = write_batch(&wr, &recs, skip) => r,
         };
         out.done(count);
         if let Err(e) = r {
@@ -275,7 +222,7 @@ pub(crate) async fn run(
             break;
         }
     }
-    drain(out, &wr, &mut rx, &mut scratch, &mut segs).await;
+    drain(out, &wr, &mut rx, &mut recs).await;
     result
 }
 
@@ -285,12 +232,11 @@ async fn drain(
     out: &Out,
     wr: &OwnedWriteHalf,
     rx: &mut mpsc::UnboundedReceiver<Item>,
-    scratch: &mut BytesMut,
-    segs: &mut Vec<Seg>,
+    recs: &mut Vec<Bytes>,
 ) {
     if let Ok(first) = rx.try_recv() {
-        let (_, skip) = fill(first, rx, scratch, segs);
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, write_batch(wr, scratch, segs, skip)).await;
+        let (_, skip) = fill(first, rx, recs);
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, write_batch(wr, recs, skip)).await;
     }
     out.shut();
     let _ = socket2::SockRef::from(wr.as_ref()).shutdown(std::net::Shutdown::Both);

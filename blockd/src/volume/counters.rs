@@ -23,6 +23,7 @@ pub(super) struct AtomicCounters {
     pub(super) resync_same_bytes: AtomicU64,
     pub(super) verify_differed: AtomicU64,
     pub(super) connects: AtomicU64,
+    pub(super) link_refused: AtomicU64,
     /// Per-kind latency histograms of successful requests (metrics/histogram.rs).
     pub(super) latency: Latencies,
 }
@@ -47,6 +48,7 @@ impl AtomicCounters {
             resync_same_bytes: get(&self.resync_same_bytes),
             verify_differed: get(&self.verify_differed),
             connects: get(&self.connects),
+            link_refused: get(&self.link_refused),
         }
     }
 }

@@ -214,6 +214,11 @@ impl Volume {
         self.store.size()
     }
 
+    /// The dirty bitmap's granularity and the activity log's shape, as the metadata fixed them.
+    pub fn tracking(&self) -> (u32, crate::meta::AlConfig) {
+        self.track.with(|d| (d.bitmap().granularity(), d.areas().al))
+    }
+
     /// The backing's block size: requests aligned to it avoid read-modify-write.
     pub fn block_size(&self) -> u32 {
         self.store.block_size()

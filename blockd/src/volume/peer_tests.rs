@@ -14,9 +14,16 @@ fn config(node: &str, peer: &str, a: std::net::SocketAddr, b: std::net::SocketAd
         peer: peer.into(),
         listen: a,
         peer_addr: b,
-        secret: b"shared secret".to_vec().into(),
+        secrets: crate::replication::Secrets::fixed(b"shared secret"),
+        protection: crate::replication::record::Protection::Encrypt,
         peer_timeout: Duration::from_secs(3),
-        volumes: vec![("v".into(), 1 << 20)],
+        volumes: vec![crate::replication::wire::VolumeParams {
+            name: "v".into(),
+            size: 1 << 20,
+            granularity: 4096,
+            al_extent_size: 4 << 20,
+            al_extents: 61,
+        }],
         max_in_flight_bytes: 128 << 20,
     }
 }

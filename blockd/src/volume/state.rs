@@ -274,6 +274,7 @@ impl Volume {
     /// A connection attempt was refused (authentication, version, volume mismatch): status
     /// shows why while no session is up.
     pub fn note_refused(&self, reason: &str) {
+        self.counters.link_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut live = self.live();
         if live.session.is_none() {
             live.reason = Some(reason.to_string());

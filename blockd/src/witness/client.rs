@@ -30,7 +30,7 @@ use super::{
     frames::{self, FrameError},
     proto::{self, Message, Reply, WITNESS_ID},
 };
-use crate::replication::auth;
+use crate::replication::auth::{self, Secrets};
 
 /// A lease this node holds, in its own clock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,13 +148,24 @@ impl Default for ClientSettings {
 pub struct LeaseClient {
     addr: SocketAddr,
     node: String,
-    secret: Arc<[u8]>,
+    secrets: Secrets,
     settings: ClientSettings,
 }
 
 impl LeaseClient {
     pub fn new(addr: SocketAddr, node: &str, secret: Arc<[u8]>, settings: ClientSettings) -> Self {
-        LeaseClient { addr, node: node.to_string(), secret, settings }
+        Self::with_secrets(addr, node, Secrets::Fixed(vec![secret]), settings)
+    }
+
+    /// A client that reads its secret (the current one of `secrets`) again for every request,
+    /// so that a secret rotation needs no restart of the node.
+    pub fn with_secrets(
+        addr: SocketAddr,
+        node: &str,
+        secrets: Secrets,
+        settings: ClientSettings,
+    ) -> Self {
+        LeaseClient { addr, node: node.to_string(), secrets, settings }
     }
 
     /// The margin for a lease of `term`.
@@ -216,6 +227,7 @@ impl LeaseClient {
         degraded: bool,
     ) -> Result<Granted, WitnessError> {
         let addr = self.addr;
+        let secret = self.secrets.load()?.swap_remove(0);
         let nonce = auth::new_nonce()?;
         let mut buf = Vec::new();
         self.send(&mut s, Message::Hello { node: self.node.clone(), nonce }).await?;
@@ -224,14 +236,14 @@ impl LeaseClient {
             m => return Err(self.unexpected(&m, "CHALLENGE")),
         };
         let signed = proto::request_nonce(&challenge, degraded);
-        let proof = auth::mac(&self.secret, &signed, &self.node, WITNESS_ID);
+        let proof = auth::mac(&secret, &signed, &self.node, WITNESS_ID);
         self.send(&mut s, Message::Request { proof, degraded: Some(degraded) }).await?;
         let (reply, proof) = match self.recv(&mut s, &mut buf).await? {
             Message::Answer { reply, proof } => (reply, proof),
             m => return Err(self.unexpected(&m, "an answer")),
         };
         let signed = proto::answer_nonce(&nonce, &reply);
-        if !auth::verify(&self.secret, &signed, &self.node, WITNESS_ID, &proof) {
+        if !auth::verify(&secret, &signed, &self.node, WITNESS_ID, &proof) {
             return Err(WitnessError::BadProof { addr });
         }
         self.lease(reply, sent)

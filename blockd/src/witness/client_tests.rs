@@ -59,7 +59,10 @@ async fn ask(
 }
 
 fn witness(dir: &tempfile::TempDir, key: &[u8]) -> Arc<Shared> {
-    Arc::new(Shared::open(&dir.path().join("state"), TERM, key.into()).unwrap())
+    Arc::new(
+        Shared::open(&dir.path().join("state"), TERM, crate::replication::Secrets::fixed(key))
+            .unwrap(),
+    )
 }
 
 /// Asks as `c` every 10 ms until granted; returns when.

@@ -31,7 +31,7 @@ use super::{
     proto::{self, Message, Reply, WITNESS_ID},
     state::{self, StateError},
 };
-use crate::replication::auth;
+use crate::replication::auth::{self, Secrets};
 
 /// Connections served at once; more wait in the listen backlog. Two nodes ask every few
 /// seconds: this bounds memory against a flood, it is never reached in normal operation.
@@ -49,7 +49,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub state: PathBuf,
     pub term: Duration,
-    pub secret: Arc<[u8]>,
+    /// `--secret`, and during a rotation `--previous-secret` (accepted too); read again for
+    /// every request, so a rotation needs no restart.
+    pub secrets: Secrets,
 }
 
 /// Why the witness could not start or had to stop.
@@ -69,17 +71,13 @@ pub enum ServerError {
 pub struct Shared {
     table: Mutex<Witness>,
     state: PathBuf,
-    secret: Arc<[u8]>,
+    secrets: Secrets,
 }
 
 impl Shared {
     /// Loads `--state` (or creates it for a fresh witness) and builds the table, quiet for a
     /// term if the file existed.
-    pub fn open(
-        state_path: &Path,
-        term: Duration,
-        secret: Arc<[u8]>,
-    ) -> Result<Shared, StateError> {
+    pub fn open(state_path: &Path, term: Duration, secrets: Secrets) -> Result<Shared, StateError> {
         let table = match state::load(state_path)? {
             Some(record) => {
                 let w = Witness::restored(term, record.clone(), Instant::now());
@@ -102,7 +100,7 @@ impl Shared {
                 w
             }
         };
-        Ok(Shared { table: Mutex::new(table), state: state_path.to_owned(), secret })
+        Ok(Shared { table: Mutex::new(table), state: state_path.to_owned(), secrets })
     }
 
     /// Asks the table for `node` and persists a changed record (new epoch, or the holder's
@@ -148,7 +146,7 @@ pub async fn run(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let shared = Arc::new(Shared::open(&cfg.state, cfg.term, cfg.secret)?);
+    let shared = Arc::new(Shared::open(&cfg.state, cfg.term, cfg.secrets)?);
     let addr = cfg.listen;
     let listener =
         TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { addr, source })?;
@@ -223,10 +221,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // A REQUEST2's proof covers its flag too.
     let signed = degraded.map_or(nonce, |d| proto::request_nonce(&nonce, d));
-    if !auth::verify(&shared.secret, &signed, WITNESS_ID, &node, &proof) {
+    // The answer is signed with the secret the request verified under (current or previous).
+    let secrets = shared.secrets.load()?;
+    let Some(secret) = secrets.iter().find(|k| auth::verify(k, &signed, WITNESS_ID, &node, &proof))
+    else {
         tracing::warn!("witness: {peer} (node {node:?}) failed authentication: wrong secret?");
         return Err(deny(&mut s, ConnError::Auth(node)).await);
-    }
+    };
     let reply = match shared.decide(&node, degraded) {
         Ok(r) => r,
         Err(e) => {
@@ -235,7 +236,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let answer_nonce = proto::answer_nonce(&node_nonce, &reply);
-    let proof = auth::mac(&shared.secret, &answer_nonce, WITNESS_ID, &node);
+    let proof = auth::mac(secret, &answer_nonce, WITNESS_ID, &node);
     frames::send(&mut s, &Message::Answer { reply, proof }).await?;
     Ok(())
 }

@@ -15,6 +15,23 @@ fn secret(s: &str) -> Arc<[u8]> {
     s.as_bytes().into()
 }
 
+/// During a rotation the witness accepts the new and the previous secret and signs each
+/// answer with the secret its request used; a third secret is still refused.
+#[tokio::test(start_paused = true)]
+async fn rotation_accepts_the_previous_secret_and_answers_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = crate::replication::Secrets::Fixed(vec![secret("new"), secret("old")]);
+    let shared = Arc::new(Shared::open(&dir.path().join("state"), TERM, secrets).unwrap());
+    for (node, key) in [("alpha", "new"), ("alpha", "old")] {
+        let (answer, nonce) = ask(&shared, node, key.as_bytes()).await;
+        let Message::Answer { reply, proof } = answer else { panic!("{key}: {answer:?}") };
+        let signed = proto::answer_nonce(&nonce, &reply);
+        assert!(auth::verify(key.as_bytes(), &signed, node, WITNESS_ID, &proof), "{key}");
+    }
+    let (answer, _) = ask(&shared, "alpha", b"other").await;
+    assert!(matches!(answer, Message::Denied { .. }), "{answer:?}");
+}
+
 /// Plays an old node by hand: HELLO, CHALLENGE, REQUEST (proof with `key`), then the answer.
 async fn ask(shared: &Arc<Shared>, node: &str, key: &[u8]) -> (Message, [u8; 32]) {
     ask_flagged(shared, node, key, None).await
@@ -48,7 +65,14 @@ async fn ask_flagged(
 }
 
 fn open(dir: &tempfile::TempDir) -> Arc<Shared> {
-    Arc::new(Shared::open(&dir.path().join("state"), TERM, secret("s3cret")).unwrap())
+    Arc::new(
+        Shared::open(
+            &dir.path().join("state"),
+            TERM,
+            crate::replication::Secrets::fixed(b"s3cret"),
+        )
+        .unwrap(),
+    )
 }
 
 #[tokio::test(start_paused = true)]

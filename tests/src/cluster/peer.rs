@@ -4,8 +4,10 @@
 //! - [`Wire`]: a blocking frame reader/writer over one TCP stream, for a fake peer that sends
 //!   what no honest node sends (another protocol version, data before authentication).
 //! - [`Proxy`]: a man in the middle between the two real nodes that forwards every frame
-//!   unchanged until armed, then flips one byte of the next WRITE's payload, as a faulty NIC or
-//!   switch would, and refuses further connections until released.
+//!   unchanged until armed, then flips one byte in the body of the next large record (a data
+//!   frame: 4 KiB or more), as a faulty NIC or switch (or an attacker) would, and refuses
+//!   further connections until released. It knows the stream's shape (two clear frames each
+//!   way, HELLO and NOISE, then records), not the keys.
 //!
 //! Sockets are created inside a node's namespace (see [`Netns::enter`]/[`Netns::spawn`]) and
 //! are used from the test's threads afterwards.
@@ -21,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use blockd::replication::record::{self, Channel};
 use blockd::replication::wire::{self, Decoded, Frame, Message};
 
 use super::Netns;
@@ -63,17 +66,50 @@ impl Wire {
         self.stream.write_all(bytes).expect("send to the node");
     }
 
-    /// The next frame; Err says why there is none: "closed", a decode error, or a timeout.
+    /// Sends bytes the node may refuse halfway (it closes the connection).
+    pub fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Seals `frame` into the next record of `ch` and sends it.
+    pub fn send_sealed(&mut self, ch: &mut Channel, frame: &Frame) {
+        let rec = ch.tx.seal(frame).expect("seal");
+        self.send_raw(&rec);
+    }
+
+    /// The next frame in clear; Err says why there is none: "closed", a decode error, or a
+    /// timeout.
     pub fn recv(&mut self, timeout: Duration) -> Result<Frame, String> {
+        self.recv_with(timeout, |buf| match wire::decode(buf) {
+            Ok(Decoded::Frame(frame, used)) => {
+                buf.drain(..used);
+                Ok(Some(frame))
+            }
+            Ok(Decoded::NeedMore(_)) => Ok(None),
+            Err(e) => Err(format!("bad frame from the node: {e}")),
+        })
+    }
+
+    /// The next record of `ch`, opened.
+    pub fn recv_sealed(&mut self, ch: &mut Channel, timeout: Duration) -> Result<Frame, String> {
+        self.recv_with(timeout, |buf| {
+            let mut b = bytes::BytesMut::from(&buf[..]);
+            let r = ch.rx.open(&mut b, record::MAX_BODY).map_err(|e| format!("bad record: {e}"));
+            let used = buf.len() - b.len();
+            buf.drain(..used);
+            r
+        })
+    }
+
+    fn recv_with(
+        &mut self,
+        timeout: Duration,
+        mut decode: impl FnMut(&mut Vec<u8>) -> Result<Option<Frame>, String>,
+    ) -> Result<Frame, String> {
         let end = Instant::now() + timeout;
         loop {
-            match wire::decode(&self.buf) {
-                Ok(Decoded::Frame(frame, used)) => {
-                    self.buf.drain(..used);
-                    return Ok(frame);
-                }
-                Ok(Decoded::NeedMore(_)) => {}
-                Err(e) => return Err(format!("bad frame from the node: {e}")),
+            if let Some(frame) = decode(&mut self.buf)? {
+                return Ok(frame);
             }
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -119,14 +155,19 @@ pub fn frame(msg: Message) -> Frame {
     Frame { volume: 0, id: 0, reply: false, msg }
 }
 
+/// How much of a connection a [`Proxy`] records.
+const RECORD_MAX: usize = 8 << 20;
+
 /// State shared by a [`Proxy`]'s threads.
 #[derive(Default)]
 struct ProxyState {
     stop: AtomicBool,
     armed: AtomicBool,
     blocked: AtomicBool,
-    /// Offset of the WRITE whose payload was corrupted.
-    corrupted: Mutex<Option<u64>>,
+    /// Length of the record that was corrupted.
+    corrupted: Mutex<Option<usize>>,
+    /// What the dialer sent on the latest connection (the first [`RECORD_MAX`] bytes).
+    recorded: Mutex<Vec<u8>>,
     /// Every stream, to shut them down on drop.
     streams: Mutex<Vec<TcpStream>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -151,14 +192,21 @@ impl Proxy {
         Proxy { state, accept: Some(accept) }
     }
 
-    /// Corrupts the next WRITE from the dialing node; after that, refuses new connections.
+    /// Corrupts the next large record from the dialing node; after that, refuses new
+    /// connections.
     pub fn arm(&self) {
         self.state.armed.store(true, Ordering::SeqCst);
     }
 
-    /// The offset of the WRITE that was corrupted, once it was.
-    pub fn corrupted(&self) -> Option<u64> {
+    /// The length of the record that was corrupted, once one was.
+    pub fn corrupted(&self) -> Option<usize> {
         *self.state.corrupted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bytes the dialing node sent on the latest connection, as they went over the wire
+    /// (for replaying them, or looking for plaintext).
+    pub fn recorded(&self) -> Vec<u8> {
+        self.state.recorded.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Accepts and forwards connections again.
@@ -218,49 +266,57 @@ fn accept_loop(listener: &TcpListener, target: SocketAddr, st: &Arc<ProxyState>)
     }
 }
 
-/// Dialer → target: frame by frame, corrupting the first WRITE after `arm`.
+/// Dialer → target: the two clear frames, then record by record, corrupting the first large
+/// record after `arm`.
 fn forward_frames(mut from: TcpStream, mut to: TcpStream, st: &ProxyState) {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 1 << 16];
-    let mut raw = false; // after a frame we cannot parse, pass bytes through untouched
+    let mut clear = 2;
+    st.recorded.lock().unwrap_or_else(|p| p.into_inner()).clear();
     while let Ok(n @ 1..) = from.read(&mut chunk) {
         buf.extend_from_slice(&chunk[..n]);
-        while !raw {
-            match wire::decode(&buf) {
-                Ok(Decoded::Frame(frame, used)) => {
-                    corrupt_if_armed(&frame, &mut buf[..used], st);
-                    if to.write_all(&buf[..used]).is_err() {
-                        return close(&from, &to);
-                    }
-                    buf.drain(..used);
-                }
-                Ok(Decoded::NeedMore(_)) => break,
-                Err(_) => raw = true,
+        let mut rec = st.recorded.lock().unwrap_or_else(|p| p.into_inner());
+        let room = RECORD_MAX.saturating_sub(rec.len()).min(n);
+        rec.extend_from_slice(&chunk[..room]);
+        drop(rec);
+        while let Some(used) = unit_len(&buf, clear) {
+            if buf.len() < used {
+                break;
             }
-        }
-        if raw && (to.write_all(&buf).is_err()) {
-            return close(&from, &to);
-        }
-        if raw {
-            buf.clear();
+            if clear > 0 {
+                clear -= 1;
+            } else {
+                corrupt_if_armed(&mut buf[..used], st);
+            }
+            if to.write_all(&buf[..used]).is_err() {
+                return close(&from, &to);
+            }
+            buf.drain(..used);
         }
     }
     close(&from, &to);
 }
 
-/// Flips the last payload byte of `bytes` (one whole encoded frame) if it is the first WRITE
-/// since `arm`, and blocks new connections.
-fn corrupt_if_armed(frame: &Frame, bytes: &mut [u8], st: &ProxyState) {
-    let offset = match &frame.msg {
-        Message::Write { offset, .. } | Message::WriteFua { offset, .. } => *offset,
-        _ => return,
-    };
-    if st.armed.swap(false, Ordering::SeqCst) {
-        let at = bytes.len() - wire::TRAILER_LEN - 1;
-        bytes[at] ^= 0x01;
-        st.blocked.store(true, Ordering::SeqCst);
-        *st.corrupted.lock().unwrap_or_else(|p| p.into_inner()) = Some(offset);
+/// Length of the next unit at the front of `buf`: a clear frame while `clear` > 0 (None if
+/// its header is not there yet), else a record.
+fn unit_len(buf: &[u8], clear: usize) -> Option<usize> {
+    if clear == 0 {
+        return record::record_len(buf);
     }
+    let h = wire::decode_header(buf).ok()??;
+    Some(wire::HEADER_LEN + h.payload_len as usize + wire::TRAILER_LEN)
+}
+
+/// Flips a byte in the middle of `rec` (one whole record) if it is the first large record
+/// since `arm`, and blocks new connections.
+fn corrupt_if_armed(rec: &mut [u8], st: &ProxyState) {
+    if rec.len() < 4096 || !st.armed.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    let at = rec.len() / 2;
+    rec[at] ^= 0x01;
+    st.blocked.store(true, Ordering::SeqCst);
+    *st.corrupted.lock().unwrap_or_else(|p| p.into_inner()) = Some(rec.len());
 }
 
 /// Target → dialer: bytes as they come.
