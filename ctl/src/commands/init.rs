@@ -5,8 +5,9 @@
 //!
 //! | check          | required when                        | looks at                                  |
 //! |----------------|--------------------------------------|-------------------------------------------|
-//! | attach         | a volume has a mount                 | `/sys/module/nbd` + nbd-client (kernel),  |
-//! |                |                                      | `/dev/fuse` + nbdfuse, fusermount3 (fuse) |
+//! | attach         | a volume has a mount                 | `/sys/module/nbd` (kernel), + nbd-client  |
+//! |                |                                      | (nbd-client), `/dev/fuse` + nbdfuse,      |
+//! |                |                                      | fusermount3 (fuse)                        |
 //! | tools          | per use                              | losetup, mount, umount, e2fsck (ext4),    |
 //! |                |                                      | xfs_repair (xfs, warn), systemctl, ip     |
 //! | control socket | always                               | answers (blockd running) or free          |
