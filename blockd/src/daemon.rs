@@ -32,6 +32,7 @@ use crate::{
         Handler, NodeStatus, Reply, Request, Response,
     },
     fence::{self, Fence},
+    kernel::{self, KernelAttach},
     meta::MetaFile,
     metrics,
     nbd::{self, Exports, Limits},
@@ -248,7 +249,12 @@ impl Serving {
         let control =
             socket::bind(&path, Some(CONTROL_MODE)).await.map_err(DaemonError::ControlSocket)?;
         self.bound.0.push(path);
-        let handler = Arc::new(NodeHandler { node: Arc::clone(cluster) });
+        let (token, tracker) = (self.token.clone(), self.tracker.clone());
+        let kernel = KernelAttach::new(&node.name, &node.settings.run_dir, limits, token, tracker);
+        let kernel = Arc::new(kernel);
+        // Before the control socket answers: a restarted daemon first takes its devices back.
+        kernel.reattach(volumes).await;
+        let handler = Arc::new(NodeHandler { node: Arc::clone(cluster), kernel });
         let (token, tracker) = (self.token.clone(), self.tracker.clone());
         self.tracker.spawn(control::server::serve(control, handler, token, tracker));
         Ok(())
@@ -564,6 +570,7 @@ fn node_status(node: &Node) -> NodeStatus {
 /// Answers control requests.
 struct NodeHandler {
     node: Arc<Node>,
+    kernel: Arc<KernelAttach>,
 }
 
 impl Handler for NodeHandler {
@@ -590,6 +597,12 @@ impl Handler for NodeHandler {
                 Ok(results) => Response::Ok(Reply::Verified(results)),
                 Err((kind, message)) => Response::err(kind, message),
             },
+            Request::Attach { volume } => {
+                kernel::control::attach(&self.kernel, self.node.volumes(), &volume).await
+            }
+            Request::Detach { volume } => {
+                kernel::control::detach(&self.kernel, self.node.volumes(), &volume).await
+            }
         }
     }
 }

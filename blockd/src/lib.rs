@@ -34,6 +34,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod fence;
+pub mod kernel;
 pub mod meta;
 pub mod metrics;
 pub mod nbd;

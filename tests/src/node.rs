@@ -15,6 +15,16 @@ use crate::cmd::{self, bin, kill_with_parent, run_timeout, signal, wait_until};
 
 /// Time blockd gets to come up (sockets accepting) or to shut down after SIGTERM.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The same inside the VM tier's guest (tests/vm/run sets IN_BLOCKD_VM): under qemu TCG,
+/// `mlockall` of the debug binary alone reads ~100 MB through 9p.
+const VM_START_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn start_timeout() -> Duration {
+    match std::env::var_os("IN_BLOCKD_VM") {
+        Some(_) => VM_START_TIMEOUT,
+        None => START_TIMEOUT,
+    }
+}
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A directory private to one test under /var/tmp (not /tmp: that may be tmpfs, where
@@ -141,7 +151,7 @@ impl Node {
         self.child = Some(child);
         let mut sockets = vec![self.control_socket()];
         sockets.extend(self.volumes.iter().map(|(n, _)| self.socket(n)));
-        let deadline = Instant::now() + START_TIMEOUT;
+        let deadline = Instant::now() + start_timeout();
         for sock in sockets {
             while UnixStream::connect(&sock).is_err() {
                 if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok()?) {
@@ -150,8 +160,9 @@ impl Node {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "blockd did not accept on {} within {START_TIMEOUT:?}:\n{}",
+                    "blockd did not accept on {} within {:?}:\n{}",
                     sock.display(),
+                    start_timeout(),
                     self.log_text()
                 );
                 std::thread::sleep(Duration::from_millis(20));

@@ -399,9 +399,8 @@ fn init_reports_this_machine() {
 
     let nbd = Path::new("/sys/module/nbd").exists();
     let mut want = vec![pair(level(nbd, "warn"), "kernel nbd")];
-    if nbd {
-        want.push(pair(level(which("nbd-client"), "missing"), "nbd-client"));
-    } else {
+    // With the module, attach = "auto" is blockd's own netlink attach: no tool to check.
+    if !nbd {
         want.push(pair(level(Path::new("/dev/fuse").exists(), "missing"), "fuse"));
         for t in ["nbdfuse", "fusermount3", "losetup"] {
             want.push(pair(level(which(t), "missing"), t));

@@ -36,8 +36,11 @@ pub enum AttachMode {
     /// `kernel` when the nbd module is loaded (`/sys/module/nbd` exists), else `fuse`.
     #[default]
     Auto,
-    /// `/dev/nbdN` through the kernel's NBD client.
+    /// `/dev/nbdN` through the kernel's NBD client, connected by blockd itself over the nbd
+    /// generic netlink family (a restarted blockd takes the device back).
     Kernel,
+    /// `/dev/nbdN` connected by `nbd-client` (the fallback: the device dies with blockd).
+    NbdClient,
     /// nbdfuse presents the export as a file, attached to a loop device.
     Fuse,
 }
@@ -62,7 +65,7 @@ impl AttachMode {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FailoverConfig {
-    /// "auto", "kernel" or "fuse" (default "auto").
+    /// "auto", "kernel", "nbd-client" or "fuse" (default "auto").
     #[serde(default)]
     pub attach: AttachMode,
     /// Deadline of the commands a step runs (nbdfuse, losetup, ...) and the least bound of
@@ -235,6 +238,7 @@ mod tests {
         assert_eq!(AttachMode::Auto.resolve_with(true), AttachMode::Kernel);
         assert_eq!(AttachMode::Auto.resolve_with(false), AttachMode::Fuse);
         assert_eq!(AttachMode::Fuse.resolve_with(true), AttachMode::Fuse);
+        assert_eq!(AttachMode::NbdClient.resolve_with(false), AttachMode::NbdClient);
         assert_eq!(AttachMode::Kernel.resolve_with(false), AttachMode::Kernel);
     }
 

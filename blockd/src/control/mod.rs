@@ -64,6 +64,13 @@ pub enum Request {
         #[serde(default)]
         volume: Option<String>,
     },
+    /// Attach `/dev/nbdN` to the volume over the kernel's nbd netlink family, the daemon
+    /// serving it (Primary only); a device recorded before a restart is taken back. JSON:
+    /// `{"cmd":"attach","volume":"db"}`, answered with the device.
+    Attach { volume: String },
+    /// Disconnect the volume's `/dev/nbdN` (NBD_CMD_DISCONNECT). JSON:
+    /// `{"cmd":"detach","volume":"db"}`.
+    Detach { volume: String },
 }
 
 impl Request {
@@ -75,6 +82,8 @@ impl Request {
             Request::PeerPromote => "peer-promote",
             Request::Resolve { .. } => "resolve",
             Request::Verify { .. } => "verify",
+            Request::Attach { .. } => "attach",
+            Request::Detach { .. } => "detach",
         }
     }
 }
@@ -93,6 +102,10 @@ pub enum Reply {
     },
     /// `verify` finished: per volume, bytes compared and bytes that differed (now repaired).
     Verified(Vec<Verified>),
+    /// `attach`: the block device now serving the volume.
+    Attached {
+        device: std::path::PathBuf,
+    },
 }
 
 /// One volume's `verify` result.

@@ -125,7 +125,9 @@ mod tests {
                 Request::Role { .. }
                 | Request::PeerPromote
                 | Request::Resolve { .. }
-                | Request::Verify { .. } => {
+                | Request::Verify { .. }
+                | Request::Attach { .. }
+                | Request::Detach { .. } => {
                     Response::err(crate::control::ErrorKind::NotPrimary, "no")
                 }
             }

@@ -5,8 +5,9 @@
 //!
 //! | check          | required when                        | looks at                                  |
 //! |----------------|--------------------------------------|-------------------------------------------|
-//! | attach         | a volume has a mount                 | `/sys/module/nbd` + nbd-client (kernel),  |
-//! |                |                                      | `/dev/fuse` + nbdfuse, fusermount3 (fuse) |
+//! | attach         | a volume has a mount                 | `/sys/module/nbd` (kernel), + nbd-client  |
+//! |                |                                      | (nbd-client), `/dev/fuse` + nbdfuse,      |
+//! |                |                                      | fusermount3 (fuse)                        |
 //! | tools          | per use                              | losetup, mount, umount, e2fsck (ext4),    |
 //! |                |                                      | xfs_repair (xfs, warn), systemctl, ip     |
 //! | control socket | always                               | answers (blockd running) or free          |
@@ -142,10 +143,10 @@ fn attach(ctx: &Ctx) -> Vec<Check> {
         (_, true) => {
             out.push(check(Level::Ok, "kernel nbd", format!("module loaded ({NBD_MODULE})")))
         }
-        (AttachMode::Kernel, false) => out.push(check(
+        (AttachMode::Kernel | AttachMode::NbdClient, false) => out.push(check(
             Level::Missing,
             "kernel nbd",
-            "module not loaded and [failover] attach = \"kernel\": modprobe nbd, and add nbd to \
+            "module not loaded and [failover] attach needs it: modprobe nbd, and add nbd to \
              /etc/modules-load.d/nbd.conf",
         )),
         (_, false) => out.push(check(
@@ -155,9 +156,14 @@ fn attach(ctx: &Ctx) -> Vec<Check> {
              modprobe nbd and add nbd to /etc/modules-load.d/nbd.conf",
         )),
     }
-    if mode.resolve_with(module) == AttachMode::Kernel {
-        out.push(tool("nbd-client", "kernel attach", "nbd-client", Level::Missing));
-        return out;
+    match mode.resolve_with(module) {
+        // blockd attaches the device itself over netlink: no tool needed.
+        AttachMode::Kernel => return out,
+        AttachMode::NbdClient => {
+            out.push(tool("nbd-client", "kernel attach", "nbd-client", Level::Missing));
+            return out;
+        }
+        _ => {}
     }
     out.push(if Path::new("/dev/fuse").exists() {
         check(Level::Ok, "fuse", "/dev/fuse")

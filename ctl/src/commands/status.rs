@@ -39,7 +39,7 @@ pub struct VolumeView {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AttachView {
-    /// "fuse" or "kernel".
+    /// "fuse", "kernel" or "nbd-client".
     pub mode: String,
     pub device: Option<String>,
     /// The nbdfuse process (fuse mode).
@@ -84,7 +84,10 @@ pub fn gather(ctx: &Arc<Ctx>) -> Failover {
             name: v.name.clone(),
             mount: m.display().to_string(),
             attach: attach::state(ctx, &v.name).map(|s| AttachView {
-                mode: format!("{:?}", s.mode).to_lowercase(),
+                mode: serde_json::to_value(s.mode)
+                    .ok()
+                    .and_then(|m| m.as_str().map(str::to_string))
+                    .unwrap_or_default(),
                 device: s.device.as_ref().map(|d| d.display().to_string()),
                 pid: s.pid(),
                 alive: s.alive,

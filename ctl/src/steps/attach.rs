@@ -3,8 +3,12 @@
 //! - `fuse`: `nbdfuse` presents the export as the file `<run-dir>/attach/<vol>/nbd`, then
 //!   `losetup --direct-io=on` makes a loop device of it (direct I/O: no second page cache
 //!   between the filesystem and the mirror, so a flush reaches blockd).
-//! - `kernel`: `nbd-client -unix SOCK -N <vol> /dev/nbdN` (not testable on a host without the
-//!   nbd module).
+//! - `kernel`: blockd connects `/dev/nbdN` itself over the kernel's nbd netlink family (the
+//!   control request `attach`; `detach` disconnects), serving one end of a socketpair, so a
+//!   restarted blockd takes the same device back (blockd `kernel` module).
+//! - `nbd-client`: `nbd-client -unix SOCK -N <vol> /dev/nbdN`, the fallback.
+//!
+//! The kernel modes run in the VM tier (tests/tests/vm.rs): this host's kernel has no nbd.
 //!
 //! What was attached is recorded in `<run-dir>/attach/<vol>.json` ([`AttachState`]): the
 //! later steps find the device there, `undo` finds the pid to stop, `blockctl status` reports
@@ -19,7 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blockd::config::AttachMode;
+use blockd::{
+    config::AttachMode,
+    control::{Client, Reply, Request},
+};
 use serde::{Deserialize, Serialize};
 
 use super::{cmd::log_tail, cmd::Cmd, mkdir, proc::Proc, run_dir, volume};
@@ -31,6 +38,7 @@ use crate::step::{Ctx, Step, StepError};
 pub enum Mode {
     Fuse,
     Kernel,
+    NbdClient,
 }
 
 /// The record of one attached volume, `<run-dir>/attach/<vol>.json`.
@@ -58,7 +66,7 @@ impl AttachState {
     fn is_alive(&self) -> bool {
         match self.mode {
             Mode::Fuse => self.process.is_some_and(|p| p.alive()),
-            Mode::Kernel => self.device.as_deref().is_some_and(nbd_connected),
+            Mode::Kernel | Mode::NbdClient => self.device.as_deref().is_some_and(nbd_connected),
         }
     }
 }
@@ -108,6 +116,7 @@ impl Attach {
     fn mode(ctx: &Ctx) -> Mode {
         match ctx.config.failover.attach.resolve() {
             AttachMode::Kernel => Mode::Kernel,
+            AttachMode::NbdClient => Mode::NbdClient,
             _ => Mode::Fuse,
         }
     }
@@ -183,7 +192,27 @@ impl Attach {
         }
     }
 
+    /// Asks blockd to connect the kernel (netlink); the record names the device it chose.
     fn apply_kernel(&self, ctx: &Ctx) -> Result<(), StepError> {
+        let request = Request::Attach { volume: self.volume.clone() };
+        let dev = match control(ctx, &request)? {
+            Reply::Attached { device } => device,
+            other => {
+                return Err(StepError::Other(format!("blockd answered attach with {other:?}")))
+            }
+        };
+        ctx.say(format_args!("{} attached as {} (netlink)", self.volume, dev.display()));
+        let s = AttachState {
+            mode: Mode::Kernel,
+            device: Some(dev),
+            process: None,
+            file: None,
+            alive: true,
+        };
+        save(ctx, &self.volume, &s)
+    }
+
+    fn apply_nbd_client(&self, ctx: &Ctx) -> Result<(), StepError> {
         let dev = free_nbd_device().ok_or_else(|| {
             StepError::Other("no free /dev/nbdN (is the nbd module loaded?)".into())
         })?;
@@ -196,7 +225,7 @@ impl Attach {
             .deadline(self.deadline(ctx))
             .run(ctx)?;
         let s = AttachState {
-            mode: Mode::Kernel,
+            mode: Mode::NbdClient,
             device: Some(dev),
             process: None,
             file: None,
@@ -250,7 +279,8 @@ impl Step for Attach {
                 self.uri(ctx),
                 self.fuse_dir(ctx).display()
             ),
-            Mode::Kernel => format!(
+            Mode::Kernel => format!("blockd: NBD_CMD_CONNECT of {} over netlink", self.volume),
+            Mode::NbdClient => format!(
                 "nbd-client -unix {} -N {} /dev/nbdN",
                 ctx.node.nbd_socket(&self.volume).display(),
                 self.volume
@@ -263,7 +293,7 @@ impl Step for Attach {
         let Some(s) = state(ctx, &self.volume) else { return Ok(false) };
         let attached = match (s.mode, &s.device, &s.file) {
             (Mode::Fuse, Some(dev), Some(file)) => loop_backing(dev).is_some_and(|b| b == *file),
-            (Mode::Kernel, Some(dev), _) => nbd_connected(dev),
+            (Mode::Kernel | Mode::NbdClient, Some(dev), _) => nbd_connected(dev),
             _ => false,
         };
         Ok(attached && s.alive)
@@ -279,6 +309,7 @@ impl Step for Attach {
         let result = match Self::mode(ctx) {
             Mode::Fuse => self.apply_fuse(ctx),
             Mode::Kernel => self.apply_kernel(ctx),
+            Mode::NbdClient => self.apply_nbd_client(ctx),
         };
         if result.is_err() {
             // The plan does not undo a step whose apply failed: leave nothing behind.
@@ -302,6 +333,9 @@ impl Step for Attach {
         match s.mode {
             Mode::Fuse => self.undo_fuse(ctx, &s)?,
             Mode::Kernel => {
+                control(ctx, &Request::Detach { volume: self.volume.clone() })?;
+            }
+            Mode::NbdClient => {
                 if let Some(dev) = s.device.as_ref().filter(|d| nbd_connected(d)) {
                     Cmd::new("nbd-client").arg("-d").arg(dev).run(ctx)?;
                 }
@@ -319,6 +353,14 @@ impl Step for Attach {
     fn timeout(&self) -> Duration {
         Duration::from_secs(60)
     }
+}
+
+/// One request to this node's blockd.
+fn control(ctx: &Ctx, request: &Request) -> Result<Reply, StepError> {
+    let timeout = ctx.config.failover.step_timeout;
+    Client::connect(&ctx.node.control_socket(), timeout)
+        .and_then(|mut c| c.call(request))
+        .map_err(|e| crate::commands::node::control_error(&e))
 }
 
 /// The file behind `/dev/loopN` (`/sys/block/loopN/loop/backing_file`), if it is attached.
