@@ -106,24 +106,13 @@ fn resync_and_compare(c: &mut Cluster, disk: &mut FaultDisk) {
 /// ext4 through the new Primary's own nbdfuse and loop device, before anything mounts it:
 /// the journal replayed (what a mount does first), then `e2fsck -fn` must find it clean.
 fn fsck_on(c: &Cluster, n: NodeId) {
-    let fuse = c.dir().join(n.name()).join("fsck");
-    let script = format!(
-        r#"set -e
-F={fuse}; mkdir -p $F
-nbdfuse -P $F.pid $F/disk '{uri}' >$F.log 2>&1 &
-i=0; while [ ! -s $F.pid ]; do i=$((i+1)); [ $i -lt 300 ] || {{ cat $F.log; exit 1; }}; sleep 0.1; done
-DEV=$(losetup --find --show --direct-io=on $F/disk)
-st=0
+    // The journal replay may report that it changed the filesystem (1); then the forced
+    // read-only check alone decides.
+    let body = "st=0
 e2fsck -y -E journal_only $DEV || st=$?
-[ $st -le 1 ] && {{ e2fsck -fn $DEV || st=$?; }}
-losetup -d $DEV
-fusermount3 -u $F
-PID=$(cat $F.pid); i=0; while kill -0 $PID 2>/dev/null; do i=$((i+1)); [ $i -lt 300 ] || exit 1; sleep 0.1; done
-exit $st
-"#,
-        fuse = fuse.display(),
-        uri = c.nbd_uri(n),
-    );
+[ $st -le 1 ] || exit $st
+e2fsck -fn $DEV";
+    let script = c.on_loop_device_sh(n, "fsck", body);
     let out = c.run_on(n, &script);
     assert!(out.status.success(), "e2fsck -fn after the power cut on {}:\n{out}", n.name());
     eprintln!("e2fsck -fn on {}: clean", n.name());

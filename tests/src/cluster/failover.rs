@@ -218,31 +218,49 @@ impl Cluster {
     pub fn prepare_filesystem(&self, n: NodeId, mount: &str, body: &str) {
         self.wait_in_sync(SYNC_TIMEOUT);
         self.role(n, "primary", false).unwrap_or_else(|e| panic!("role primary: {e}"));
-        let fuse = self.dir().join(n.name()).join("prep");
-        let script = format!(
-            r#"set -e
-F={fuse}; mkdir -p $F
-nbdfuse -P $F.pid $F/disk '{uri}' >$F.log 2>&1 &
-i=0; while [ ! -s $F.pid ]; do i=$((i+1)); [ $i -lt 300 ] || {{ cat $F.log; exit 1; }}; sleep 0.1; done
-DEV=$(losetup --find --show --direct-io=on $F/disk)
-mkfs.ext4 -q -F -E nodiscard $DEV
+        let script = self.on_loop_device_sh(
+            n,
+            "prep",
+            &format!(
+                r#"mkfs.ext4 -q -F -E nodiscard $DEV
 mount $DEV {mount}
 ( set -e
 {body}
-) || {{ st=$?; umount {mount}; losetup -d $DEV; fusermount3 -u $F; exit $st; }}
-umount {mount}
-losetup -d $DEV
-fusermount3 -u $F
-PID=$(cat $F.pid); i=0; while kill -0 $PID 2>/dev/null; do i=$((i+1)); [ $i -lt 300 ] || exit 1; sleep 0.1; done
-"#,
-            fuse = fuse.display(),
-            uri = self.nbd_uri(n),
+) || {{ st=$?; umount {mount}; exit $st; }}
+umount {mount}"#
+            ),
         );
         let mut c = self.lan().mount_ns(n).command("sh");
         c.args(["-c", &script]);
         run_timeout(&mut c, Duration::from_secs(300));
         self.role(n, "secondary", false).unwrap_or_else(|e| panic!("role secondary: {e}"));
         self.wait_in_sync(SYNC_TIMEOUT);
+    }
+}
+
+impl Cluster {
+    /// A shell script for `n`'s mount namespace that gives `body` the volume as the loop device
+    /// `$DEV`, through an nbdfuse of its own under `<test dir>/<node>/<name>`, then detaches both
+    /// (waiting for nbdfuse to exit) whatever `body` returned, and exits with `body`'s status.
+    pub fn on_loop_device_sh(&self, n: NodeId, name: &str, body: &str) -> String {
+        format!(
+            r#"set -e
+F={fuse}; mkdir -p $F
+nbdfuse -P $F.pid $F/disk '{uri}' >$F.log 2>&1 &
+i=0; while [ ! -s $F.pid ]; do i=$((i+1)); [ $i -lt 300 ] || {{ cat $F.log; exit 1; }}; sleep 0.1; done
+DEV=$(losetup --find --show --direct-io=on $F/disk)
+st=0
+( set -e
+{body}
+) || st=$?
+losetup -d $DEV
+fusermount3 -u $F
+PID=$(cat $F.pid); i=0; while kill -0 $PID 2>/dev/null; do i=$((i+1)); [ $i -lt 300 ] || exit 1; sleep 0.1; done
+exit $st
+"#,
+            fuse = self.dir().join(n.name()).join(name).display(),
+            uri = self.nbd_uri(n),
+        )
     }
 }
 
