@@ -214,6 +214,16 @@ async fn volume_size_mismatch_is_refused_naming_both() {
 }
 
 /// The next Up, skipping refusals (a rotation's refused dials).
+/// Two nodes linked with `peer_timeout` on both sides, each with its session.
+async fn linked_with_peer_timeout(peer_timeout: Duration) -> ((Node, Session), (Node, Session)) {
+    let (mut ca, mut cb) = pair();
+    ca.0.peer_timeout = peer_timeout;
+    cb.0.peer_timeout = peer_timeout;
+    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
+    let (sa, sb) = (up(&mut a).await, up(&mut b).await);
+    ((a, sa), (b, sb))
+}
+
 async fn up_after_refusals(n: &mut Node) -> Session {
     loop {
         match next(n).await {
@@ -487,11 +497,7 @@ async fn silent_peer_times_out() {
 
 #[tokio::test]
 async fn idle_session_stays_up_through_heartbeats() {
-    let (mut ca, mut cb) = pair();
-    ca.0.peer_timeout = Duration::from_millis(500);
-    cb.0.peer_timeout = Duration::from_millis(500);
-    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
-    let (sa, sb) = (up(&mut a).await, up(&mut b).await);
+    let ((_a, sa), (_b, sb)) = linked_with_peer_timeout(Duration::from_millis(500)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(sa.is_open() && sb.is_open(), "{:?} {:?}", sa.reason(), sb.reason());
 }
@@ -711,11 +717,7 @@ async fn raw_client(addr: std::net::SocketAddr) -> Raw {
 /// after `peer_timeout`, and the call fails so that the caller's link-loss path marks it.
 #[tokio::test]
 async fn unanswered_request_drops_a_peer_that_still_pongs() {
-    let (mut ca, mut cb) = pair();
-    ca.0.peer_timeout = Duration::from_millis(400);
-    cb.0.peer_timeout = Duration::from_millis(400);
-    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
-    let (sa, _sb) = (up(&mut a).await, up(&mut b).await);
+    let ((mut a, sa), (mut b, _sb)) = linked_with_peer_timeout(Duration::from_millis(400)).await;
     tokio::time::pause();
     let t0 = tokio::time::Instant::now();
     let call = tokio::spawn({
@@ -742,11 +744,7 @@ async fn unanswered_request_drops_a_peer_that_still_pongs() {
 /// `RunPromote` has no deadline: the peer answers once a whole promote plan ran.
 #[tokio::test]
 async fn run_promote_waits_longer_than_peer_timeout() {
-    let (mut ca, mut cb) = pair();
-    ca.0.peer_timeout = Duration::from_millis(400);
-    cb.0.peer_timeout = Duration::from_millis(400);
-    let (mut a, mut b) = (run(ca, fast()), run(cb, fast()));
-    let (sa, _sb) = (up(&mut a).await, up(&mut b).await);
+    let ((_a, sa), (mut b, _sb)) = linked_with_peer_timeout(Duration::from_millis(400)).await;
     tokio::time::pause();
     let call = tokio::spawn({
         let sa = sa.clone();
