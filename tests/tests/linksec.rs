@@ -15,7 +15,7 @@ use blockd::replication::wire::{self, Frame, Header, Message};
 use blockd_tests::{
     cluster::{
         netns::VETH,
-        peer::{Proxy, Wire},
+        peer::{Fault, Proxy, Wire},
         Alpha, Beta, Cluster, NodeId, PORT,
     },
     cmd::{cmd, run_timeout, signal, status_kib, Background},
@@ -50,6 +50,25 @@ fn dial(c: &Cluster, to: NodeId) -> Wire {
         Ok(s.into())
     });
     Wire::from_stream(stream.unwrap_or_else(|e| panic!("attacker dial {target}: {e}")))
+}
+
+/// As [`connected`], with alpha's link to beta through a [`Proxy`] in beta's namespace; beta's
+/// own dials are reset, so the proxied connection is the session.
+fn proxied(test: &str) -> (Cluster, Proxy) {
+    let proxy_addr = format!("{}:7790", Beta.ip());
+    let mut proxy = None;
+    let c = connected(test, |c| {
+        let mut spec = c.spec();
+        spec.replication[1] = proxy_addr.clone();
+        let alpha_cfg = c.dir().join("alpha.toml");
+        c.write_config(&alpha_cfg, &spec);
+        c.use_config(Alpha, &alpha_cfg);
+        let rule = format!("ip daddr {} tcp dport {PORT} reject with tcp reset", Alpha.ip());
+        c.add_rule(Beta, "output", &rule);
+        let target = format!("{}:{PORT}", Beta.ip()).parse().expect("addr");
+        proxy = Some(Proxy::start(c.netns(Beta), proxy_addr.parse().expect("addr"), target));
+    });
+    (c, proxy.expect("proxy"))
 }
 
 fn counter(c: &Cluster, n: NodeId, name: &str) -> u64 {
@@ -138,21 +157,7 @@ fn spliced_connections_with_an_injected_write_are_refused() {
 /// 0x44, the session is the same. The recording never shows the data in clear.
 #[test]
 fn a_recorded_session_replayed_into_a_new_connection_is_refused() {
-    let proxy_addr = format!("{}:7790", Beta.ip());
-    let mut proxy = None;
-    let c = connected("linksec-replay", |c| {
-        let mut spec = c.spec();
-        spec.replication[1] = proxy_addr.clone();
-        let alpha_cfg = c.dir().join("alpha.toml");
-        c.write_config(&alpha_cfg, &spec);
-        c.use_config(Alpha, &alpha_cfg);
-        // Beta's own dials are reset: the proxied connection is the session.
-        let rule = format!("ip daddr {} tcp dport {PORT} reject with tcp reset", Alpha.ip());
-        c.add_rule(Beta, "output", &rule);
-        let target = format!("{}:{PORT}", Beta.ip()).parse().expect("addr");
-        proxy = Some(Proxy::start(c.netns(Beta), proxy_addr.parse().expect("addr"), target));
-    });
-    let proxy = proxy.expect("proxy");
+    let (c, proxy) = proxied("linksec-replay");
     c.qemu_io(Alpha, "write -P 0x33 2M 4k");
     let recorded = proxy.recorded();
     assert!(recorded.len() > 4096, "nothing recorded: {} bytes", recorded.len());
@@ -171,6 +176,41 @@ fn a_recorded_session_replayed_into_a_new_connection_is_refused() {
         vec![0x44; 4096],
         "the replayed WRITE was applied"
     );
+}
+
+/// On the way from alpha to beta, one record of a 64 KiB WRITE has a bit flipped, or is
+/// dropped, sent twice, or sent after the record that follows it: beta's session dies at the
+/// first record that does not open in sequence, with a warning that says so, and applies
+/// nothing out of sequence (of a duplicate, the first copy is the real record and is applied
+/// once); alpha goes on degraded; once the proxy lets the nodes reconnect, the resync leaves
+/// both files identical. Each fault in turn on the same pair.
+#[test]
+fn a_record_flipped_dropped_duplicated_or_reordered_kills_the_session_unapplied() {
+    let (c, proxy) = proxied("linksec-tamper");
+    let faults = [Fault::Flip, Fault::Drop, Fault::Duplicate, Fault::Reorder];
+    for (at, fault) in (4u64..).map(|m| m << 20).zip(faults) {
+        let connects = counter(&c, Beta, "connects");
+        let warned = c.log_text(Beta).matches("failed authentication").count();
+        proxy.arm_with(fault);
+        c.qemu_io(Alpha, &format!("write -P 0x5a {at} 64k"));
+        assert!(proxy.corrupted().is_some(), "{fault:?}: no large record passed the proxy");
+        c.wait_for(Beta, "the session dropped", SYNC_TIMEOUT, |v| v["conn"] != "Connected");
+        let now = c.log_text(Beta).matches("failed authentication").count();
+        assert!(now > warned, "{fault:?}: beta logged no authentication failure");
+        let applied = c.backing_at(Beta, at, 65536);
+        let want = if fault == Fault::Duplicate { 0x5a } else { 0 };
+        assert_eq!(applied, vec![want; 65536], "{fault:?}: beta applied a record out of sequence");
+        if fault != Fault::Duplicate {
+            let a = c.wait_for(Alpha, "degraded", SYNC_TIMEOUT, |v| v["conn"] != "Connected");
+            assert!(a["out_of_sync"].as_u64() >= Some(65536), "{fault:?}: not out of sync: {a}");
+        }
+        proxy.release();
+        c.wait_in_sync(SYNC_TIMEOUT);
+        assert!(counter(&c, Beta, "connects") > connects, "{fault:?}: no new session");
+        assert_eq!(c.backing_at(Beta, at, 65536), vec![0x5a; 65536], "{fault:?}: not repaired");
+        c.assert_identical();
+        eprintln!("{fault:?}: session dropped unapplied, resynced, identical");
+    }
 }
 
 /// `tcpdump -w` on beta's end of the veth while alpha writes 1 MiB of a recognisable

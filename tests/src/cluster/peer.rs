@@ -4,8 +4,9 @@
 //! - [`Wire`]: a blocking frame reader/writer over one TCP stream, for a fake peer that sends
 //!   what no honest node sends (another protocol version, data before authentication).
 //! - [`Proxy`]: a man in the middle between the two real nodes that forwards every frame
-//!   unchanged until armed, then flips one byte in the body of the next large record (a data
-//!   frame: 4 KiB or more), as a faulty NIC or switch (or an attacker) would, and refuses
+//!   unchanged until armed, then does one [`Fault`] to the next large record (a data frame:
+//!   4 KiB or more) — flips a byte in its body, drops it, sends it twice, or sends it after the
+//!   record that follows — as a faulty NIC or switch (or an attacker) would, and refuses
 //!   further connections until released. It knows the stream's shape (two clear frames each
 //!   way, HELLO and NOISE, then records), not the keys.
 //!
@@ -164,13 +165,31 @@ struct ProxyState {
     stop: AtomicBool,
     armed: AtomicBool,
     blocked: AtomicBool,
-    /// Length of the record that was corrupted.
+    /// What the armed proxy does.
+    fault: Mutex<Fault>,
+    /// A record held back by [`Fault::Reorder`] until the next one has gone.
+    held: Mutex<Option<Vec<u8>>>,
+    /// Length of the record that was tampered with.
     corrupted: Mutex<Option<usize>>,
     /// What the dialer sent on the latest connection (the first [`RECORD_MAX`] bytes).
     recorded: Mutex<Vec<u8>>,
     /// Every stream, to shut them down on drop.
     streams: Mutex<Vec<TcpStream>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// What an armed [`Proxy`] does to the next large record from the dialing node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Fault {
+    /// One bit of its body flipped.
+    #[default]
+    Flip,
+    /// Never forwarded.
+    Drop,
+    /// Forwarded twice.
+    Duplicate,
+    /// Held back and forwarded after the record that follows it.
+    Reorder,
 }
 
 /// A TCP proxy inside one namespace; see the module doc. Stops everything on drop.
@@ -195,10 +214,18 @@ impl Proxy {
     /// Corrupts the next large record from the dialing node; after that, refuses new
     /// connections.
     pub fn arm(&self) {
+        self.arm_with(Fault::Flip);
+    }
+
+    /// Does `fault` to the next large record from the dialing node; after that, refuses new
+    /// connections.
+    pub fn arm_with(&self, fault: Fault) {
+        *self.state.fault.lock().unwrap_or_else(|p| p.into_inner()) = fault;
+        *self.state.corrupted.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.state.armed.store(true, Ordering::SeqCst);
     }
 
-    /// The length of the record that was corrupted, once one was.
+    /// The length of the record that was tampered with since the latest arm, once one was.
     pub fn corrupted(&self) -> Option<usize> {
         *self.state.corrupted.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -266,13 +293,15 @@ fn accept_loop(listener: &TcpListener, target: SocketAddr, st: &Arc<ProxyState>)
     }
 }
 
-/// Dialer → target: the two clear frames, then record by record, corrupting the first large
-/// record after `arm`.
+/// Dialer → target: the two clear frames, then record by record, tampering with the first
+/// large record after `arm`.
 fn forward_frames(mut from: TcpStream, mut to: TcpStream, st: &ProxyState) {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 1 << 16];
     let mut clear = 2;
     st.recorded.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    // A record held back on an earlier connection belongs to that connection's keys.
+    *st.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
     while let Ok(n @ 1..) = from.read(&mut chunk) {
         buf.extend_from_slice(&chunk[..n]);
         let mut rec = st.recorded.lock().unwrap_or_else(|p| p.into_inner());
@@ -283,12 +312,13 @@ fn forward_frames(mut from: TcpStream, mut to: TcpStream, st: &ProxyState) {
             if buf.len() < used {
                 break;
             }
-            if clear > 0 {
+            let units = if clear > 0 {
                 clear -= 1;
+                vec![buf[..used].to_vec()]
             } else {
-                corrupt_if_armed(&mut buf[..used], st);
-            }
-            if to.write_all(&buf[..used]).is_err() {
+                tamper(&buf[..used], st)
+            };
+            if units.iter().any(|u| to.write_all(u).is_err()) {
                 return close(&from, &to);
             }
             buf.drain(..used);
@@ -307,16 +337,31 @@ fn unit_len(buf: &[u8], clear: usize) -> Option<usize> {
     Some(wire::HEADER_LEN + h.payload_len as usize + wire::TRAILER_LEN)
 }
 
-/// Flips a byte in the middle of `rec` (one whole record) if it is the first large record
-/// since `arm`, and blocks new connections.
-fn corrupt_if_armed(rec: &mut [u8], st: &ProxyState) {
-    if rec.len() < 4096 || !st.armed.swap(false, Ordering::SeqCst) {
-        return;
+/// What goes on for `rec` (one whole record): itself, unless it is the first large record
+/// since `arm` (then the armed [`Fault`] decides, and new connections are blocked), or it
+/// follows a record held back by [`Fault::Reorder`] (then it goes first, the held one after).
+fn tamper(rec: &[u8], st: &ProxyState) -> Vec<Vec<u8>> {
+    if let Some(first) = st.held.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return vec![rec.to_vec(), first];
     }
-    let at = rec.len() / 2;
-    rec[at] ^= 0x01;
+    if rec.len() < 4096 || !st.armed.swap(false, Ordering::SeqCst) {
+        return vec![rec.to_vec()];
+    }
     st.blocked.store(true, Ordering::SeqCst);
     *st.corrupted.lock().unwrap_or_else(|p| p.into_inner()) = Some(rec.len());
+    match *st.fault.lock().unwrap_or_else(|p| p.into_inner()) {
+        Fault::Flip => {
+            let mut r = rec.to_vec();
+            r[rec.len() / 2] ^= 0x01;
+            vec![r]
+        }
+        Fault::Drop => vec![],
+        Fault::Duplicate => vec![rec.to_vec(), rec.to_vec()],
+        Fault::Reorder => {
+            *st.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(rec.to_vec());
+            vec![]
+        }
+    }
 }
 
 /// Target → dialer: bytes as they come.
