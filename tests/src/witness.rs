@@ -222,6 +222,7 @@ pub struct ClusterWitness {
     ns: Netns,
     state: PathBuf,
     secret: PathBuf,
+    previous: Option<PathBuf>,
     dir: PathBuf,
 }
 
@@ -242,6 +243,7 @@ impl ClusterWitness {
             ns,
             state: dir.join("witness.state"),
             secret: secret.to_path_buf(),
+            previous: None,
             dir: dir.to_path_buf(),
         };
         for (i, n) in nodes.iter().enumerate() {
@@ -255,6 +257,12 @@ impl ClusterWitness {
         format!("witness = \"{WITNESS_ADDR}\"\n")
     }
 
+    /// Makes the next starts pass `--previous-secret path` (for a rotation: the file need not
+    /// exist yet; the witness reads it for every request).
+    pub fn set_previous_secret(&mut self, path: &Path) {
+        self.previous = Some(path.to_path_buf());
+    }
+
     /// Starts `blockd witness --term term` and waits until it listens.
     pub fn start(&mut self, term: &str) {
         assert!(self.process.is_none(), "one witness at a time");
@@ -263,10 +271,18 @@ impl ClusterWitness {
         let mut c = self.ns.command(bin("blockd").as_os_str());
         c.args(["witness", "--listen", WITNESS_ADDR, "--term", term]);
         c.arg("--state").arg(&self.state).arg("--secret").arg(&self.secret);
+        if let Some(p) = &self.previous {
+            c.arg("--previous-secret").arg(p);
+        }
         c.env("BLOCKD_LOG", "blockd=debug");
         let bg = Background::spawn(&mut c, &log);
         wait_listening(&bg);
         self.process = Some(bg);
+    }
+
+    /// The running witness's pid.
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().expect("witness running").pid()
     }
 
     /// SIGKILL, and reaps it.

@@ -536,14 +536,18 @@ pub fn run(ctx: &Arc<Ctx>, args: &AgentArgs) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// The witness client, when `cluster.witness` is configured.
+/// The witness client, when `cluster.witness` is configured. Like the daemon's, it reads
+/// `secret-file` again for every request, so a secret rotation needs no restart of the agent;
+/// a file that cannot be read stops the start.
 fn lease_client(ctx: &Ctx) -> Result<Option<LeaseClient>, String> {
     let Some(addr) = ctx.config.cluster.witness else { return Ok(None) };
     let path = ctx.config.cluster.secret_file.clone().unwrap_or_default();
-    let secret = replication::load_secret(&path)
+    let secrets = replication::Secrets::Files { current: path.clone(), previous: None };
+    secrets
+        .load()
         .map_err(|e| format!("cannot read the cluster secret {}: {e}", path.display()))?;
     let settings = ctx.config.lease.client_settings();
-    Ok(Some(LeaseClient::new(addr, &ctx.node.name, secret, settings)))
+    Ok(Some(LeaseClient::with_secrets(addr, &ctx.node.name, secrets, settings)))
 }
 
 async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClient>) {
