@@ -56,7 +56,7 @@ struct WitnessArgs {
     #[arg(long, value_name = "FILE")]
     previous_secret: Option<PathBuf>,
     /// How long a lease lasts without renewal ("10s", "500ms"); announced to the nodes.
-    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_term)]
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_term)]
     term: std::time::Duration,
 }
 
@@ -177,5 +177,21 @@ fn init_logging() {
         .init();
     if let Some((value, e)) = bad {
         tracing::warn!("ignoring BLOCKD_LOG={value:?}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The witness's `--term` default is the nodes' `lease.term` default: with neither given,
+    /// the nodes accept the witness's grants.
+    #[test]
+    fn the_witness_term_defaults_to_the_nodes_lease_term() {
+        let args = ["blockd", "witness", "--listen", "127.0.0.1:7790", "--state", "s"];
+        let args = Args::try_parse_from(args.into_iter().chain(["--secret", "f"])).unwrap();
+        let Some(Command::Witness(w)) = args.command else { panic!("not the witness") };
+        assert_eq!(w.term, blockd::witness::DEFAULT_TERM);
+        assert_eq!(w.term, blockd::config::LeaseConfig::default().term);
     }
 }

@@ -25,7 +25,7 @@ const MAX_TERM: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LeaseConfig {
-    /// The witness's `--term` (default "3s"): a witness announcing another term is refused,
+    /// The witness's `--term` (default "2s"): a witness announcing another term is refused,
     /// so both sides agree on how long a silent primary keeps its lease.
     #[serde(default = "default_term", deserialize_with = "values::duration")]
     pub term: Duration,
@@ -108,11 +108,11 @@ mod tests {
     fn lease_defaults() {
         let c = load(SINGLE).unwrap();
         assert_eq!(c.lease, LeaseConfig::default());
-        assert_eq!(c.lease.term, Duration::from_secs(3));
-        assert_eq!(c.lease.margin(), Duration::from_millis(300));
+        assert_eq!(c.lease.term, Duration::from_secs(2));
+        assert_eq!(c.lease.margin(), Duration::from_millis(200));
         let s = c.lease.client_settings();
-        assert_eq!(s.term, Some(Duration::from_secs(3)));
-        let want = (Some(Duration::from_millis(300)), Duration::from_secs(1));
+        assert_eq!(s.term, Some(Duration::from_secs(2)));
+        let want = (Some(Duration::from_millis(200)), Duration::from_secs(1));
         assert_eq!((s.margin, s.timeout), want);
     }
 
