@@ -492,3 +492,32 @@ fn failover_time_five_runs() {
         totals[4].as_secs_f64()
     );
 }
+
+/// The harness: a filesystem another test has mounted on the host (here a loop-mounted ext4
+/// image) when a node's mount namespace is made is not copied into it; such a copy would keep
+/// that filesystem alive after its owner unmounts it (see `MountNs::create`).
+#[test]
+fn node_namespaces_do_not_keep_other_tests_mounts() {
+    let host = tempfile::Builder::new().prefix("blockd-inherit-").tempdir_in("/var/tmp");
+    let host = host.expect("tempdir");
+    let (img, mnt) = (host.path().join("img"), host.path().join("mnt"));
+    let setup = format!(
+        "truncate -s 16M {0} && mkfs.ext4 -q {0} && mkdir {1} && mount -o loop {0} {1}",
+        img.display(),
+        mnt.display()
+    );
+    run_timeout(&mut cmd("sh", &["-c", &setup]), Duration::from_secs(30));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let c = Cluster::with_lan("failover-inherit", "16MiB", |_| {});
+    let inside = c.lan().mount_ns(Alpha).sh("cat /proc/self/mountinfo");
+    let point = format!(" {} ", mnt.display());
+    assert!(!inside.stdout.contains(&point), "the node kept a copy of {point}:\n{}", inside.stdout);
+    let host_view = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(host_view.contains(&point), "the host mount must still be there");
+}

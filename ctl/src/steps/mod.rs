@@ -20,6 +20,7 @@
 pub mod announce;
 pub mod attach;
 pub mod cmd;
+pub mod elsewhere;
 pub mod fsck;
 pub mod mount;
 pub mod proc;

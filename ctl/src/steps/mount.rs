@@ -5,7 +5,10 @@
 //! about to become Secondary (its writes would fail, and the peer cannot promote while we
 //! hold the data): `umount`; if busy, SIGTERM every process holding a file, directory or
 //! mapping on that filesystem (found by device number in `/proc`, this process excepted),
-//! wait, `umount`; then SIGKILL, wait, `umount`. A bind mount that is busy is detached lazily
+//! wait, `umount`; then SIGKILL, wait, `umount`. Then the copies of the filesystem that other
+//! mount namespaces still hold are unmounted too, and the step fails while anything still
+//! claims the device ([`super::elsewhere`]): detaching under a live filesystem loses its
+//! unwritten data. A bind mount that is busy is detached lazily
 //! instead: its holders are holders of the volume below it, which the volume's unmount (the
 //! next undo) finds and stops.
 
@@ -20,7 +23,7 @@ use std::{
 use blockd::config::{BindConfig, Filesystem};
 use nix::sys::signal::Signal;
 
-use super::{attach, cmd::Cmd, mkdir, mount_point, proc::Proc, volume};
+use super::{attach, cmd::Cmd, elsewhere, mkdir, mount_point, proc::Proc, volume};
 use crate::step::{Ctx, Step, StepError};
 
 /// How long holders get after each signal before the next `umount`.
@@ -38,7 +41,7 @@ pub struct MountEntry {
 
 /// Parses one mountinfo line: `ID PARENT MAJ:MIN ROOT POINT OPTS [OPTIONAL...] - FSTYPE
 /// SOURCE SUPEROPTS`. Paths are octal-escaped (`\040` for a space).
-fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
+pub(super) fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
     let mut fields = line.split(' ');
     let (_, _, dev) = (fields.next()?, fields.next()?, fields.next()?);
     let (maj, min) = dev.split_once(':')?;
@@ -135,16 +138,34 @@ fn maps_dev(base: &Path, dev: (u32, u32)) -> bool {
         .is_ok_and(|t| t.lines().any(|l| l.split_whitespace().nth(3) == Some(want.as_str())))
 }
 
+/// `major:minor` of the block device node `p`.
+fn block_dev(p: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = fs::metadata(p).ok().filter(|m| m.file_type().is_block_device())?;
+    Some(split_dev(m.rdev()))
+}
+
 fn split_dev(d: u64) -> (u32, u32) {
     (libc::major(d), libc::minor(d))
 }
 
 /// Unmounts `point` (mounted from `dev`), escalating to SIGTERM then SIGKILL of its holders.
 fn unmount_escalating(ctx: &Ctx, point: &Path, dev: (u32, u32)) -> Result<(), StepError> {
-    let umount = Cmd::new("umount").arg(point);
+    escalate(ctx, &Cmd::new("umount").arg(point), point, || !is_mount_point(point), dev)
+}
+
+/// Runs `umount` (an unmount of `point`) until `gone()`: again after SIGTERM, then SIGKILL, of
+/// every process holding something on the filesystem `dev`, in whatever namespace.
+pub(super) fn escalate(
+    ctx: &Ctx,
+    umount: &Cmd,
+    point: &Path,
+    gone: impl Fn() -> bool,
+    dev: (u32, u32),
+) -> Result<(), StepError> {
     let mut last = umount.output(ctx)?;
     for sig in [Signal::SIGTERM, Signal::SIGKILL] {
-        if last.status.success() || !is_mount_point(point) {
+        if last.status.success() || gone() {
             return Ok(());
         }
         let pids = holders(dev);
@@ -164,7 +185,7 @@ fn unmount_escalating(ctx: &Ctx, point: &Path, dev: (u32, u32)) -> Result<(), St
         }
         last = umount.output(ctx)?;
     }
-    if last.status.success() || !is_mount_point(point) {
+    if last.status.success() || gone() {
         return Ok(());
     }
     Err(StepError::Command {
@@ -236,20 +257,28 @@ impl Step for Mount {
     /// gone) a mount of the configured filesystem type. Anything else there is left alone.
     fn undo(&self, ctx: &Ctx) -> Result<(), StepError> {
         let point = mount_point(ctx, &self.volume)?;
-        let Some(m) = mount_at(&point) else { return Ok(()) };
-        let ours = match attach::device(ctx, &self.volume) {
-            Some(dev) => Path::new(&m.source) == dev,
-            None => m.fstype == self.fstype(ctx)?,
-        };
-        if !ours {
+        let device = attach::device(ctx, &self.volume);
+        if let Some(m) = mount_at(&point) {
+            let ours = match &device {
+                Some(dev) => Path::new(&m.source) == dev,
+                None => m.fstype == self.fstype(ctx)?,
+            };
+            if ours {
+                unmount_escalating(ctx, &point, m.dev)?;
+                return elsewhere::release(ctx, Path::new(&m.source), m.dev);
+            }
             ctx.say(format_args!(
                 "{} is mounted from {}, not ours: left alone",
                 point.display(),
                 m.source
             ));
-            return Ok(());
         }
-        unmount_escalating(ctx, &point, m.dev)
+        // Not mounted here (any more; an earlier undo may have stopped at a copy elsewhere):
+        // the attached device must still be free before the detach that follows.
+        match device.and_then(|d| Some((block_dev(&d)?, d))) {
+            Some((dev, path)) => elsewhere::release(ctx, &path, dev),
+            None => Ok(()),
+        }
     }
 
     /// Room for the TERM and KILL rounds of an escalating unmount.
@@ -346,6 +375,7 @@ mod tests {
     use super::*;
     use crate::steps::{
         attach::{self, Attach},
+        elsewhere,
         fsck::Fsck,
         testutil::{bin, ctx_for, require_root, sh},
     };
@@ -512,6 +542,96 @@ mod tests {
         attach.apply(ctx).unwrap();
         mount.apply(ctx).unwrap();
         assert_eq!(fs::read(rig.mnt.join("file")).unwrap(), b"kept");
+    }
+
+    /// The filesystem's st_dev while mounted at `mnt`.
+    fn fs_dev(mnt: &Path) -> (u32, u32) {
+        mount_at(mnt).expect("mounted").dev
+    }
+
+    /// Attached, formatted, mounted, with "kept" in `file` (in the page cache only: ext4
+    /// allocates and writes it later).
+    fn mounted_with_a_file(rig: &Rig) -> (Attach, Mount, PathBuf) {
+        let ctx = &rig.ctx;
+        let (attach, mount) = (Attach::new("vol"), Mount::new("vol"));
+        attach.apply(ctx).unwrap();
+        let dev = attach::device(ctx, "vol").unwrap();
+        sh(&format!("mkfs.ext4 -q {}", dev.display()));
+        mount.apply(ctx).unwrap();
+        fs::write(rig.mnt.join("file"), b"kept").unwrap();
+        (attach, mount, dev)
+    }
+
+    /// Detached, attached and mounted again: the file must be whole.
+    fn assert_kept_after_reattach(rig: &Rig, attach: &Attach, mount: &Mount) {
+        attach.undo(&rig.ctx).unwrap();
+        attach.apply(&rig.ctx).unwrap();
+        mount.apply(&rig.ctx).unwrap();
+        assert_eq!(fs::read(rig.mnt.join("file")).unwrap(), b"kept", "data lost on the detach");
+    }
+
+    /// A process in a mount namespace created while the volume was mounted holds a private
+    /// copy of the mount: our umount succeeds, the filesystem lives on there with the file's
+    /// data unwritten. The undo unmounts that copy too (through the process), the device is
+    /// free before the detach, and the file is there after attaching again.
+    #[test]
+    fn a_copy_in_another_mount_namespace_is_unmounted_before_the_detach() {
+        let rig = Rig::new();
+        let (attach, mount, dev) = mounted_with_a_file(&rig);
+        let fsdev = fs_dev(&rig.mnt);
+        let mut unshare = Command::new("unshare");
+        let copy = unshare.args(["--mount", "--propagation", "private", "sleep", "1000"]);
+        let copy = copy.spawn().unwrap();
+        let pid = copy.id();
+        let _guard = Holders(vec![Proc::of(pid)], vec![copy]);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !elsewhere::mounts_elsewhere(fsdev).contains_key(&pid) {
+            assert!(Instant::now() < end, "the copy never showed in /proc/{pid}/mountinfo");
+            thread::sleep(Duration::from_millis(20));
+        }
+        mount.undo(&rig.ctx).unwrap();
+        assert!(!elsewhere::mounts_elsewhere(fsdev).contains_key(&pid), "the copy is mounted");
+        assert!(!elsewhere::claimed(&dev), "{} still claimed after the undo", dev.display());
+        assert_kept_after_reattach(&rig, &attach, &mount);
+    }
+
+    /// A mount namespace no process runs in (kept by a bind-mounted namespace file, as test
+    /// harnesses and `ip netns`-style tools do) holds a copy that /proc cannot show: the undo
+    /// fails, also when repeated, and nothing is detached; once the copy is unmounted there,
+    /// the undo passes and the file survives the detach.
+    #[test]
+    fn a_copy_no_process_runs_in_stops_the_undo_before_the_detach() {
+        let rig = Rig::new();
+        let (attach, mount, dev) = mounted_with_a_file(&rig);
+        let pin = rig.dir.path().join("pin");
+        fs::create_dir(&pin).unwrap();
+        sh(&format!(
+            "mount --bind {0} {0} && mount --make-private {0} && touch {0}/ns && \
+             unshare --mount={0}/ns --propagation private true",
+            pin.display()
+        ));
+        let _pinned = Pinned(pin.clone(), rig.mnt.clone());
+        for _ in 0..2 {
+            let err = mount.undo(&rig.ctx).unwrap_err().to_string();
+            assert!(err.contains("still in use after its unmount"), "{err}");
+            assert!(attach.check(&rig.ctx).unwrap() && elsewhere::claimed(&dev));
+        }
+        sh(&format!("nsenter --mount={}/ns umount {}", pin.display(), rig.mnt.display()));
+        mount.undo(&rig.ctx).unwrap();
+        assert_kept_after_reattach(&rig, &attach, &mount);
+    }
+
+    /// A namespace pinned at `<dir>/ns` with a copy of the mount at `.1`: released on drop.
+    struct Pinned(PathBuf, PathBuf);
+
+    impl Drop for Pinned {
+        fn drop(&mut self) {
+            let (d, m) = (self.0.display(), self.1.display());
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!("nsenter --mount={d}/ns umount -l {m}; umount {d}/ns; umount -l {d}"))
+                .status();
+        }
     }
 
     #[test]

@@ -28,6 +28,13 @@ const NS_TIMEOUT: Duration = Duration::from_secs(30);
 /// server (the host's own /run/mysqld and /srv must not be shared by the two nodes).
 const NODE_TMPFS: &[&str] = &["/run/mysqld", "/run/ganesha", "/srv"];
 
+/// Lazily unmounts, deepest first, every FUSE mount and every filesystem on a loop or NBD
+/// device in the namespace it runs in (mountinfo: the fields after "-" are type and source).
+const DROP_INHERITED: &str = r#"awk '{ for (i = 7; i < NF; i++) if ($i == "-") break;
+  if ($(i+1) ~ /^fuse/ || $(i+2) ~ /^\/dev\/(loop|nbd)/) print $5 }' /proc/self/mountinfo |
+  sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+"#;
+
 /// One node's mount namespace, bound to `file` (see the module doc). Dropping it kills the
 /// node's processes, unmounts what was mounted inside since creation and releases the file.
 pub struct MountNs {
@@ -50,7 +57,13 @@ impl MountNs {
         let net = Path::new("/run/netns").join(netns);
         let mut ns = MountNs { file, net, baseline: BTreeSet::new() };
         ns.baseline = ns.mounts().into_iter().map(|(id, _)| id).collect();
-        let mut script = String::from("set -e; mount -t sysfs sysfs /sys; ");
+        // The new namespace starts with a copy of every host mount, other tests' FUSE and
+        // loop-device filesystems included, and (private propagation) the host's later
+        // umounts do not reach the copies: each would keep another test's filesystem alive
+        // after its umount, to lose its unwritten data at the detach (blockctl's demote
+        // refuses to detach under one, see ctl/src/steps/elsewhere.rs). Dropped at once.
+        let mut script = String::from(DROP_INHERITED);
+        script.push_str("set -e; mount -t sysfs sysfs /sys; ");
         for dir in NODE_TMPFS {
             script.push_str(&format!("mkdir -p {dir}; mount -t tmpfs -o mode=0755 tmpfs {dir}; "));
         }
