@@ -555,6 +555,8 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
     let peer = c.node.keys().find(|n| **n != ctx.node.name).cloned().unwrap_or_default();
     let mut agent = Agent::new(client.is_some()).with_health(&c.agent);
     let mut probed_at: Option<Instant> = None;
+    // (Primary, peer connected) at the last poll that answered.
+    let mut seen: Option<(bool, bool)> = None;
     if c.agent.failback == Failback::Auto && c.agent.preferred.as_deref() == Some(peer.as_str()) {
         agent = agent.with_failback(c.agent.failback_delay);
     }
@@ -572,6 +574,12 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
             .await
             .unwrap_or_else(|e| (Err(format!("status request failed: {e}")), Vec::new(), None));
         agent.stack(up);
+        let now_seen = polled.as_ref().ok().map(primary_and_connected);
+        if let (Some((true, false)), Some((true, true))) = (seen, now_seen) {
+            let cx = Arc::clone(&ctx);
+            let _ = tokio::task::spawn_blocking(move || reannounce(&cx)).await;
+        }
+        seen = now_seen.or(seen);
         if let Some(p) = probes {
             probed_at = Some(Instant::now());
             agent.probed(p);
@@ -586,6 +594,27 @@ async fn agent_loop(ctx: Arc<Ctx>, interval: Duration, client: Option<LeaseClien
         }
         act(&ctx, &mut agent, decision, &mut journal).await;
         tokio::time::sleep(agent.next_poll(interval, Instant::now())).await;
+    }
+}
+
+/// Whether this node is Primary of any volume, and whether all its volumes have their peer.
+fn primary_and_connected(s: &NodeStatus) -> (bool, bool) {
+    let primary = s.volumes.iter().any(|v| v.role == Role::Primary);
+    let connected = !s.volumes.is_empty()
+        && s.volumes.iter().all(|v| {
+            matches!(v.conn, ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget)
+        });
+    (primary, connected)
+}
+
+/// The peer came back while this node is Primary: it may be the old primary returning with
+/// the VIP still on its interface (a thawed node answers ARP for it until its agent demotes
+/// it), so the VIP is announced again and neighbours that cached its MAC come back here.
+fn reannounce(ctx: &Ctx) {
+    match crate::steps::vip::Vip::new().reannounce(ctx) {
+        Ok(true) => ctx.say("agent: peer back: VIP announced again"),
+        Ok(false) => {}
+        Err(e) => ctx.say(format!("agent: peer back: VIP not announced again: {e}")),
     }
 }
 

@@ -203,6 +203,25 @@ impl Vip {
         }
     }
 
+    /// Announces the VIP again when this node holds it (returns whether it did): neighbours
+    /// may have cached the MAC of a returning old primary, which answers ARP for the address
+    /// until its agent has torn its stale stack down (a thawed node, one back from a
+    /// partition). The whole burst again, the first packet now, the rest from a child.
+    pub fn reannounce(&self, ctx: &Ctx) -> Result<bool, StepError> {
+        let Ok(v) = config(ctx).cloned() else { return Ok(false) };
+        let (name, cidr) = (v.interface.clone(), v.address);
+        let (l, present) = netlink(|h| async move {
+            let l = link(&h, &name).await?;
+            Ok((l, !find(&h, l.index, cidr).await?.is_empty()))
+        })?;
+        if !present {
+            return Ok(false);
+        }
+        self.cancel_burst(ctx);
+        self.announce(ctx, l, v.address.addr)?;
+        Ok(true)
+    }
+
     /// Stops the announcements not sent yet.
     fn cancel_burst(&self, ctx: &Ctx) {
         let file = burst_file(ctx);
@@ -414,6 +433,28 @@ mod tests {
         assert!(!vip.check(&ctx).unwrap());
         assert!(!seg.node.ip("addr show dev va").contains("10.97.0.100"));
         vip.undo(&ctx).unwrap(); // absent already: fine
+    }
+
+    /// The agent's "peer back" announcement: nothing without the VIP here; with it, a
+    /// neighbour whose entry for the VIP was taken by another MAC (a returning old primary's)
+    /// is pointed back at this node.
+    #[test]
+    fn vip_announced_again_only_when_held() {
+        require_root();
+        let seg = Segment::new("v4r", "10.97.1.1/24", "10.97.1.2/24");
+        let ctx = seg.ctx("10.97.1.100/24");
+        seg.node.enter();
+        let vip = Vip::new();
+        assert!(!vip.reannounce(&ctx).unwrap(), "announced a VIP it does not hold");
+        seg.stale_entry("10.97.1.100", "add"); // an announcement updates entries, makes none
+        vip.apply(&ctx).unwrap();
+        seg.wait_neigh_is_ours("10.97.1.100", Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(1500)); // the first burst's child is done
+        seg.stale_entry("10.97.1.100", "change");
+        assert!(vip.reannounce(&ctx).unwrap());
+        seg.wait_neigh_is_ours("10.97.1.100", Duration::from_millis(200));
+        vip.undo(&ctx).unwrap();
+        assert!(!vip.reannounce(&ctx).unwrap());
     }
 
     #[test]
