@@ -165,12 +165,13 @@ fn primary_crash_resyncs_activity_log_plus_peer_bitmap_by_checksum() {
         "--size=256m",
         "--iodepth=16",
         "--time_based=1",
-        "--runtime=30",
+        // Long enough for a loaded machine: the load ends with alpha's kill, not with fio.
+        "--runtime=150",
         "--randseed=3",
     ];
     let mut load = FioRun::spawn(c.dir(), &c.nbd_uri(Alpha), "load", &job);
     // Enough writes that the 8-extent log has turned over several times (64 extents in all).
-    c.wait_for(Alpha, "writes", Duration::from_secs(60), |v| {
+    c.wait_for(Alpha, "writes", Duration::from_secs(150), |v| {
         v["counters"]["peer_writes"].as_u64() > Some(5_000)
     });
     c.kill(Alpha);
