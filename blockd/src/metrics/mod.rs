@@ -31,6 +31,7 @@
 //! 0 while it is not connected. The witness lease is not reported: there is no witness yet.
 
 pub mod histogram;
+pub mod health;
 pub mod http;
 
 use std::fmt::{Display, Write};
@@ -320,7 +321,7 @@ fn seconds(ns: u64) -> String {
 }
 
 /// A label value: backslash, double quote and line feed escaped (format 0.0.4).
-fn escape_label(v: &str) -> String {
+pub(crate) fn escape_label(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for c in v.chars() {
         match c {
