@@ -72,9 +72,15 @@ fn command(ask: &Ask) -> Result<Vec<String>, String> {
 pub async fn handle(c: &Console, r: &Request, from: SocketAddr, stream: &mut TcpStream) {
     let ask: Ask = match serde_json::from_slice(&r.body) {
         Ok(a) => a,
-        Err(e) => return answer(stream, 400, "text/plain", format!("bad body: {e}\n").as_bytes()).await,
+        Err(e) => {
+            return answer(stream, 400, "text/plain", format!("bad body: {e}\n").as_bytes()).await
+        }
     };
-    let who = if ask.who.trim().is_empty() { "someone".to_string() } else { ask.who.trim().chars().take(64).collect() };
+    let who = if ask.who.trim().is_empty() {
+        "someone".to_string()
+    } else {
+        ask.who.trim().chars().take(64).collect()
+    };
     let args = match command(&ask) {
         Ok(a) => a,
         Err(why) => return answer(stream, 400, "text/plain", format!("{why}\n").as_bytes()).await,
@@ -106,6 +112,9 @@ pub async fn handle(c: &Console, r: &Request, from: SocketAddr, stream: &mut Tcp
     record(c, format!("{asked}: {outcome}"), Some(now_ms().saturating_sub(started)));
     let _ = stream.write_all(format!("exit {}\n", code.unwrap_or(-1)).as_bytes()).await;
     let _ = stream.shutdown().await;
+    // What the action changed on this host shows at the page's next poll, not 3 s later.
+    let view = host_view(c).await;
+    *lock(&c.host) = Some(view);
 }
 
 /// The token must be given and match the file's (read now: a rotation applies at once).
@@ -139,7 +148,9 @@ async fn run(c: &Console, args: &[String], out: &mut TcpStream) -> Option<i32> {
     let mut child = match blockctl(c, args).spawn() {
         Ok(child) => child,
         Err(e) => {
-            let _ = out.write_all(format!("cannot run {}: {e}\n", c.blockctl.display()).as_bytes()).await;
+            let _ = out
+                .write_all(format!("cannot run {}: {e}\n", c.blockctl.display()).as_bytes())
+                .await;
             return None;
         }
     };
@@ -195,13 +206,21 @@ mod tests {
     use super::*;
 
     fn ask(action: &str, volume: Option<&str>) -> Ask {
-        Ask { action: action.into(), who: String::new(), force: false, volume: volume.map(Into::into) }
+        Ask {
+            action: action.into(),
+            who: String::new(),
+            force: false,
+            volume: volume.map(Into::into),
+        }
     }
 
     #[test]
     fn actions_are_the_blockctl_commands() {
         assert_eq!(command(&ask("swap", None)).unwrap(), ["swap"]);
-        assert_eq!(command(&ask("resolve", Some("db"))).unwrap(), ["resolve", "--discard-local", "--volume", "db"]);
+        assert_eq!(
+            command(&ask("resolve", Some("db"))).unwrap(),
+            ["resolve", "--discard-local", "--volume", "db"]
+        );
         let force = Ask { force: true, ..ask("promote", None) };
         assert_eq!(command(&force).unwrap(), ["promote", "--force"]);
         assert!(command(&ask("rm", None)).is_err());

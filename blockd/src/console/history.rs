@@ -6,7 +6,7 @@
 //! |---------------|-------------------------------------------------------------------------|
 //! | `start`       | the first poll: the console started (so did the daemon)                 |
 //! | `role`        | this node's role changed                                                |
-//! | `failover`    | this node became Primary while its peer, Primary before, was gone: `duration_ms` from the moment the peer was seen gone; `cause` the agent's decision when it made one |
+//! | `failover`    | this node became Primary while its peer, Primary before, was gone: `duration_ms` from the peer's last sign of life (the last poll that saw it Primary and connected: detection included); `cause` the agent's decision when it made one |
 //! | `switchover`  | the Primary moved while both were connected (a swap): `duration_ms` from the old Primary's demote to the new one's promote |
 //! | `split-brain` | the connection went StandAlone for a split brain                        |
 //! | `disk-failed` | the local disk became Failed (`cause`: the operation, errno, offset)    |
@@ -72,11 +72,17 @@ impl Seen {
 /// Moments a later event measures its duration from, per volume.
 #[derive(Debug, Default, Clone)]
 struct Marks {
-    /// The peer, last seen Primary, was seen gone (not connected) at this time.
+    /// The last poll that saw the peer Primary and connected: its last sign of life.
+    peer_primary_alive: Option<u64>,
+    /// Set when the peer, Primary before, was seen gone: its last sign of life.
     primary_peer_lost: Option<u64>,
-    /// The peer went from Primary to Secondary while connected (the first half of a swap).
+    /// The last poll that saw this node Primary.
+    primary_alive: Option<u64>,
+    /// The peer went from Primary to Secondary while connected (the first half of a swap):
+    /// the last poll that saw it Primary.
     peer_demoted: Option<u64>,
-    /// This node went from Primary to Secondary while connected.
+    /// This node went from Primary to Secondary while connected: the last poll that saw it
+    /// Primary.
     demoted: Option<u64>,
     resync_started: Option<u64>,
 }
@@ -123,18 +129,31 @@ impl History {
                 .map(|v| format!("{} {:?} {:?} {:?}", v.name, v.role, v.disk, v.conn))
                 .collect::<Vec<_>>()
                 .join("; ");
-            self.push(event(at_ms, "start", None, format!("{} console started: {text}", status.node)));
+            self.push(event(
+                at_ms,
+                "start",
+                None,
+                format!("{} console started: {text}", status.node),
+            ));
         }
         for v in &status.volumes {
             let now = Seen::of(v);
-            let Some(before) = self.seen.insert(v.name.clone(), now.clone()) else { continue };
-            if before != now {
-                let mut marks = self.marks.remove(&v.name).unwrap_or_default();
-                let ctx = Ctx { node: &status.node, v, at_ms, agent };
-                for e in changes(&before, &now, &mut marks, &ctx) {
-                    self.push(e);
-                }
-                self.marks.insert(v.name.clone(), marks);
+            let before = self.seen.insert(v.name.clone(), now.clone());
+            let marks = self.marks.entry(v.name.clone()).or_default();
+            let ctx = Ctx { node: &status.node, v, at_ms, agent };
+            let events = match before.filter(|b| *b != now) {
+                Some(before) => changes(&before, &now, marks, &ctx),
+                None => Vec::new(),
+            };
+            // After the changes: they measure from the polls before this one.
+            if now.peer_role == Some(Role::Primary) && connected(now.conn) {
+                marks.peer_primary_alive = Some(at_ms);
+            }
+            if now.role == Role::Primary {
+                marks.primary_alive = Some(at_ms);
+            }
+            for e in events {
+                self.push(e);
             }
         }
     }
@@ -166,12 +185,19 @@ fn connected(c: ConnState) -> bool {
     matches!(c, ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget)
 }
 
-/// The events between two polls of one volume; updates `marks`.
+/// The events between two polls of one volume; updates `marks`. Durations run from the last
+/// poll that saw the old state to this one, so they are exact to one [`super::WATCH`].
 fn changes(before: &Seen, now: &Seen, marks: &mut Marks, c: &Ctx) -> Vec<Event> {
     let mut out = Vec::new();
     let t = c.at_ms;
     if before.peer_role == Some(Role::Primary) && !connected(now.conn) {
-        marks.primary_peer_lost = Some(t);
+        marks.primary_peer_lost = Some(marks.peer_primary_alive.unwrap_or(t));
+    }
+    if before.peer_role == Some(Role::Primary) && now.peer_role == Some(Role::Secondary) {
+        marks.peer_demoted = Some(marks.peer_primary_alive.unwrap_or(t));
+    }
+    if before.role == Role::Primary && now.role == Role::Secondary {
+        marks.demoted = connected(now.conn).then(|| marks.primary_alive.unwrap_or(t));
     }
     if before.conn != now.conn {
         let mut e = c.ev("conn", format!("connection {:?} → {:?}", before.conn, now.conn));
@@ -190,9 +216,9 @@ fn changes(before: &Seen, now: &Seen, marks: &mut Marks, c: &Ctx) -> Vec<Event> 
         if now.disk == DiskState::Failed {
             e.kind = "disk-failed";
             e.text = format!("{}'s disk failed", c.node);
-            e.cause = c.v.disk_failure.map(|f| {
-                format!("{:?} error {} at offset {}", f.op, f.errno, f.offset)
-            });
+            e.cause =
+                c.v.disk_failure
+                    .map(|f| format!("{:?} error {} at offset {}", f.op, f.errno, f.offset));
         }
         out.push(e);
     }
@@ -215,7 +241,6 @@ fn role_change(before: &Seen, now: &Seen, marks: &mut Marks, c: &Ctx) -> Option<
     let t = c.at_ms;
     let mut e = c.ev("role", format!("{} became {:?}", c.node, now.role));
     if now.role == Role::Secondary {
-        marks.demoted = connected(now.conn).then_some(t);
         return Some(e);
     }
     if let Some(lost) = marks.primary_peer_lost.take() {
@@ -251,9 +276,6 @@ fn peer_change(before: &Seen, now: &Seen, marks: &mut Marks, c: &Ctx) -> Option<
         show(now.peer_role, now.peer_disk)
     );
     let mut e = c.ev("peer", text);
-    if before.peer_role == Some(Role::Primary) && now.peer_role == Some(Role::Secondary) {
-        marks.peer_demoted = Some(t);
-    }
     if before.peer_role != Some(Role::Primary) && now.peer_role == Some(Role::Primary) {
         if let Some(demoted) = marks.demoted.take() {
             e.kind = "switchover";

@@ -37,14 +37,15 @@ fn kinds(h: &History) -> Vec<&'static str> {
 }
 
 #[test]
-fn failover_is_measured_from_when_the_primary_peer_was_seen_gone() {
+fn failover_is_measured_from_the_primary_peers_last_sign_of_life() {
     let mut h = History::default();
     let (sec, pri) = (Role::Secondary, Role::Primary);
     h.observe(&node(vol(sec, ConnState::Connected, Some(pri))), 1_000, None);
-    h.observe(&node(vol(sec, ConnState::Connecting, None)), 2_000, None);
+    h.observe(&node(vol(sec, ConnState::Connected, Some(pri))), 1_500, None);
+    h.observe(&node(vol(sec, ConnState::Connecting, None)), 3_500, None);
     h.observe(&node(vol(pri, ConnState::Connecting, None)), 6_500, Some("promote: lease won"));
     let e = h.events().into_iter().find(|e| e.kind == "failover").expect("a failover event");
-    assert_eq!(e.duration_ms, Some(4_500));
+    assert_eq!(e.duration_ms, Some(5_000), "from the last poll that saw beta alive");
     assert_eq!(e.text, "failover: alpha took over from beta");
     assert_eq!(e.cause.as_deref(), Some("beta gone; agent: promote: lease won"));
     assert_eq!(kinds(&h), ["start", "conn", "peer", "failover"]);
@@ -56,17 +57,29 @@ fn swap_is_a_switchover_with_its_duration_on_both_sides() {
     // Seen from the old Primary: demoted, then the peer became Primary.
     let mut h = History::default();
     h.observe(&node(vol(pri, c, Some(sec))), 0, None);
+    h.observe(&node(vol(pri, c, Some(sec))), 500, None);
     h.observe(&node(vol(sec, c, Some(sec))), 1_000, None);
     h.observe(&node(vol(sec, c, Some(pri))), 3_000, None);
     let e = h.events().into_iter().find(|e| e.kind == "switchover").unwrap();
-    assert_eq!((e.text.as_str(), e.duration_ms), ("switchover: alpha → beta", Some(2_000)));
+    assert_eq!((e.text.as_str(), e.duration_ms), ("switchover: alpha → beta", Some(2_500)));
+    // Both halves within one poll: measured from the last poll that saw alpha Primary.
+    let mut h = History::default();
+    h.observe(&node(vol(pri, c, Some(sec))), 0, None);
+    h.observe(&node(vol(sec, c, Some(pri))), 500, None);
+    let e = h.events().into_iter().find(|e| e.kind == "switchover").unwrap();
+    assert_eq!(e.duration_ms, Some(500));
     // Seen from the new one: the peer demoted, then this node was promoted.
     let mut h = History::default();
     h.observe(&node(vol(sec, c, Some(pri))), 0, None);
     h.observe(&node(vol(sec, c, Some(sec))), 1_000, None);
     h.observe(&node(vol(pri, c, Some(sec))), 1_700, None);
     let e = h.events().into_iter().find(|e| e.kind == "switchover").unwrap();
-    assert_eq!((e.text.as_str(), e.duration_ms), ("switchover: beta → alpha", Some(700)));
+    assert_eq!((e.text.as_str(), e.duration_ms), ("switchover: beta → alpha", Some(1_700)));
+    let mut h = History::default();
+    h.observe(&node(vol(sec, c, Some(pri))), 0, None);
+    h.observe(&node(vol(pri, c, Some(sec))), 500, None);
+    let e = h.events().into_iter().find(|e| e.kind == "switchover").unwrap();
+    assert_eq!((e.text.as_str(), e.duration_ms), ("switchover: beta → alpha", Some(500)));
 }
 
 #[test]
@@ -100,7 +113,10 @@ fn split_brain_disk_failure_resync_and_lease_loss_are_named() {
     h.observe(&node(v), 1_000, None);
     h.observe(&node(base), 4_000, None);
     let last = h.events().pop().unwrap();
-    assert_eq!((last.kind, last.text.as_str(), last.duration_ms), ("resync", "resync finished", Some(3_000)));
+    assert_eq!(
+        (last.kind, last.text.as_str(), last.duration_ms),
+        ("resync", "resync finished", Some(3_000))
+    );
 }
 
 #[test]

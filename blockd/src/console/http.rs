@@ -195,8 +195,10 @@ mod tests {
 
     #[test]
     fn heads_parse_with_the_bearer_token() {
-        let r = parse_head(b"POST /api/action?x=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer abc \r\n\r\n")
-            .unwrap();
+        let r = parse_head(
+            b"POST /api/action?x=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer abc \r\n\r\n",
+        )
+        .unwrap();
         assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/api/action"));
         assert_eq!(r.bearer.as_deref(), Some("abc"));
         let r = parse_head(b"GET / HTTP/1.1\r\n\r\n").unwrap();

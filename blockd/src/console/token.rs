@@ -77,12 +77,8 @@ pub fn rotate(path: &Path) -> Result<String, TokenError> {
         fs::create_dir_all(dir).map_err(write)?;
     }
     let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(MODE)
-        .open(&tmp)
-        .map_err(write)?;
+    let mut f =
+        fs::OpenOptions::new().write(true).create_new(true).mode(MODE).open(&tmp).map_err(write)?;
     f.write_all(format!("{token}\n").as_bytes()).and_then(|()| f.sync_all()).map_err(write)?;
     fs::rename(&tmp, path).map_err(write)?;
     Ok(token)

@@ -54,19 +54,27 @@ impl AgentFile {
 type Value = fn(&VolumeStatus) -> Option<f64>;
 
 const VOLUME: &[(&str, &str, Value)] = &[
-    ("blockd_volume_split_brain", "1 while the volume is StandAlone because of a split brain.", |v| {
-        let split = v.conn_reason.as_deref().is_some_and(|r| r.contains("split brain"));
-        Some(f64::from(u8::from(v.conn == ConnState::StandAlone && split)))
-    }),
+    (
+        "blockd_volume_split_brain",
+        "1 while the volume is StandAlone because of a split brain.",
+        |v| {
+            let split = v.conn_reason.as_deref().is_some_and(|r| r.contains("split brain"));
+            Some(f64::from(u8::from(v.conn == ConnState::StandAlone && split)))
+        },
+    ),
     ("blockd_volume_writes_frozen", "1 while degraded writes wait for the witness lease.", |v| {
         Some(f64::from(u8::from(v.frozen.is_some())))
     }),
-    ("blockd_volume_lease_valid_seconds", "How long this node's witness lease is still valid.", |v| {
-        v.lease.as_ref().map(|l| l.valid_for_ms as f64 / 1000.0)
-    }),
-    ("blockd_volume_lease_lost", "1 once this Primary lost its witness lease to another node.", |v| {
-        v.lease.as_ref().map(|l| f64::from(u8::from(l.lost.is_some())))
-    }),
+    (
+        "blockd_volume_lease_valid_seconds",
+        "How long this node's witness lease is still valid.",
+        |v| v.lease.as_ref().map(|l| l.valid_for_ms as f64 / 1000.0),
+    ),
+    (
+        "blockd_volume_lease_lost",
+        "1 once this Primary lost its witness lease to another node.",
+        |v| v.lease.as_ref().map(|l| f64::from(u8::from(l.lost.is_some()))),
+    ),
 ];
 
 /// Everything `GET /metrics` serves: [`super::render`] then this module's families, with
@@ -92,11 +100,22 @@ pub fn render(status: &NodeStatus, agent: Option<&AgentFile>) -> String {
     }
     let Some(a) = agent else { return out };
     let up = "blockd_agent_up";
-    let _ = writeln!(out, "# HELP {up} 1 while blockctl agent runs on this node.\n# TYPE {up} gauge");
+    let _ =
+        writeln!(out, "# HELP {up} 1 while blockctl agent runs on this node.\n# TYPE {up} gauge");
     let _ = writeln!(out, "{up}{{node=\"{node}\"}} {}", u8::from(a.running()));
     let tallies = [
-        ("blockd_agent_restarts_total", "In-place restarts by the agent, by step.", "step", &a.restarts),
-        ("blockd_agent_swaps_total", "Swaps to the peer by the agent, by reason.", "reason", &a.swaps),
+        (
+            "blockd_agent_restarts_total",
+            "In-place restarts by the agent, by step.",
+            "step",
+            &a.restarts,
+        ),
+        (
+            "blockd_agent_swaps_total",
+            "Swaps to the peer by the agent, by reason.",
+            "reason",
+            &a.swaps,
+        ),
     ];
     for (name, help, label, counts) in tallies {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -124,7 +143,10 @@ mod tests {
         };
         let text = render(&status, Some(&a));
         assert!(text.contains("blockd_agent_up{node=\"alpha\"} 1\n"), "{text}");
-        assert!(text.contains("blockd_agent_restarts_total{node=\"alpha\",step=\"service mariadb\"} 3\n"));
-        assert!(text.contains("blockd_agent_swaps_total{node=\"alpha\",reason=\"disk-failed\"} 1\n"));
+        assert!(text
+            .contains("blockd_agent_restarts_total{node=\"alpha\",step=\"service mariadb\"} 3\n"));
+        assert!(
+            text.contains("blockd_agent_swaps_total{node=\"alpha\",reason=\"disk-failed\"} 1\n")
+        );
     }
 }

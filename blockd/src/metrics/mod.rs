@@ -30,8 +30,8 @@
 //! can say `blockd_volume_disk_state{state="UpToDate"} == 0`. The peer's role and disk are all
 //! 0 while it is not connected. The witness lease is not reported: there is no witness yet.
 
-pub mod histogram;
 pub mod health;
+pub mod histogram;
 pub mod http;
 
 use std::fmt::{Display, Write};
