@@ -232,6 +232,26 @@ def encryption_checks(results):
     return out
 
 
+def console_checks(results):
+    """Issue 15: an open console (a page polling it) costs the data path nothing, in the same
+    run. The bound leaves room for this shared machine's noise; bench/README.md has figures."""
+    on, off = results.get("blockd-console", {}), results.get("blockd-noconsole", {})
+    out = []
+    for wid, kind, label in [
+        ("w4k1", "iops", "4k randwrite QD1 IOPS"),
+        ("w4k32", "iops", "4k randwrite QD32 IOPS"),
+        ("seq1m8", "mibs", "1M seq write MiB/s"),
+        ("r4k32", "iops", "4k randread QD32 IOPS"),
+    ]:
+        a, b = on.get((wid, kind)), off.get((wid, kind))
+        name = f"console open >= 0.9x closed on {label}"
+        if a is None or b is None:
+            out.append(verdict(False, f"{name}: missing"))
+        else:
+            out.append(verdict(a >= 0.9 * b, f"{name}: {a:.0f} vs {b:.0f} ({a / b:.2f})"))
+    return out
+
+
 def main(argv):
     if len(argv) < 3:
         print("usage: report.py JSON_DIR ROW...", file=sys.stderr)
@@ -265,6 +285,8 @@ def main(argv):
         checks += mirror_checks(results, rtt)
     if "blockd-mirror" in rows and "blockd-mirror-noenc" in rows:
         checks += encryption_checks(results)
+    if "blockd-console" in rows and "blockd-noconsole" in rows:
+        checks += console_checks(results)
     if not checks:
         print("SKIP  target checks need the blockd row and its peers, or the mirror rows")
         return 0

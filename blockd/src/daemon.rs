@@ -241,10 +241,13 @@ impl Serving {
         start_link(config, node, cluster, self)?;
         start_lease(config, node, cluster, self)?;
         if let Some(addr) = config.metrics.listen {
-            let cluster = Arc::clone(cluster);
-            let status = move || node_status(&cluster);
-            metrics::http::start(addr, status, self.token.clone(), &self.tracker).await;
+            let (cluster, run_dir) = (Arc::clone(cluster), node.settings.run_dir.clone());
+            let text = move || metrics::health::full(&node_status(&cluster), &run_dir);
+            metrics::http::start_text(addr, text, self.token.clone(), &self.tracker).await;
         }
+        let c = Arc::clone(cluster);
+        let status: crate::console::StatusFn = Arc::new(move || node_status(&c));
+        crate::console::start(config, node, status, self.token.clone(), &self.tracker).await;
         let path = node.control_socket();
         let control =
             socket::bind(&path, Some(CONTROL_MODE)).await.map_err(DaemonError::ControlSocket)?;

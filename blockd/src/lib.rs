@@ -20,6 +20,8 @@
 //! - [`control`]: the control socket (JSON lines) and the types `blockctl` shares.
 //! - [`metrics`]: latency histograms (lock-free, recorded by [`volume`]) and the Prometheus
 //!   text endpoint, rendered from the same status the control socket answers.
+//! - [`console`]: the web console (one page in the binary, `/api/state`, token-guarded actions
+//!   that run `blockctl`); reads status like the control socket does, never the write path.
 //! - [`daemon`]: wiring: config → volumes → listeners, signals, orderly shutdown.
 //! - [`witness`]: the lease witness (DESIGN §7): the pure lease table, its protocol, the
 //!   `blockd witness` server and the [`witness::LeaseClient`] nodes use. Holds no data; never
@@ -31,6 +33,7 @@
 
 mod be;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod daemon;
 pub mod fence;

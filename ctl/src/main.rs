@@ -139,6 +139,10 @@ enum Command {
     /// data-dir space, service units, io_uring): one line each, ok / warn / missing, and what
     /// to do. Changes nothing; exits 1 when something required is missing.
     Init,
+    /// The web console blockd serves (`[console] listen`): `console token [--rotate]` prints
+    /// or replaces the access token its actions need.
+    #[command(subcommand)]
+    Console(commands::console::ConsoleCommand),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -189,6 +193,7 @@ fn main() -> ExitCode {
         Command::Demote { until, .. } => commands::demote(&ctx, until.as_deref()),
         Command::Swap { wait } => commands::swap(&ctx, *wait),
         Command::Init => return init(&ctx),
+        Command::Console(c) => return commands::console::run(&ctx, c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,6 +25,7 @@
 //! runs when an assertion panics; locals drop in reverse order, which is the order teardown
 //! needs (mount → loop → FUSE → daemon → directory).
 
+pub mod browser;
 pub mod cluster;
 pub mod cmd;
 pub mod disk;

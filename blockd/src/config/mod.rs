@@ -11,6 +11,7 @@
 //! default. Errors name the key and the value (`volume[0].size = "12XB": not a size ...`).
 
 mod agent;
+mod console;
 mod failover;
 mod metrics;
 mod resync;
@@ -32,6 +33,7 @@ use figment::{
 use serde::Deserialize;
 
 pub use agent::{AgentConfig, Failback};
+pub use console::ConsoleConfig;
 pub use failover::{AttachMode, BindConfig, FailoverConfig};
 pub use metrics::MetricsConfig;
 pub use resync::{ChecksumMode, ResyncConfig};
@@ -117,6 +119,9 @@ pub struct Config {
     /// The Prometheus endpoint (`GET /metrics`).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The web console (`[console] listen`, token).
+    #[serde(default)]
+    pub console: ConsoleConfig,
     /// The file this was read from, for messages.
     #[serde(skip)]
     pub source: PathBuf,

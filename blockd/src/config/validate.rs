@@ -96,6 +96,7 @@ impl Config {
         self.check_failover(&mut p);
         self.check_binds(&mut p);
         self.check_metrics(&mut p);
+        self.check_console(&mut p);
         self.check_lease(&mut p);
         self.check_agent(&mut p);
         p.0

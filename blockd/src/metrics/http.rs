@@ -45,6 +45,20 @@ pub async fn start<F>(
 where
     F: Fn() -> NodeStatus + Send + Sync + 'static,
 {
+    start_text(addr, move || render(&status()), token, tracker).await
+}
+
+/// [`start`] with the whole text coming from `text()`: the rendered status plus families
+/// from elsewhere (the agent's tally, `console::agent`).
+pub async fn start_text<F>(
+    addr: SocketAddr,
+    text: F,
+    token: CancellationToken,
+    tracker: &TaskTracker,
+) -> Option<SocketAddr>
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -54,7 +68,7 @@ where
     };
     let bound = listener.local_addr().ok()?;
     tracing::info!("metrics at http://{bound}/metrics");
-    tracker.spawn(serve(listener, Arc::new(status), token, tracker.clone()));
+    tracker.spawn(serve(listener, Arc::new(text), token, tracker.clone()));
     Some(bound)
 }
 
@@ -65,7 +79,7 @@ async fn serve<F>(
     token: CancellationToken,
     tracker: TaskTracker,
 ) where
-    F: Fn() -> NodeStatus + Send + Sync + 'static,
+    F: Fn() -> String + Send + Sync + 'static,
 {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -94,7 +108,7 @@ async fn serve<F>(
 }
 
 /// Reads one request head, answers it, closes.
-async fn connection<F: Fn() -> NodeStatus>(mut stream: TcpStream, status: &F) {
+async fn connection<F: Fn() -> String>(mut stream: TcpStream, text: &F) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let complete = |h: &[u8]| h.windows(4).any(|w| w == b"\r\n\r\n");
@@ -106,7 +120,7 @@ async fn connection<F: Fn() -> NodeStatus>(mut stream: TcpStream, status: &F) {
     }
     // A head that never ended (too long, or the client stopped sending) is a bad request.
     let head: &[u8] = if complete(&head) { &head } else { b"" };
-    let response = respond(head, || render(&status()));
+    let response = respond(head, text);
     if let Err(e) = stream.write_all(&response).await {
         return tracing::debug!(error = %e, "metrics: write failed");
     }

@@ -30,6 +30,7 @@
 //! can say `blockd_volume_disk_state{state="UpToDate"} == 0`. The peer's role and disk are all
 //! 0 while it is not connected. The witness lease is not reported: there is no witness yet.
 
+pub mod health;
 pub mod histogram;
 pub mod http;
 
@@ -320,7 +321,7 @@ fn seconds(ns: u64) -> String {
 }
 
 /// A label value: backslash, double quote and line feed escaped (format 0.0.4).
-fn escape_label(v: &str) -> String {
+pub(crate) fn escape_label(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for c in v.chars() {
         match c {

@@ -18,6 +18,7 @@
 
 pub mod agent;
 mod agent_state;
+pub mod console;
 pub mod events;
 #[cfg(test)]
 mod fake;
