@@ -28,6 +28,7 @@
 //! set). Two-node tests are serialized within a test binary (one lock): they measure timeouts
 //! and run fio, and a 2-core machine running several of them at once would make both flaky.
 
+pub mod agents;
 pub mod clients;
 pub mod failover;
 pub mod files;
