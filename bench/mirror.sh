@@ -180,9 +180,22 @@ row_blockd_mirror() {
         log "blockd-mirror: prefill failed (see logs/prefill-mirror.log)"
       fi
     fi
-    [ -z "$MIRROR_FILLED" ] || run_workloads "$row" --ioengine=nbd --uri="$uri"
+    if [ -n "$MIRROR_FILLED" ]; then
+      local id=${CUR_WORKLOADS[0]%% *}
+      meta_counters "$ctl" >"$WORK/json/$row.$id.meta0"
+      run_workloads "$row" --ioengine=nbd --uri="$uri"
+      meta_counters "$ctl" >"$WORK/json/$row.$id.meta1"
+    fi
   fi
   stop_server
+}
+
+# meta_counters CTL: alpha's "meta_writes bytes_written" counters (metadata writes per GiB).
+meta_counters() {
+  "$1" --config "$WORK/mirror/blockd.toml" --node alpha status --json 2>/dev/null |
+    python3 -c 'import json,sys
+d=json.load(sys.stdin); v=d.get("volumes", [d])[0]["counters"]
+print(v.get("meta_writes", 0), v.get("bytes_written", 0))' 2>/dev/null || true
 }
 
 # Waits up to 30 s for beta's qemu-nbd to answer over the veth.

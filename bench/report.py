@@ -27,7 +27,16 @@ RACES = [
     ("seq1m8", "mibs", "1M seq write QD8", "MiB/s"),
     ("r4k32", "iops", "4k randread QD32", "IOPS"),
 ]
-WORKLOADS = ["w4k1", "w4k32", "seq1m8", "r4k32"]
+# The durable-write workloads (bench/sync_qd1.py), in their own table.
+DURABLE_COLUMNS = [
+    ("fua4k1", "write", "4k write+FUA QD1 IOPS", "iops"),
+    ("fua4k1", "write", "FUA p50 µs", "p50"),
+    ("fua4k1", "write", "FUA p99 µs", "p99"),
+    ("flush4k1", "write", "4k write+FLUSH QD1 IOPS", "iops"),
+    ("flush4k1", "write", "FLUSH p50 µs", "p50"),
+    ("flush4k1", "write", "FLUSH p99 µs", "p99"),
+]
+WORKLOADS = ["w4k1", "w4k32", "seq1m8", "r4k32", "fua4k1", "flush4k1"]
 PEERS = ["nbdkit", "qemu-nbd"]
 
 
@@ -64,7 +73,7 @@ def load_results(json_dir, rows):
     results = {}
     for row in rows:
         values = {}
-        for wid, direction, _, kind in COLUMNS:
+        for wid, direction, _, kind in COLUMNS + DURABLE_COLUMNS:
             job = load_fio(os.path.join(json_dir, f"{row}.{wid}.json"))
             value = metric(job, direction, kind)
             if value is not None:
@@ -83,13 +92,13 @@ def fmt(value, kind):
     return f"{value:,.0f}"
 
 
-def table(results, rows):
+def table(results, rows, columns=COLUMNS):
     lines = [
-        "| row | " + " | ".join(label for _, _, label, _ in COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
+        "| row | " + " | ".join(label for _, _, label, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for row in rows:
-        cells = [fmt(results[row].get((wid, kind)), kind) for wid, _, _, kind in COLUMNS]
+        cells = [fmt(results[row].get((wid, kind)), kind) for wid, _, _, kind in columns]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -175,7 +184,8 @@ def mirror_checks(results, rtt):
 
 
 # Bytes per I/O of each workload, for CPU per MiB.
-BLOCK = {"w4k1": 4096, "w4k32": 4096, "seq1m8": 1 << 20, "r4k32": 4096}
+BLOCK = {"w4k1": 4096, "w4k32": 4096, "seq1m8": 1 << 20, "r4k32": 4096, "fua4k1": 4096,
+         "flush4k1": 4096}
 
 
 def server_use(json_dir, row, wid, iops):
@@ -206,6 +216,60 @@ def cpu_line(json_dir, row):
         server, per_io, per_mib = server_use(json_dir, row, wid, iops)
         parts.append(f"{wid} {server}/{client}/{per_io}/{per_mib}")
     return f"- {row}: " + ", ".join(parts)
+
+
+def rss_line(json_dir, row):
+    """The server's resident memory at the end of the QD32 and 1M windows (VmRSS, and the peak
+    VmHWM so far), or None when neither was sampled."""
+    parts = []
+    for wid, label in (("w4k32", "4k QD32"), ("seq1m8", "1M QD8")):
+        try:
+            with open(os.path.join(json_dir, f"{row}.{wid}.rss"), encoding="utf-8") as f:
+                rss, hwm = (int(x) for x in f.read().split()[:2])
+        except (OSError, ValueError):
+            continue
+        # /proc lists VmHWM before VmRSS.
+        rss, hwm = min(rss, hwm), max(rss, hwm)
+        parts.append(f"{label} {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f})")
+    return f"- {row}: " + ", ".join(parts) if parts else None
+
+
+def meta_lines(json_dir, rows):
+    """Metadata writes per GiB written, per workload (mirror rows: alpha's counters read just
+    before and after each workload)."""
+    out = []
+    for row in rows:
+        parts = []
+        for wid in WORKLOADS:
+            try:
+                with open(os.path.join(json_dir, f"{row}.{wid}.meta0"), encoding="utf-8") as f:
+                    m0, b0 = (int(x) for x in f.read().split())
+                with open(os.path.join(json_dir, f"{row}.{wid}.meta1"), encoding="utf-8") as f:
+                    m1, b1 = (int(x) for x in f.read().split())
+            except (OSError, ValueError):
+                continue
+            gib = (b1 - b0) / (1 << 30)
+            if gib > 0:
+                parts.append(f"{wid} {(m1 - m0) / gib:.1f} ({m1 - m0} for {gib:.2f} GiB)")
+        if parts:
+            out.append(f"- {row}: " + ", ".join(parts))
+    return out
+
+
+def durable_checks(results):
+    """Issue 13: a FUA write is one round trip, so it costs less than a write plus a FLUSH, and
+    the mirror beats qsd-mirror on both."""
+    out = []
+    for row in ("blockd", "blockd-mirror"):
+        fua = results.get(row, {}).get(("fua4k1", "p50"))
+        flush = results.get(row, {}).get(("flush4k1", "p50"))
+        if fua is None or flush is None:
+            continue
+        out.append(verdict(fua <= flush, f"{row} write+FUA QD1 p50 <= write+FLUSH p50: {fua:.0f} vs {flush:.0f} µs"))
+    for wid, label in (("fua4k1", "4k write+FUA QD1"), ("flush4k1", "4k write+FLUSH QD1")):
+        if "qsd-mirror" in results and "blockd-mirror" in results:
+            out.append(ratio_check(results, wid, "iops", label, "IOPS", 2.5))
+    return out
 
 
 def encryption_checks(results):
@@ -268,6 +332,21 @@ def main(argv):
         print()
     print(table(results, rows))
     print()
+    if any(w in results[r] for r in rows for w in (("fua4k1", "iops"), ("flush4k1", "iops"))):
+        print("Durable 4k random writes at QD1 (bench/sync_qd1.py; latency includes the flush):")
+        print()
+        print(table(results, rows, DURABLE_COLUMNS))
+        print()
+    meta = meta_lines(json_dir, rows)
+    if meta:
+        print("Activity-log / bitmap metadata writes of alpha per GiB written, per workload:")
+        print("\n".join(meta))
+        print()
+    rss = [line for line in (rss_line(json_dir, row) for row in rows) if line]
+    if rss:
+        print("Server RSS at the end of the window (mirror rows: alpha only):")
+        print("\n".join(rss))
+        print()
     print("Per workload: server CPU % of one core / fio CPU % / server context switches per I/O"
           " / server CPU ms per MiB")
     print("(server figures from /proc over fio's measured window; raw has no server):")
@@ -287,6 +366,7 @@ def main(argv):
         checks += encryption_checks(results)
     if "blockd-console" in rows and "blockd-noconsole" in rows:
         checks += console_checks(results)
+    checks += durable_checks(results)
     if not checks:
         print("SKIP  target checks need the blockd row and its peers, or the mirror rows")
         return 0

@@ -260,7 +260,8 @@ fn counters_follow_requests_exactly() {
         "flushes": 1, "trims": 1, "zeroes": 1, "errors": 0,
         // A single node has no peer: nothing mirrored, nothing degraded.
         "peer_writes": 0, "peer_bytes": 0, "degraded_writes": 0, "resync_bytes": 0, "connects": 0,
-        "resync_zero_bytes": 0, "resync_same_bytes": 0, "verify_differed": 0, "link_refused": 0
+        "resync_zero_bytes": 0, "resync_same_bytes": 0, "verify_differed": 0, "link_refused": 0,
+        "meta_writes": 0
     });
     assert_eq!(v["counters"], want, "counters after known requests: {v}");
 }

@@ -123,6 +123,10 @@ pub struct Counters {
     /// set, too many handshakes in progress from one source.
     #[serde(default)]
     pub link_refused: u64,
+    /// Metadata writes made durable (activity-log transactions, bitmap pages): what the dirty
+    /// tracking costs the disk (issue 13's "metadata writes per GiB").
+    #[serde(default)]
+    pub meta_writes: u64,
 }
 
 /// One volume on one node.

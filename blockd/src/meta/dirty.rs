@@ -40,6 +40,9 @@ use super::al::{self, ActivityLog, AlError, Transaction};
 use super::bitmap::{Bitmap, BitmapError, Ranges, PAGE};
 use super::format::Areas;
 
+/// Extents made hot ahead of a sequential stream (see [`Dirty::make_hot`]).
+const AHEAD: u64 = 4;
+
 /// Byte-addressed I/O on the metadata file; a trait so tests can use a disk that crashes.
 pub trait MetaIo {
     /// Reads exactly `buf.len()` bytes at `offset`.
@@ -176,6 +179,8 @@ pub struct Dirty {
     durable: u64,
     /// AL transaction seq → the MetaWrite carrying it, while that is not persisted.
     pending: BTreeMap<u64, u64>,
+    /// End of the last range admitted: a write starting there continues a sequential stream.
+    last_end: u64,
     #[cfg(test)]
     pub(super) mutant: Mutant,
 }
@@ -223,6 +228,7 @@ impl Dirty {
             issued: 0,
             durable: 0,
             pending: BTreeMap::new(),
+            last_end: 0,
             #[cfg(test)]
             mutant: Mutant::None,
         }
@@ -239,7 +245,7 @@ impl Dirty {
     /// What must happen before a data write into `range` may start; see [`Admit`]. On `Go`,
     /// `Persist` and `After` the range's extents are pinned until [`write_done`](Self::write_done).
     pub fn before_write(&mut self, range: Range<u64>) -> Result<Admit, DirtyError> {
-        let extents = self.extents_of(range);
+        let extents = self.extents_of(range.clone());
         if extents.is_empty() {
             return Ok(Admit::Go);
         }
@@ -247,7 +253,9 @@ impl Dirty {
         {
             self.al.ignore_flushes = self.mutant == Mutant::EvictUnflushed;
         }
-        let tx = match self.al.make_hot(extents.clone()) {
+        let sequential = range.start == self.last_end && range.start > 0;
+        self.last_end = range.end;
+        let tx = match self.make_hot(extents.clone(), sequential) {
             Ok(tx) => tx,
             Err(AlError::Busy) => return Ok(Admit::Busy),
             Err(e) => return Err(DirtyError::Al(e)),
@@ -261,6 +269,27 @@ impl Dirty {
             Some(seq) if seq > self.durable => Admit::After(seq),
             _ => Admit::Go,
         })
+    }
+
+    /// Makes `extents` hot; a miss of a `sequential` stream also makes the next [`AHEAD`]
+    /// extents hot in the same transaction (one page either way), so the stream pays one
+    /// transaction per `AHEAD + 1` extents instead of one per extent, each in series. Extents
+    /// made hot early are only more of the log (evictable at once: nothing was written there).
+    /// When the longer range does not fit, just `extents`.
+    fn make_hot(
+        &mut self,
+        extents: Range<u64>,
+        sequential: bool,
+    ) -> Result<Option<Transaction>, AlError> {
+        let last = self.extents_of(0..self.bitmap.size()).end;
+        let ahead = extents.start..(extents.end + AHEAD).min(last);
+        let wide = ahead.end - ahead.start > u64::from(self.areas.al.extents / 4).max(1);
+        if sequential && !wide && extents.clone().any(|e| !self.al.is_hot(e)) {
+            if let Ok(tx) = self.al.make_hot(ahead) {
+                return Ok(tx);
+            }
+        }
+        self.al.make_hot(extents)
     }
 
     /// The data write into `range` completed (on every node it went to, or was marked out of

@@ -114,6 +114,30 @@ fn a_hit_costs_nothing_and_a_miss_writes_one_flushed_transaction() {
     assert_eq!(io.log.len(), before, "a hit wrote nothing");
 }
 
+/// Issue 13: a sequential stream makes the next extents hot with its miss, so it pays one
+/// transaction per five extents after its first; random writes (not continuing the last one)
+/// do not.
+#[test]
+fn a_sequential_stream_makes_extents_hot_ahead_in_one_transaction() {
+    let mut io = MemIo::new(areas(64).end());
+    let mut d = open(&mut io, 64);
+    let mut transactions = 0;
+    for i in 0..10 * EXT / 65536 {
+        let (off, len) = (i * 65536, 65536);
+        let admit = d.before_write(off..off + len).unwrap();
+        if let Admit::Persist(mw) = admit {
+            transactions += 1;
+            persist(&mut d, &mut io, mw);
+        }
+        d.write_done(off..off + len, 0);
+    }
+    assert_eq!(transactions, 3, "10 extents written in order: misses at extents 0, 1 and 6");
+    // Not sequential: a miss brings its own extent only.
+    let far = 20 * EXT;
+    assert!(matches!(d.before_write(far..far + 4096).unwrap(), Admit::Persist(_)));
+    assert_eq!(d.hot_extents().len(), 12, "0..=10 for the stream, and the random one");
+}
+
 /// DESIGN §4: "before an extent is evicted from the log, its bitmap bits are written out".
 #[test]
 fn eviction_writes_the_victims_pages_then_flushes_then_the_transaction() {

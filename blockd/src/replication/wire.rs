@@ -32,7 +32,8 @@ use crate::meta::{Generations, Resolve};
 /// "BKRP": blockd replication protocol.
 pub const MAGIC: u32 = 0x424B_5250;
 /// The protocol version this build speaks; the handshake requires both sides to be equal.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: `WriteFua` is sent (a peer of version 3 would refuse it).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Fixed header length, including `header_crc`.
 pub const HEADER_LEN: usize = 44;
 /// The crc32 trailer after the payload.

@@ -57,6 +57,27 @@ pub(super) struct Backing {
     pub direct: bool,
     /// `open` created the file (sparse, all zeroes): see [`Store::created`](super::Store::created).
     pub created: bool,
+    /// `RWF_DSYNC` makes a write durable here. Not on FUSE: the kernel hands the flag to the
+    /// daemon with a direct write and sends no fsync, and daemons may ignore it (nbdfuse
+    /// does), so a durable write there is the write followed by `fdatasync`.
+    pub dsync: bool,
+}
+
+/// `statfs.f_type` of FUSE filesystems.
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// Whether `RWF_DSYNC` can be trusted on `file`'s filesystem (see [`Backing::dsync`]).
+fn trusts_dsync(file: &File) -> io::Result<bool> {
+    // SAFETY: `statfs` is a plain C struct for which all-zero bytes are a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open for the call's duration and `st` is a live, writable struct the
+    // kernel fills before returning.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's integer type differs between targets
+    Ok(st.f_type as i64 != FUSE_SUPER_MAGIC)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +118,9 @@ pub(super) fn open(opts: &StoreOptions) -> Result<Backing, StorageError> {
     };
     let block = direct_block.unwrap_or(1);
     let unit = alloc_unit(&file, kind, block).map_err(|e| open_err(path, e))?;
-    Ok(Backing { file, size: opts.size, block, unit, direct: direct_block.is_some(), created })
+    let dsync = trusts_dsync(&file).map_err(|e| open_err(path, e))?;
+    let direct = direct_block.is_some();
+    Ok(Backing { file, size: opts.size, block, unit, direct, created, dsync })
 }
 
 /// Direct I/O is impossible for `reason`: an error with `On`, one warning with `Auto`.

@@ -67,7 +67,7 @@ impl Fault {
 
 fn span(op: &Op) -> Option<Range<u64>> {
     match op {
-        Op::Read { offset, buf } | Op::Write { offset, buf } => {
+        Op::Read { offset, buf } | Op::Write { offset, buf, .. } => {
             Some(*offset..offset.saturating_add(buf.len() as u64))
         }
         Op::PunchHole { offset, len } | Op::ZeroRange { offset, len } => {

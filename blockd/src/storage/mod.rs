@@ -37,8 +37,10 @@ pub use store::{ReadBuf, Store, StoreOptions};
 pub enum Op {
     /// Fill `buf` (all of it) from `offset`.
     Read { offset: u64, buf: AlignedBuf },
-    /// Write all of `buf` at `offset`.
-    Write { offset: u64, buf: AlignedBuf },
+    /// Write all of `buf` at `offset`. `durable`: the completion means the data is on stable
+    /// storage (`RWF_DSYNC`: a FUA write on a device, write + flush where it has no FUA); it
+    /// says nothing of other writes.
+    Write { offset: u64, buf: AlignedBuf, durable: bool },
     /// `fdatasync` (or the device flush): every completed write is on stable storage.
     Flush,
     /// Deallocate; the range reads as zeroes afterwards (`FALLOC_FL_PUNCH_HOLE|KEEP_SIZE`).

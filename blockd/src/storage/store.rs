@@ -94,6 +94,8 @@ pub struct Store {
     zero_fallback_logged: AtomicBool,
     /// `open` created the backing file (sparse, all zeroes).
     created: bool,
+    /// `RWF_DSYNC` is trusted on this backing; otherwise a FUA write is followed by a flush.
+    dsync: bool,
 }
 
 /// What to put into a byte range: the caller's bytes, or `n` zeroes.
@@ -136,7 +138,7 @@ impl Store {
         let b = backing::open(opts)?;
         let engine = start_engine(opts, Arc::new(b.file))?;
         tracing::debug!(path = %opts.path.display(), engine = engine.name(), direct = b.direct,
-            block = b.block, unit = b.unit, "backing store open");
+            block = b.block, unit = b.unit, dsync = b.dsync, "backing store open");
         Ok(Store {
             engine,
             path: opts.path.clone(),
@@ -146,6 +148,7 @@ impl Store {
             direct: b.direct,
             zero_fallback_logged: AtomicBool::new(false),
             created: b.created,
+            dsync: b.dsync,
         })
     }
 
@@ -220,15 +223,30 @@ impl Store {
     /// whole call. Partial edge blocks are read, patched and written back; a concurrent writer
     /// of the same blocks would otherwise lose its bytes to the stale copy.
     pub async fn write(&self, offset: u64, data: AlignedBuf) -> io::Result<()> {
+        self.write_with(offset, data, false).await
+    }
+
+    /// [`write`](Self::write); with `durable` (NBD's FUA) it completes only once `data` is on
+    /// stable storage: `RWF_DSYNC` on each piece, or the write then a flush on a backing where
+    /// that flag cannot be trusted (FUSE). Same contract as `write`.
+    pub async fn write_with(&self, offset: u64, data: AlignedBuf, durable: bool) -> io::Result<()> {
+        if durable && !self.dsync {
+            self.write_pieces(offset, data, false).await?;
+            return self.flush().await;
+        }
+        self.write_pieces(offset, data, durable).await
+    }
+
+    async fn write_pieces(&self, offset: u64, data: AlignedBuf, durable: bool) -> io::Result<()> {
         let len = data.len() as u64;
         self.check(offset, len)?;
         if len == 0 {
             return Ok(());
         }
         if self.aligned(offset, len) {
-            return self.write_aligned(offset, data).await;
+            return self.write_aligned(offset, data, durable).await;
         }
-        self.patch(offset, Fill::Bytes(data.as_slice())).await
+        self.patch(offset, Fill::Bytes(data.as_slice()), durable).await
     }
 
     /// Makes `offset..offset+len` read as zeroes. Whole allocation units inside the range are
@@ -283,48 +301,56 @@ impl Store {
         c.buf.ok_or_else(|| io::Error::other("storage engine lost a read buffer"))
     }
 
-    async fn write_aligned(&self, offset: u64, buf: AlignedBuf) -> io::Result<()> {
-        self.run(Op::Write { offset, buf }).await.result
+    async fn write_aligned(&self, offset: u64, buf: AlignedBuf, durable: bool) -> io::Result<()> {
+        self.run(Op::Write { offset, buf, durable }).await.result
     }
 
-    /// Unaligned write of `fill` at `offset`: patched edge blocks and a copied aligned middle.
-    async fn patch(&self, offset: u64, fill: Fill<'_>) -> io::Result<()> {
+    /// Unaligned write of `fill` at `offset`: patched edge blocks and a copied aligned middle,
+    /// each piece `durable` or not.
+    async fn patch(&self, offset: u64, fill: Fill<'_>, durable: bool) -> io::Result<()> {
         let b = u64::from(self.block);
         let len = fill.len() as u64;
         let end = offset + len;
         let first = round_down(offset, b);
         if first == round_down(end - 1, b) {
-            return self.patch_block(first, (offset - first) as usize, fill).await;
+            return self.patch_block(first, (offset - first) as usize, fill, durable).await;
         }
         let (inner_start, inner_end) = (round_up(offset, b), round_down(end, b));
         let (head_len, mid_end) = ((inner_start - offset) as usize, (inner_end - offset) as usize);
-        let head = self.patch_block(first, (offset - first) as usize, fill.slice(0..head_len));
-        let tail = self.patch_block(inner_end, 0, fill.slice(mid_end..len as usize));
+        let head =
+            self.patch_block(first, (offset - first) as usize, fill.slice(0..head_len), durable);
+        let tail = self.patch_block(inner_end, 0, fill.slice(mid_end..len as usize), durable);
         let middle = async {
             if inner_start >= inner_end {
                 return Ok(());
             }
             let mut buf = AlignedBuf::zeroed(mid_end - head_len);
             fill.slice(head_len..mid_end).copy_to(buf.as_mut_slice());
-            self.write_aligned(inner_start, buf).await
+            self.write_aligned(inner_start, buf, durable).await
         };
         tokio::try_join!(maybe(head_len > 0, head), middle, maybe(inner_end < end, tail))
             .map(|_| ())
     }
 
     /// Read-modify-write of the block at `block_off`: `fill` lands `at` bytes into it.
-    async fn patch_block(&self, block_off: u64, at: usize, fill: Fill<'_>) -> io::Result<()> {
+    async fn patch_block(
+        &self,
+        block_off: u64,
+        at: usize,
+        fill: Fill<'_>,
+        durable: bool,
+    ) -> io::Result<()> {
         let mut buf = self.read_aligned(block_off, self.block as usize).await?;
         fill.copy_to(&mut buf.as_mut_slice()[at..at + fill.len()]);
-        self.write_aligned(block_off, buf).await
+        self.write_aligned(block_off, buf, durable).await
     }
 
     /// Writes `len` (< one allocation unit, so small) zeroes at `offset`.
     async fn zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.aligned(offset, len) {
-            return self.write_aligned(offset, AlignedBuf::zeroed(len as usize)).await;
+            return self.write_aligned(offset, AlignedBuf::zeroed(len as usize), false).await;
         }
-        self.patch(offset, Fill::Zero(len as usize)).await
+        self.patch(offset, Fill::Zero(len as usize), false).await
     }
 
     /// Zeroes whole allocation units, by fallocate when the backing can.
@@ -354,7 +380,7 @@ impl Store {
                 Some(b) if b.len() == n => b,
                 _ => AlignedBuf::zeroed(n),
             };
-            let c = self.run(Op::Write { offset: pos, buf }).await;
+            let c = self.run(Op::Write { offset: pos, buf, durable: false }).await;
             c.result?;
             spare = c.buf;
             pos += n as u64;

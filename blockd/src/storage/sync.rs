@@ -96,8 +96,10 @@ pub(super) fn execute(file: &File, op: Op) -> Completion {
             let result = file.read_exact_at(buf.as_mut_slice(), offset);
             Completion { result, buf: Some(buf) }
         }
-        Op::Write { offset, buf } => {
+        Op::Write { offset, buf, durable } => {
+            // Durable: the written range then `fdatasync`, which covers it (and more).
             let result = file.write_all_at(buf.as_slice(), offset);
+            let result = result.and_then(|()| if durable { file.sync_data() } else { Ok(()) });
             Completion { result, buf: Some(buf) }
         }
         Op::Flush => Completion { result: file.sync_data(), buf: None },

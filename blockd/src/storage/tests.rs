@@ -208,6 +208,17 @@ async fn case_flush(cfg: Cfg) {
     h.check_all().await;
 }
 
+/// FUA writes (`RWF_DSYNC` per piece), aligned and unaligned, land like plain ones.
+async fn case_durable_write(cfg: Cfg) {
+    let mut h = Harness::new(cfg, MIB);
+    for (off, len, seed) in [(0u64, 4096usize, 1u64), (12_345, 5000, 2), (65_536 + 7, 100, 3)] {
+        let data = pattern(seed, len);
+        h.store.write_with(off, AlignedBuf::copy_from(&data), true).await.expect("FUA write");
+        h.model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    h.check_all().await;
+}
+
 async fn case_concurrent(cfg: Cfg) {
     let mut h = Harness::new(cfg, MIB);
     let mut tasks = tokio::task::JoinSet::new();
@@ -297,6 +308,8 @@ macro_rules! conformance {
             async fn trim_rounds_inward() { case_trim(CFG).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn flush() { case_flush(CFG).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn durable_write() { case_durable_write(CFG).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_200() { case_concurrent(CFG).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,7 +463,11 @@ async fn real_engines_return_buffers_on_error() {
         Arc::new(UringEngine::new(ro).expect("io_uring")),
     ];
     for e in engines {
-        let c = run(&*e, Op::Write { offset: 0, buf: AlignedBuf::copy_from(&[9; 4096]) }).await;
+        let c = run(
+            &*e,
+            Op::Write { offset: 0, buf: AlignedBuf::copy_from(&[9; 4096]), durable: false },
+        )
+        .await;
         assert_eq!(
             c.result.expect_err("write on a read-only fd").raw_os_error(),
             Some(libc::EBADF)
@@ -475,10 +492,18 @@ async fn fault_engine_fails_a_write_and_hands_its_buffer_back() {
         .expect("sync"),
     )));
     fault.fail(Fault { kind: OpKind::Write, range: Some(8192..12288), errno: libc::EIO });
-    let c = run(&*fault, Op::Write { offset: 8192, buf: AlignedBuf::copy_from(&[5; 100]) }).await;
+    let c = run(
+        &*fault,
+        Op::Write { offset: 8192, buf: AlignedBuf::copy_from(&[5; 100]), durable: false },
+    )
+    .await;
     assert_eq!(c.result.expect_err("injected").raw_os_error(), Some(libc::EIO));
     assert_eq!(c.buf.expect("buffer back").as_slice(), &[5; 100]);
-    let c = run(&*fault, Op::Write { offset: 0, buf: AlignedBuf::copy_from(&[5; 100]) }).await;
+    let c = run(
+        &*fault,
+        Op::Write { offset: 0, buf: AlignedBuf::copy_from(&[5; 100]), durable: false },
+    )
+    .await;
     c.result.expect("outside the faulty range");
     // Through a store: the error reaches the caller, and healing makes it work again.
     let shared = Arc::clone(&fault);

@@ -292,11 +292,13 @@ impl Ring {
                     .offset(offset.saturating_add(done as u64))
                     .build()
             }
-            Op::Write { offset, buf } => {
+            Op::Write { offset, buf, durable } => {
                 let rest = &buf.as_slice()[done..];
                 let len = rest.len().min(MAX_RW) as u32;
+                let flags = if *durable { libc::RWF_DSYNC } else { 0 };
                 opcode::Write::new(fd, rest.as_ptr(), len)
                     .offset(offset.saturating_add(done as u64))
+                    .rw_flags(flags)
                     .build()
             }
             Op::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),

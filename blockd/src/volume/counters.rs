@@ -49,6 +49,8 @@ impl AtomicCounters {
             verify_differed: get(&self.verify_differed),
             connects: get(&self.connects),
             link_refused: get(&self.link_refused),
+            // Kept by the dirty tracking; the volume fills it in.
+            meta_writes: 0,
         }
     }
 }

@@ -11,7 +11,9 @@
 //!   AND, when the peer is connected, the peer acknowledged that its write completed. A peer ack
 //!   means "written", not "durable": the peer's device cache may still lose it.
 //! - FLUSH: `fdatasync` completed locally and on the peer, covering every write acknowledged
-//!   before the FLUSH arrived. FUA: the request, then that flush.
+//!   before the FLUSH arrived. FUA on a WRITE: that write is durable on both (`RWF_DSYNC` here,
+//!   `WriteFua` on the peer, one round trip); FUA on WRITE_ZEROES / TRIM: the request, then a
+//!   FLUSH.
 //! - Degraded (peer gone, or never connected since this node moved on): the write completes
 //!   locally only, and only after this node's new generation is on disk (DESIGN §5), so a later
 //!   handshake is guaranteed to see that the peer needs a resync. With a witness configured,
@@ -52,7 +54,7 @@ pub use resync::{ResyncError, ResyncOptions};
 pub use state::Transition;
 
 use crate::{
-    control::{ConnState, Role, VolumeStatus},
+    control::{ConnState, Counters, Role, VolumeStatus},
     fence::{Cleared, Fence},
     meta::{AlConfig, Dirty, DiskFailure, DiskOp, Meta, MetaError, MetaFile, Resolve},
     replication::Message,
@@ -281,7 +283,9 @@ impl Volume {
         Ok(buf)
     }
 
-    /// Writes `data` at `offset` here and on the peer; with `fua`, durably on both.
+    /// Writes `data` at `offset` here and on the peer; with `fua`, durably on both in the same
+    /// one round trip: `RWF_DSYNC` here, `WriteFua` to the peer (which writes it the same way),
+    /// not a write plus a flush of the whole device on both.
     pub async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), VolumeError> {
         let start = Instant::now();
         let len = data.len() as u64;
@@ -290,12 +294,13 @@ impl Volume {
             // The peer gets its own copy, made only when mirroring: the local engine owns `data`
             // until it completes.
             let copy = mirror.then(|| Bytes::copy_from_slice(data.as_slice()));
-            (self.store.write(offset, data), copy.map(|data| Message::Write { offset, data }))
+            let msg = copy.map(|data| match fua {
+                true => Message::WriteFua { offset, data },
+                false => Message::Write { offset, data },
+            });
+            (self.store.write_with(offset, data, fua), msg)
         })
         .await?;
-        if fua {
-            self.flush().await?;
-        }
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_written.fetch_add(len, Ordering::Relaxed);
         self.counters.latency.write.record(start.elapsed());
@@ -583,7 +588,10 @@ impl Volume {
             out_of_sync: live.out_of_sync(self.size(), self.track.dirty_bytes()),
             resync: live.resync.as_ref().map(state::Progress::report),
             generation: format!("{gens:016x}"),
-            counters: self.counters.snapshot(),
+            counters: Counters {
+                meta_writes: self.track.meta_writes(),
+                ..self.counters.snapshot()
+            },
             frozen: self.frozen(&live),
             lease: self.fence.get().map(|f| f.status(&self.info.node, tokio::time::Instant::now())),
             latency: self.counters.latency.snapshot(),

@@ -47,7 +47,11 @@ impl Volume {
             return ack(EIO);
         }
         let result = match msg {
-            Message::Write { offset, data } => self.apply_data(session, offset, data).await,
+            Message::Write { offset, data } => self.apply_data(session, offset, data, false).await,
+            // The Primary's FUA: written durably here before the ack (RWF_DSYNC).
+            Message::WriteFua { offset, data } => {
+                self.apply_data(session, offset, data, true).await
+            }
             Message::WriteZeroes { offset, len, punch } => {
                 self.apply_zeroes(session, offset, len, punch).await
             }
@@ -85,7 +89,8 @@ impl Volume {
             Message::ResyncData { offset, data } => match self.wait_target_ready(session).await {
                 Ok(()) => {
                     let len = data.len() as u64;
-                    self.apply_resync(offset, len, self.apply_data(session, offset, data)).await
+                    let apply = self.apply_data(session, offset, data, false);
+                    self.apply_resync(offset, len, apply).await
                 }
                 Err(code) => return ack(code),
             },
@@ -117,6 +122,7 @@ impl Volume {
         session: &Session,
         offset: u64,
         data: Bytes,
+        durable: bool,
     ) -> Result<(), VolumeError> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
@@ -127,7 +133,7 @@ impl Volume {
         buf.as_mut_slice().copy_from_slice(&data);
         drop(data);
         let _lock = self.lock_live(session, offset, len).await?;
-        self.io(DiskOp::Write, offset, self.store.write(offset, buf).await).await
+        self.io(DiskOp::Write, offset, self.store.write_with(offset, buf, durable).await).await
     }
 
     /// The Primary's disk failed: it reads this node's copy.

@@ -63,3 +63,17 @@ async fn a_write_of_an_ended_session_is_not_applied_after_the_lock() {
     let now = v.store.read(0, 4096).await.unwrap();
     assert!(now.iter().all(|&b| b == 0xBB), "the stale write landed on newer data");
 }
+
+/// The Primary's FUA reaches a Secondary as `WriteFua`: applied (unaligned too) and acked like
+/// a plain write (issue 13). That it is durable is shown end to end in tests/tests/powercut.rs.
+#[tokio::test]
+async fn a_fua_write_from_the_primary_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = volume(&dir, Some("alpha"));
+    let (session, _links) = beta_session().await;
+    let msg = Message::WriteFua { offset: 4096 + 10, data: Bytes::from(vec![0x5C; 5000]) };
+    assert_eq!(v.apply_peer(&session, msg).await, Message::Ack { error: 0 });
+    let now = v.store.read(4096, 5020).await.unwrap();
+    assert!(now[..10].iter().all(|&b| b == 0) && now[5010..].iter().all(|&b| b == 0));
+    assert!(now[10..5010].iter().all(|&b| b == 0x5C), "the FUA write's bytes");
+}

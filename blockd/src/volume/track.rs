@@ -84,6 +84,8 @@ pub(super) struct Tracker {
     /// Counts marks (bits set because a range may differ): a resync clears the ranges it
     /// copied only if no mark happened since it copied them.
     marks: std::sync::atomic::AtomicU64,
+    /// MetaWrites made durable (status counter `meta_writes`).
+    applied: std::sync::atomic::AtomicU64,
 }
 
 impl Tracker {
@@ -103,6 +105,7 @@ impl Tracker {
             log_flush: tokio::sync::Mutex::new(()),
             crash: Mutex::new(Vec::new()),
             marks: std::sync::atomic::AtomicU64::new(0),
+            applied: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -303,6 +306,11 @@ impl Tracker {
         self.crash.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
+    /// MetaWrites made durable so far.
+    pub fn meta_writes(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Bytes marked out of sync.
     pub fn dirty_bytes(&self) -> u64 {
         self.inner().dirty.dirty_bytes()
@@ -417,6 +425,7 @@ impl Tracker {
                     inner.broken = true;
                     return Err(e);
                 }
+                self.applied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             let next = {
                 let mut inner = self.inner();
