@@ -1,4 +1,4 @@
-//! The replication link between the two nodes (DESIGN §6).
+//! The replication link between the two nodes (design.md §6).
 //!
 //! - [`wire`]: the frame format. Pure: bytes in, values out; no I/O, no tokio.
 //! - [`auth`]: the shared secret files (and the HMAC the witness protocol uses). No sockets.

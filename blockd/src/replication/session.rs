@@ -10,7 +10,7 @@
 //!                          └─ request ─► LinkEvent::Request (in arrival order)
 //! ```
 //!
-//! Deadlines (DESIGN §3): a request of ours the peer has not answered within `peer_timeout`
+//! Deadlines (design.md §3): a request of ours the peer has not answered within `peer_timeout`
 //! ends the session, pings or not: a peer whose disk hangs still pongs from its reader task.
 //! There is no timer per request: each call notes when it was sent, and the reader's one
 //! silence timer also wakes at the oldest call's deadline (ids grow, so the oldest is the first
