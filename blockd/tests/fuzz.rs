@@ -125,6 +125,15 @@ fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
                 }
             }
             3 => b.insert(at, rng.next() as u8),
+            4 if at + 8 <= b.len() && rng.below(2) == 0 => {
+                // Arithmetic on a big-endian u16/u32/u64 field: off-by-one boundaries.
+                let width = 2 << rng.below(3);
+                let delta = rng.below(33) as u64;
+                let field = &mut b[at..at + width];
+                let mut v = field.iter().fold(0u64, |v, x| (v << 8) | u64::from(*x));
+                v = if rng.below(2) == 0 { v.wrapping_add(delta) } else { v.wrapping_sub(delta) };
+                field.copy_from_slice(&v.to_be_bytes()[8 - width..]);
+            }
             4 if !b.is_empty() => {
                 let n = rng.below(16).min(b.len() - at.min(b.len()));
                 b.drain(at.min(b.len())..at.min(b.len()) + n);
@@ -181,10 +190,20 @@ fn hex(b: &[u8]) -> String {
 // NBD
 // ---------------------------------------------------------------------------------------------
 
+/// The export size the NBD target validates against; the corpus has requests at its end.
+const NBD_SIZE: u64 = 1 << 30;
+
 fn nbd_corpus() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for kind in 0..10u16 {
-        for (flags, offset, length) in [(0, 0, 4096), (1, 1 << 20, 512), (2, u64::MAX, 0)] {
+        for (flags, offset, length) in [
+            (0, 0, 4096),
+            (1, 1 << 20, 512),
+            (2, u64::MAX, 0),
+            (0, NBD_SIZE - 4096, 4096),
+            (1, NBD_SIZE, 0),
+            (0, NBD_SIZE - 1, 1),
+        ] {
             let mut b = BytesMut::new();
             codec::encode_request(&mut b, &Request { flags, kind, cookie: 7, offset, length });
             out.push(b.to_vec());
@@ -207,7 +226,7 @@ fn nbd_corpus() -> Vec<Vec<u8>> {
 /// `validate` never lets a command past the end of the export.
 #[test]
 fn fuzz_nbd_codec() {
-    let view = ExportView { size: 1 << 30, max_request: 32 << 20 };
+    let view = ExportView { size: NBD_SIZE, max_request: 32 << 20 };
     fuzz("nbd", 1, &nbd_corpus(), |_, input| {
         let (req, big) = largest_alloc(|| codec::decode_request(input));
         assert!(big <= 64, "decode_request allocated {big} bytes");
