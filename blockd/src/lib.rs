@@ -58,6 +58,8 @@ pub mod node;
 pub mod notify;
 pub mod replication;
 pub mod role;
+#[cfg(test)]
+mod sim;
 pub mod storage;
 pub mod sys;
 pub mod volume;
