@@ -297,7 +297,7 @@ fn create_dirs(node: &LocalNode) -> Result<(), DaemonError> {
 }
 
 /// Opens every volume's store and metadata. A single-node volume starts Primary; with two
-/// nodes each starts Secondary and Connecting until promoted (DESIGN §7).
+/// nodes each starts Secondary and Connecting until promoted (design.md §7).
 fn open_volumes(config: &Config, node: &LocalNode) -> Result<Vec<Arc<Volume>>, DaemonError> {
     let peer = peer_name(config, node);
     config

@@ -1,4 +1,4 @@
-//! Fencing of degraded writes by the witness lease (DESIGN §7): a Primary that has lost its
+//! Fencing of degraded writes by the witness lease (design.md §7): a Primary that has lost its
 //! peer acknowledges a write only while it holds the lease, so two primaries can never both
 //! acknowledge writes.
 //!

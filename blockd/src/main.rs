@@ -2,7 +2,7 @@
 //! runtime, then [`blockd::daemon::run`].
 //!
 //! `blockd witness --listen ADDR --state FILE --secret FILE [--term DURATION]`: the lease
-//! witness for a third host (DESIGN §7), [`blockd::witness::run`] on a single-threaded
+//! witness for a third host (design.md §7), [`blockd::witness::run`] on a single-threaded
 //! runtime. It reads no configuration file: that host has no volumes, only the secret.
 //!
 //! Exit codes:

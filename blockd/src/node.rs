@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// How often a Primary flushes its peer while writes happen, so that peer-acknowledged writes
-/// become durable there within this bound even if the client never flushes (DESIGN §3).
+/// become durable there within this bound even if the client never flushes (design.md §3).
 const PEER_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A refused operator request: a kind blockctl can branch on, and a message.
@@ -144,7 +144,7 @@ impl Node {
         }
     }
 
-    /// The state exchange of DESIGN §5 for every volume, then the decision from generations,
+    /// The state exchange of design.md §5 for every volume, then the decision from generations,
     /// bitmaps and the operator's `resolve` ([`meta::plan`]).
     async fn exchange(self: Arc<Self>, s: Session) {
         for v in &self.volumes {
@@ -465,7 +465,7 @@ impl Node {
         }
     }
 
-    /// Flushes the peer once a second while writes happen (DESIGN §3, transfer log).
+    /// Flushes the peer once a second while writes happen (design.md §3, transfer log).
     async fn flush_peer_periodically(self: Arc<Self>, token: CancellationToken) {
         let mut seen: Vec<u64> = vec![0; self.volumes.len()];
         let mut tick = tokio::time::interval(PEER_FLUSH_INTERVAL);

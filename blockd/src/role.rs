@@ -1,4 +1,4 @@
-//! The role machine of one volume (DESIGN §7): a pure function [`step`] from a [`State`] and an
+//! The role machine of one volume (design.md §7): a pure function [`step`] from a [`State`] and an
 //! [`Event`] to the next state and the [`Action`]s the node must perform. No I/O, no tokio, no
 //! clock: the node feeds events in, performs the actions (persisting, telling the peer,
 //! starting a resync), and logs one line per change using `State`'s `Display`.

@@ -1,4 +1,4 @@
-//! Process-wide settings against the same-host memory-pressure deadlock (DESIGN §3,
+//! Process-wide settings against the same-host memory-pressure deadlock (design.md §3,
 //! NBD-NOTES §3.3 step 4).
 //!
 //! The deadlock: the NBD client (the kernel's `/dev/nbdN`, or nbdfuse + loop) sits on the same

@@ -1,4 +1,4 @@
-//! One step of a promote or demote plan (DESIGN §8): `check`, `apply`, `undo`, each idempotent.
+//! One step of a promote or demote plan (design.md §8): `check`, `apply`, `undo`, each idempotent.
 //!
 //! The plan engine (plan.rs) runs steps in order, skips those whose `check` says they are
 //! already done, bounds each `apply`/`undo` by the step's `timeout`, and on failure undoes, in

@@ -12,7 +12,7 @@
 //! Unix sockets are not isolated by network namespaces, so NBD clients (fio, qemu-io, python
 //! libnbd) and `blockctl` run in the root namespace; only the replication link crosses the
 //! veth, which is what `cut`, `cut_one_way` and `heal` act on. Both nodes read ONE config
-//! file, as in production (DESIGN §9); a test that needs the nodes to disagree (volume size,
+//! file, as in production (design.md §9); a test that needs the nodes to disagree (volume size,
 //! addresses) writes a second file with [`Cluster::write_config`].
 //!
 //! [`Cluster::with_lan`] is the failover variant (module [`lan`]): the nodes and a client

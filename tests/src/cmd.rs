@@ -34,7 +34,7 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// Panics unless `tool` is on PATH. Tests needing a tool fail loudly without it (DESIGN §10);
+/// Panics unless `tool` is on PATH. Tests needing a tool fail loudly without it (design.md §10);
 /// `.ci/install-deps` installs every one of them.
 pub fn require(tool: &str) {
     require_root();

@@ -1,4 +1,4 @@
-//! Disks that fail the way real ones do (DESIGN §10), as a backing file for blockd:
+//! Disks that fail the way real ones do (design.md §10), as a backing file for blockd:
 //!
 //! ```text
 //!   blockd ── O_DIRECT ──► <dir>/fuse/disk (nbdfuse) ── NBD ──► nbdkit [filters] file <dir>/disk.img

@@ -1,4 +1,4 @@
-//! How a filesystem reaches blockd on a machine without the kernel nbd module (DESIGN §10):
+//! How a filesystem reaches blockd on a machine without the kernel nbd module (design.md §10):
 //! nbdfuse presents the export as a file, a loop device turns the file into a block device.
 //!
 //! Both guards undo themselves on drop, also when a test panics. A stuck unmount (the daemon

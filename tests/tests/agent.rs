@@ -63,7 +63,7 @@ fn wait_acks(log: &PathBuf, from: usize, n: usize, timeout: Duration, what: &str
     }
 }
 
-/// DESIGN §7 in blockd alone (no agent): a Primary that loses its peer completes degraded
+/// design.md §7 in blockd alone (no agent): a Primary that loses its peer completes degraded
 /// writes only while it holds the lease. Witness down while mirroring: nothing changes.
 /// Peer and witness both gone: writes wait (none acknowledged, for seconds), reads go on,
 /// status says frozen and why. The witness back (the peer still cut): writes complete.

@@ -1,5 +1,5 @@
 //! The command lines: invalid configurations make `blockd` exit 2 with a message that names
-//! the key (DESIGN §9), and `blockctl status` without a daemon fails clearly and quickly.
+//! the key (design.md §9), and `blockctl status` without a daemon fails clearly and quickly.
 
 use std::{fs, time::Duration};
 

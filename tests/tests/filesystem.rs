@@ -1,6 +1,6 @@
-//! A real filesystem on blockd, reached the way this machine allows (nbdfuse → loop, DESIGN
-//! §10), and the daemon's orderly shutdown: SIGTERM finishes in-flight requests, flushes and
-//! exits 0, and whatever was written before it is there after a restart.
+//! A real filesystem on blockd, reached the way this machine allows (nbdfuse → loop,
+//! design.md §10), and the daemon's orderly shutdown: SIGTERM finishes in-flight requests,
+//! flushes and exits 0, and whatever was written before it is there after a restart.
 
 use std::{
     fs,
@@ -122,7 +122,7 @@ fn sigterm_with_fio_writer_running() {
     assert_eq!(c.write(0, &pattern(78, 4096)), 0, "restarted daemon takes writes");
 }
 
-/// xfs through nbdfuse and loop (the other filesystem DESIGN §9 names): mkfs (xfs wants at
+/// xfs through nbdfuse and loop (the other filesystem design.md §9 names): mkfs (xfs wants at
 /// least 300 MiB), files with checksums, a remount read-only, and `xfs_repair -n` clean.
 #[test]
 fn xfs_mkfs_and_mount() {

@@ -2,7 +2,7 @@
 //! network namespaces joined by veth (harness: `blockd_tests::cluster`), real clients (fio,
 //! qemu-io, python libnbd) on the primary's unix socket.
 //!
-//! The oracle is DESIGN §10's: every write a client saw acknowledged is present after a
+//! The oracle is design.md §10's: every write a client saw acknowledged is present after a
 //! failure, and the two backing files are byte-identical once the nodes are in sync. Tests
 //! that rely on "identical" also check that the nodes really stayed (or became) connected, so
 //! that a resync cannot hide a divergence and a refusal cannot pass for an idle link.
@@ -608,7 +608,7 @@ fn corrupted_frame_is_detected_and_never_applied() {
     c.assert_identical();
 }
 
-/// DESIGN §3: the primary flushes its peer once a second while writes happen, so acked writes
+/// design.md §3: the primary flushes its peer once a second while writes happen, so acked writes
 /// become durable there; once writes stop, so do those flushes (a flush is not a write).
 #[test]
 fn periodic_peer_flush_follows_writes_and_stops_when_idle() {

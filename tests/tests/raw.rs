@@ -400,7 +400,7 @@ fn idle_handshake_is_dropped_after_timeout() {
     assert_served(&node);
 }
 
-/// §2.2 and DESIGN §3: each volume is its own export; the default export "" on a volume's
+/// §2.2 and design.md §3: each volume is its own export; the default export "" on a volume's
 /// socket is that volume; writes to one never show in another.
 #[test]
 fn two_volumes_are_independent() {

@@ -1,4 +1,4 @@
-//! The VM tier: the real kernel path (DESIGN §10) that this machine's kernel cannot run, because
+//! The VM tier: the real kernel path (design.md §10) that this machine's kernel cannot run, because
 //! it has no `nbd` module. `vm_kernel_tier` boots Debian's kernel under qemu (TCG) with
 //! virtme-ng (`tests/vm/run`, which fetches and caches both through `tests/vm/setup`); the guest
 //! sees this machine's files, so it runs this very test binary again, as root, with the

@@ -1,4 +1,4 @@
-//! The lease witness (DESIGN §7) as a real `blockd witness` process in its own network
+//! The lease witness (design.md §7) as a real `blockd witness` process in its own network
 //! namespace, asked by the library's `LeaseClient` from two node namespaces: one holder at a
 //! time, a new holder only after a silent term, a restarted witness that gives the lease to
 //! nobody new for a full term, authentication, and a corrupt state file.

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! The swap runs on the Primary (only it can demote itself), so it is the non-preferred node's
-//! agent that hands the service back; the planned switchover loses nothing (DESIGN §8).
+//! agent that hands the service back; the planned switchover loses nothing (design.md §8).
 //!
 //! Health (SafeKit checkers, Pacemaker `on-fail`): on the Primary the agent checks each
 //! `[[service]]` (its `check`, else its unit or pidfile) and each volume's mount every second;

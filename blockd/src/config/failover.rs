@@ -1,4 +1,4 @@
-//! The keys `blockctl promote`/`demote` read (DESIGN §8): `[failover]` (attach mode, step
+//! The keys `blockctl promote`/`demote` read (design.md §8): `[failover]` (attach mode, step
 //! timeout, gratuitous ARP pacing), `[[bind]]` (bind mounts of state kept on the mirror) and
 //! the failover keys of `[[service]]` (`pidfile`, `timeout`, `wait`). The daemon ignores them;
 //! they live in the same file so both nodes run the same plan.

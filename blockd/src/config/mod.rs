@@ -1,4 +1,4 @@
-//! The configuration: one TOML file, identical on both nodes (DESIGN §9), plus `BLOCKD_*`
+//! The configuration: one TOML file, identical on both nodes (design.md §9), plus `BLOCKD_*`
 //! environment overrides, read with figment and checked by [`Config::validate`].
 //!
 //! Environment overrides: `BLOCKD_` + the key path, `__` between levels, `_` for `-`:
@@ -143,10 +143,10 @@ pub struct ClusterConfig {
     /// authenticated; "off": authenticated only, data in clear, for links already protected.
     #[serde(default)]
     pub encryption: Encryption,
-    /// A peer silent this long is declared gone (DESIGN §6).
+    /// A peer silent this long is declared gone (design.md §6).
     #[serde(default = "default_peer_timeout", deserialize_with = "values::duration")]
     pub peer_timeout: Duration,
-    /// Lease witness "ADDR:PORT" (DESIGN §7); absent means no automatic promotion.
+    /// Lease witness "ADDR:PORT" (design.md §7); absent means no automatic promotion.
     #[serde(default)]
     pub witness: Option<SocketAddr>,
     /// Payload bytes of the peer's requests this node holds at once (writes being applied);
@@ -329,7 +329,7 @@ impl NbdConfig {
     }
 }
 
-/// `[daemon]`: defences against the same-host memory-pressure deadlock (DESIGN §3).
+/// `[daemon]`: defences against the same-host memory-pressure deadlock (design.md §3).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DaemonConfig {

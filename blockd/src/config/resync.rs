@@ -1,4 +1,5 @@
-//! `[resync]`: the dirty bitmap, the activity log, and how a resync uses the link (DESIGN §4, §5).
+//! `[resync]`: the dirty bitmap, the activity log, and how a resync uses the link
+//! (design.md §4, §5).
 
 use serde::Deserialize;
 

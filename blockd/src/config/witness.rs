@@ -1,4 +1,4 @@
-//! `[lease]`: how a node uses the lease witness named by `cluster.witness` (DESIGN §7). Read by
+//! `[lease]`: how a node uses the lease witness named by `cluster.witness` (design.md §7). Read by
 //! whoever asks the witness (the agent, the degraded-write fencing); the witness itself takes
 //! its term on the command line (`blockd witness --term`) and announces it in every grant.
 //!

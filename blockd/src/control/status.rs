@@ -1,5 +1,5 @@
 //! What `blockctl status` shows, as sent over the control socket. Names of roles and states are
-//! exactly those of DESIGN §7, so scripts can rely on them.
+//! exactly those of design.md §7, so scripts can rely on them.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +25,7 @@ pub enum DiskState {
     Failed,
 }
 
-/// The connection to the peer, for one volume (DESIGN §7).
+/// The connection to the peer, for one volume (design.md §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConnState {
     /// Not connected and not trying: single node, or refused (split brain, unrelated data,
@@ -52,7 +52,7 @@ pub struct ResyncProgress {
     pub rate: u64,
 }
 
-/// The witness lease as this node sees it (DESIGN §7); only with `cluster.witness`.
+/// The witness lease as this node sees it (design.md §7); only with `cluster.witness`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseStatus {
     /// The witness's address.
@@ -168,7 +168,7 @@ pub struct VolumeStatus {
     /// The running resync, if any.
     #[serde(default)]
     pub resync: Option<ResyncProgress>,
-    /// The current generation id, hex (DESIGN §5).
+    /// The current generation id, hex (design.md §5).
     #[serde(default)]
     pub generation: String,
     pub counters: Counters,

@@ -1,4 +1,4 @@
-//! `/dev/nbdN` attached by blockd itself (DESIGN §8 step 3, NBD-NOTES §3.3): one end of a
+//! `/dev/nbdN` attached by blockd itself (design.md §8 step 3, NBD-NOTES §3.3): one end of a
 //! socketpair goes to the kernel with `NBD_CMD_CONNECT` over generic netlink, the other is
 //! served by the same transmission code as every NBD client (simple replies, compact headers:
 //! all the kernel speaks).

@@ -1,4 +1,4 @@
-//! The activity log (DESIGN §4): the set of "hot" extents a primary may be writing into, kept
+//! The activity log (design.md §4): the set of "hot" extents a primary may be writing into, kept
 //! on disk so that after a crash of the primary only those extents need resync.
 //!
 //! In memory: up to `extents` hot extents in LRU order, each with a pin count (writes in flight
@@ -37,9 +37,9 @@ use super::bitmap::PAGE;
 /// Transactions in the on-disk ring. Two would do (newest and the one before); four leave room
 /// for a damaged slot.
 pub const RING_SLOTS: u32 = 4;
-/// Default extent size: 4 MiB (DESIGN §4).
+/// Default extent size: 4 MiB (design.md §4).
 pub const DEFAULT_EXTENT_SIZE: u64 = 4 << 20;
-/// Default number of hot extents: 512 (DESIGN §4), 2 GiB of hot volume.
+/// Default number of hot extents: 512 (design.md §4), 2 GiB of hot volume.
 pub const DEFAULT_EXTENTS: u32 = 512;
 /// Most hot extents one transaction page holds: (4096 - 32 header - 4 crc) / 4 bytes each.
 pub const MAX_EXTENTS: u32 = ((PAGE - HEADER - 4) / 4) as u32;

@@ -1,4 +1,4 @@
-//! The dirty bitmap (DESIGN §4): one bit per `granularity` bytes of the volume, set while that
+//! The dirty bitmap (design.md §4): one bit per `granularity` bytes of the volume, set while that
 //! range may differ from the peer. Pure: it lives in memory as `u64` words and knows which of its
 //! [`PAGE`]-byte pages changed since they were last handed out for writing; `dirty.rs` decides
 //! when pages go to disk.

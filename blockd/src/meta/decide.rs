@@ -1,4 +1,4 @@
-//! The resync decision of the handshake (DESIGN §5): from both nodes' [`Generations`], who holds
+//! The resync decision of the handshake (design.md §5): from both nodes' [`Generations`], who holds
 //! the newer data, or whether no direction is safe at all.
 
 use super::Generations;
@@ -127,7 +127,7 @@ pub struct Plan {
 /// | e   | `InSync`, a bitmap marks something (a crash of the primary) | the Primary, else the one that was Primary when it stopped, else the lower name, is `Source` |
 /// | f   | otherwise                                                   | `decide` as is      |
 ///
-/// Row e is DESIGN §5's "equal → resync the union of bitmaps after a crash, from the
+/// Row e is design.md §5's "equal → resync the union of bitmaps after a crash, from the
 /// primary-at-crash": the crashed primary's activity-log extents are in its bitmap, and which
 /// copy of those ranges wins does not matter as long as both end up equal; the primary's is
 /// what its clients last read. Resolving when both nodes ask to lose is refused (rows a/b
@@ -197,7 +197,7 @@ mod tests {
         check(g(7, 0, [3, 2]), g(7, 0, [3, 2]), InSync);
         check(g(ZEROES, 0, [0, 0]), g(ZEROES, 0, [0, 0]), InSync);
         // A primary that crashed while connected and came back before anything else happened:
-        // in sync by generations (issue 4 adds its activity-log extents to the resync).
+        // in sync by generations (`plan` row e then resyncs its activity-log extents).
         check(g(7, 0, [3, 0]), g(7, 0, [3, 0]), InSync);
     }
 
@@ -212,7 +212,7 @@ mod tests {
         check(g(7, 0, [3, 0]), g(8, 7, [3, 0]), Target);
     }
 
-    /// DESIGN §5 "after a crash of the primary": A was Primary at 7 and crashed, B was promoted
+    /// design.md §5 "after a crash of the primary": A was Primary at 7 and crashed, B was promoted
     /// alone (rotate: 9 over 7); A returns and must receive.
     #[test]
     fn row3_returning_crashed_primary_is_target() {

@@ -1,4 +1,4 @@
-//! [`Dirty`]: the dirty bitmap and the activity log together, keeping DESIGN §4's invariant
+//! [`Dirty`]: the dirty bitmap and the activity log together, keeping design.md §4's invariant
 //!
 //! > on-disk bitmap ∪ on-disk activity-log extents ⊇ every range that may differ between nodes
 //!

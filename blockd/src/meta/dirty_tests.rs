@@ -1,6 +1,7 @@
-//! Tests of [`Dirty`]: the ordering of metadata writes, crash recovery, and DESIGN §4's invariant
-//! under random writes, evictions, flushes, crashes (unflushed writes dropped in any subset, one
-//! torn, power cut in the middle of a metadata write) and recoveries, against a model.
+//! Tests of [`Dirty`]: the ordering of metadata writes, crash recovery, and design.md §4's
+//! invariant under random writes, evictions, flushes, crashes (unflushed writes dropped in any
+//! subset, one torn, power cut in the middle of a metadata write) and recoveries, against a
+//! model.
 
 use std::collections::BTreeSet;
 use std::ops::Range;
@@ -138,7 +139,7 @@ fn a_sequential_stream_makes_extents_hot_ahead_in_one_transaction() {
     assert_eq!(d.hot_extents().len(), 12, "0..=10 for the stream, and the random one");
 }
 
-/// DESIGN §4: "before an extent is evicted from the log, its bitmap bits are written out".
+/// design.md §4: "before an extent is evicted from the log, its bitmap bits are written out".
 #[test]
 fn eviction_writes_the_victims_pages_then_flushes_then_the_transaction() {
     let a = areas(1);
@@ -162,7 +163,7 @@ fn eviction_writes_the_victims_pages_then_flushes_then_the_transaction() {
     assert_eq!(reopened.hot_extents(), vec![5]);
 }
 
-/// DESIGN §4: "after a crash of the primary, its activity-log extents are added to its bitmap".
+/// design.md §4: "after a crash of the primary, its activity-log extents are added to its bitmap".
 #[test]
 fn after_crash_of_primary_logged_extents_join_the_bitmap_and_the_log_empties() {
     let mut io = MemIo::new(areas(8).end());
@@ -513,7 +514,7 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 proptest! {
     #![proptest_config(Config { cases: 200, ..Config::default() })]
 
-    /// DESIGN §4's invariant under random writes, evictions, flushes, crashes and recoveries.
+    /// design.md §4's invariant under random writes, evictions, flushes, crashes and recoveries.
     #[test]
     fn bitmap_and_log_cover_every_range_that_may_differ(ops in ops()) {
         run_ops(Mutant::None, ops)?;

@@ -14,7 +14,7 @@
 //! start lays them out again.
 //!
 //! Atomic update by two alternating slots, not by temp-file-and-rename: the dirty bitmap and
-//! the activity log of issue 4 live in this same file after the slots and are updated in place,
+//! the activity log live in this same file after the slots and are updated in place,
 //! so replacing the whole file on every superblock change would mean copying them. Each
 //! [`MetaFile::store`] writes the next sequence number into the slot of its parity (the one
 //! *not* holding the newest superblock), then `fdatasync`s, and only then counts that sequence

@@ -1,4 +1,4 @@
-//! The superblock's bytes (DESIGN §4), pure: [`encode`] a [`Meta`] into one slot, [`decode`] a
+//! The superblock's bytes (design.md §4), pure: [`encode`] a [`Meta`] into one slot, [`decode`] a
 //! slot back. `file.rs` decides where slots go and how they are made durable.
 //!
 //! One slot, [`SLOT`] bytes, all integers little-endian:
@@ -46,7 +46,7 @@ pub(super) const SLOT: usize = 4096;
 /// The format version this code reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Default bitmap granularity: one bit per 4 KiB, as small as the NBD block size (DESIGN §4).
+/// Default bitmap granularity: one bit per 4 KiB, as small as the NBD block size (design.md §4).
 pub const DEFAULT_GRANULARITY: u32 = 4096;
 
 /// Longest node name the superblock holds, in bytes.
@@ -76,11 +76,11 @@ pub struct Meta {
     pub node: String,
     pub gens: Generations,
     pub flags: Flags,
-    /// Bytes per dirty-bitmap bit (stored now, used from issue 4 on).
+    /// Bytes per dirty-bitmap bit.
     pub granularity: u32,
 }
 
-/// Superblock flags (DESIGN §4).
+/// Superblock flags (design.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flags {
     /// False while this node is the target of an unfinished resync: its data is a mix of two

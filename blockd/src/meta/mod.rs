@@ -1,4 +1,4 @@
-//! On-disk metadata of a volume (DESIGN §4, §5): superblock, flags, generations, and the resync
+//! On-disk metadata of a volume (design.md §4, §5): superblock, flags, generations, and the resync
 //! decision taken from two nodes' generations.
 //!
 //! - [`Generations`] and its transitions ([`Generations::rotate`], the `sync_done_*` pair): how a
@@ -40,7 +40,7 @@ pub use format::{
 /// [`new_generation`] never returns it, nor 0 ("none").
 pub const ZEROES: u64 = 1;
 
-/// Generation ids of a volume on one node (DESIGN §5). 0 means "none".
+/// Generation ids of a volume on one node (design.md §5). 0 means "none".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Generations {
     /// The generation the data on this node belongs to.
@@ -62,7 +62,7 @@ impl Generations {
     /// - `bitmap == 0` (it was in sync with the peer, which holds `current`): `bitmap ← current`,
     ///   so the handshake can later tell "the peer is where I was when I went on alone".
     /// - `bitmap != 0` (already ahead of the peer): `bitmap` stays, since the peer still holds
-    ///   that generation and the dirty bitmap (issue 4) still covers every change since it; the
+    ///   that generation and the dirty bitmap still covers every change since it; the
     ///   current id moves into `history` (`history[1] ← history[0]`, `history[0] ← current`)
     ///   because a peer may hold it after all: a resync that the target committed but whose end
     ///   the source never persisted (a crash in between) leaves exactly that.
@@ -137,7 +137,7 @@ mod tests {
         assert_ne!(fallback_random(), fallback_random());
     }
 
-    /// DESIGN §5: "bitmap ← current (if bitmap is 0), current ← new random".
+    /// design.md §5: "bitmap ← current (if bitmap is 0), current ← new random".
     #[test]
     fn rotate_in_sync_moves_current_to_bitmap() {
         let mut g = Generations { current: 10, bitmap: 0, history: [5, 4] };

@@ -28,7 +28,8 @@
 //!
 //! State families list every state, 1 for the current one and 0 for the others, so an alert
 //! can say `blockd_volume_disk_state{state="UpToDate"} == 0`. The peer's role and disk are all
-//! 0 while it is not connected. The witness lease is not reported: there is no witness yet.
+//! 0 while it is not connected. The witness lease is not reported here yet
+//! (`blockctl status` shows it).
 
 pub mod health;
 pub mod histogram;

@@ -1,4 +1,4 @@
-//! The link handshake (DESIGN §6), run on every fresh connection; the dialer is the Noise
+//! The link handshake (design.md §6), run on every fresh connection; the dialer is the Noise
 //! initiator:
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! The link actor (DESIGN §6): one manager task owns the listener, the dialing and the choice of
+//! The link actor (design.md §6): one manager task owns the listener, the dialing and the choice of
 //! the one live session; each session owns its socket (`session.rs`). The node sees only
 //! [`LinkEvent`]s and cloneable [`Session`] handles.
 //!

@@ -1,4 +1,4 @@
-//! Tests of the link over real TCP on 127.0.0.1 (DESIGN §6): handshake, refusals, corruption,
+//! Tests of the link over real TCP on 127.0.0.1 (design.md §6): handshake, refusals, corruption,
 //! timeouts, the one-session rule, and the round trip of a 4 KiB write.
 
 use std::time::Duration;
@@ -713,7 +713,7 @@ async fn raw_client(addr: std::net::SocketAddr) -> Raw {
     Raw(std::sync::Arc::new(tokio::sync::Mutex::new(s)))
 }
 
-/// DESIGN §3: a peer that keeps answering pings but not a request (its disk hangs) is dropped
+/// design.md §3: a peer that keeps answering pings but not a request (its disk hangs) is dropped
 /// after `peer_timeout`, and the call fails so that the caller's link-loss path marks it.
 #[tokio::test]
 async fn unanswered_request_drops_a_peer_that_still_pongs() {

@@ -1,4 +1,4 @@
-//! The replication link between the two nodes (DESIGN §6).
+//! The replication link between the two nodes (design.md §6).
 //!
 //! - [`wire`]: the frame format. Pure: bytes in, values out; no I/O, no tokio.
 //! - [`auth`]: the shared secret files (and the HMAC the witness protocol uses). No sockets.
@@ -9,6 +9,7 @@
 //! - [`link`]: the actor: listens and dials, keeps exactly one session, reconnects with backoff.
 //!   The node (`node.rs`) sees only [`LinkEvent`]s and cloneable [`Session`] handles.
 //! - `session` (private): one connection's reader task, request/reply matching, heartbeats.
+//! - [`stream`]: what a session needs from its connection (TCP, or the simulation's pipes).
 //! - `writer` (private): the send side: write-through when the socket is free, else a writer
 //!   task batching frames into `writev`.
 //!
@@ -20,7 +21,8 @@ pub mod handshake;
 pub mod link;
 pub mod noise;
 pub mod record;
-mod session;
+pub(crate) mod session;
+pub mod stream;
 pub mod wire;
 mod writer;
 

@@ -1,4 +1,4 @@
-//! The record layer of an authenticated session (DESIGN §6): every frame after the handshake
+//! The record layer of an authenticated session (design.md §6): every frame after the handshake
 //! travels as one record, sealed with the session's key for its direction. Pure: bytes in,
 //! values out; no I/O.
 //!

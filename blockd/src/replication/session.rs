@@ -10,7 +10,7 @@
 //!                          └─ request ─► LinkEvent::Request (in arrival order)
 //! ```
 //!
-//! Deadlines (DESIGN §3): a request of ours the peer has not answered within `peer_timeout`
+//! Deadlines (design.md §3): a request of ours the peer has not answered within `peer_timeout`
 //! ends the session, pings or not: a peer whose disk hangs still pongs from its reader task.
 //! There is no timer per request: each call notes when it was sent, and the reader's one
 //! silence timer also wakes at the oldest call's deadline (ids grow, so the oldest is the first
@@ -36,13 +36,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{LinkError, LinkEvent};
 use super::record::{self, Channel, Opener};
+use super::stream::{LinkRead, LinkWrite};
 use super::wire::{self, Frame, Message};
 use super::writer::{self, Out};
 
@@ -347,7 +347,18 @@ pub(crate) fn start(
     channel: Channel,
     p: SessionParams,
 ) -> (Session, PendingReader) {
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = super::stream::tcp_halves(stream);
+    start_on(rd, wr, buf, channel, p)
+}
+
+/// [`start`] on any connection (the simulation's pipes; TCP through `start`).
+pub(crate) fn start_on(
+    rd: LinkRead,
+    wr: Box<dyn LinkWrite>,
+    buf: BytesMut,
+    channel: Channel,
+    p: SessionParams,
+) -> (Session, PendingReader) {
     let (out, wr, rx) = Out::new(wr, channel.tx);
     let inner = Arc::new(Inner {
         id: p.id,
@@ -392,7 +403,7 @@ pub(crate) fn start(
 
 struct Reader {
     inner: Arc<Inner>,
-    rd: OwnedReadHalf,
+    rd: LinkRead,
     buf: BytesMut,
     /// Opens the peer's records, in order.
     opener: Opener,

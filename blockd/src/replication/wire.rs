@@ -1,4 +1,4 @@
-//! The replication wire format (DESIGN §6): bytes in, values out. No I/O, no tokio.
+//! The replication wire format (design.md §6): bytes in, values out. No I/O, no tokio.
 //!
 //! Every frame is a fixed 44-byte header, a payload, and a 4-byte crc32 trailer:
 //!

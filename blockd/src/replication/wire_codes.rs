@@ -76,7 +76,9 @@ pub(super) fn parse_params(kind: u16, p: &mut Bytes) -> Result<Message, WireErro
     if count > MAX_VOLUMES {
         return Err(WireError::Field { kind, field: "volumes", value: count as u64 });
     }
-    let mut volumes = Vec::with_capacity(count);
+    // Reserved for what the payload can hold (a volume takes at least 25 bytes), not for what
+    // the count claims: a short frame must not make the link allocate for 1024 volumes.
+    let mut volumes = Vec::with_capacity(count.min(p.remaining() / 25));
     for _ in 0..count {
         let name = get_name(kind, p)?;
         if p.remaining() < 8 + 4 + 8 + 4 {

@@ -1,4 +1,4 @@
-//! Byte-level tests of the replication wire format (DESIGN §6).
+//! Byte-level tests of the replication wire format (design.md §6).
 
 use super::*;
 

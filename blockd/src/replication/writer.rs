@@ -27,11 +27,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::record::Sealer;
+use super::stream::LinkWrite;
 use super::wire::Frame;
 
 /// At most this many iovecs per `writev` (far below IOV_MAX = 1024).
@@ -53,7 +53,7 @@ struct State {
     /// Seals each frame, in wire order.
     sealer: Sealer,
     /// None once the writer task has shut the socket down.
-    wr: Option<Arc<OwnedWriteHalf>>,
+    wr: Option<Arc<dyn LinkWrite>>,
 }
 
 /// The write side of one connection, shared by all senders of a session.
@@ -69,10 +69,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Out {
     pub(crate) fn new(
-        wr: OwnedWriteHalf,
+        wr: Box<dyn LinkWrite>,
         sealer: Sealer,
-    ) -> (Out, Arc<OwnedWriteHalf>, mpsc::UnboundedReceiver<Item>) {
-        let wr = Arc::new(wr);
+    ) -> (Out, Arc<dyn LinkWrite>, mpsc::UnboundedReceiver<Item>) {
+        let wr: Arc<dyn LinkWrite> = Arc::from(wr);
         let (tx, rx) = mpsc::unbounded_channel();
         let state = State { queued: 0, sealer, wr: Some(wr.clone()) };
         (Out { state: Mutex::new(state), tx }, wr, rx)
@@ -93,7 +93,7 @@ impl Out {
         if st.queued > 0 || !direct {
             return self.enqueue(st, Item { rec, skip: 0 });
         }
-        let written = match wr.try_write(&rec) {
+        let written = match wr.try_write_vectored(&[IoSlice::new(&rec)]) {
             Ok(n) if n == rec.len() => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -139,7 +139,7 @@ impl Cursor {
 }
 
 /// Writes the batch from `skip` bytes on, with as few `writev`s as the kernel allows.
-async fn write_batch(wr: &OwnedWriteHalf, recs: &[Bytes], skip: usize) -> io::Result<()> {
+async fn write_batch(wr: &dyn LinkWrite, recs: &[Bytes], skip: usize) -> io::Result<()> {
     let mut at = Cursor { idx: 0, off: 0 };
     at.advance(skip, recs);
     while at.idx < recs.len() {
@@ -152,7 +152,7 @@ async fn write_batch(wr: &OwnedWriteHalf, recs: &[Bytes], skip: usize) -> io::Re
         match wr.try_write_vectored(&iov[..n]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(w) => at.advance(w, recs),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wr.as_ref().writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wr.writable().await?,
             Err(e) => return Err(e),
         }
     }
@@ -182,7 +182,7 @@ fn fill(
 /// when nothing was written for `ping_every`. Returns why it stopped on a write error.
 pub(crate) async fn run(
     out: &Out,
-    wr: Arc<OwnedWriteHalf>,
+    wr: Arc<dyn LinkWrite>,
     mut rx: mpsc::UnboundedReceiver<Item>,
     cancel: CancellationToken,
     ping_every: Duration,
@@ -214,7 +214,7 @@ pub(crate) async fn run(
         let r = tokio::select! {
             biased;
             _ = &mut cancelled => break,
-            r = write_batch(&wr, &recs, skip) => r,
+            r = write_batch(&*wr, &recs, skip) => r,
         };
         out.done(count);
         if let Err(e) = r {
@@ -222,7 +222,7 @@ pub(crate) async fn run(
             break;
         }
     }
-    drain(out, &wr, &mut rx, &mut recs).await;
+    drain(out, &*wr, &mut rx, &mut recs).await;
     result
 }
 
@@ -230,7 +230,7 @@ pub(crate) async fn run(
 /// time, then shut the socket down so the peer sees the end at once.
 async fn drain(
     out: &Out,
-    wr: &OwnedWriteHalf,
+    wr: &dyn LinkWrite,
     rx: &mut mpsc::UnboundedReceiver<Item>,
     recs: &mut Vec<Bytes>,
 ) {
@@ -239,5 +239,5 @@ async fn drain(
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, write_batch(wr, recs, skip)).await;
     }
     out.shut();
-    let _ = socket2::SockRef::from(wr.as_ref()).shutdown(std::net::Shutdown::Both);
+    wr.shutdown();
 }

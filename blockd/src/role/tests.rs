@@ -594,7 +594,7 @@ impl Pair {
 }
 
 proptest::proptest! {
-    /// DESIGN §7 "only one primary at a time": two connected nodes, any interleaving of
+    /// design.md §7 "only one primary at a time": two connected nodes, any interleaving of
     /// operator requests (with or without force) and message deliveries, never both Primary.
     #[test]
     fn two_connected_nodes_never_both_primary(ops in proptest::collection::vec(0u8..8, 1..80)) {

@@ -15,7 +15,7 @@
 //!   `WriteFua` on the peer, one round trip); FUA on WRITE_ZEROES / TRIM: the request, then a
 //!   FLUSH.
 //! - Degraded (peer gone, or never connected since this node moved on): the write completes
-//!   locally only, and only after this node's new generation is on disk (DESIGN §5), so a later
+//!   locally only, and only after this node's new generation is on disk (design.md §5), so a later
 //!   handshake is guaranteed to see that the peer needs a resync. With a witness configured,
 //!   also only while this node holds the lease, or once a resync gave the peer the range
 //!   (`crate::fence`); until then it waits, with the range lock released.
@@ -144,7 +144,7 @@ pub struct Volume {
     /// Mirrors `meta.gens.bitmap != 0`: this node has moved on without its peer. Lets the
     /// degraded write path skip the metadata lock once the rotation is on disk.
     moved_on: AtomicBool,
-    /// The dirty bitmap and activity log (DESIGN §4).
+    /// The dirty bitmap and activity log (design.md §4).
     track: track::Tracker,
     /// When the last application write-type request started, in µs since `opened`, so that a
     /// resync can yield to a busy application.
@@ -158,7 +158,7 @@ impl Volume {
     /// A volume in its start-up state: Primary on a single node, else Secondary and Connecting;
     /// disk `Inconsistent` if an interrupted resync left it so, else `UpToDate`. Opens the
     /// dirty bitmap and activity log (laid out with `al` if the file has none yet) and, after a
-    /// crash (no clean stop recorded), adds the log's extents to the bitmap (DESIGN §4). Blocks
+    /// crash (no clean stop recorded), adds the log's extents to the bitmap (design.md §4). Blocks
     /// on metadata I/O: call at start.
     pub fn open(
         info: VolumeInfo,
@@ -264,7 +264,7 @@ impl Volume {
         self.clients.load(Ordering::Acquire)
     }
 
-    /// Reads are served locally (DESIGN §3); from the peer once the local disk is `Failed`
+    /// Reads are served locally (design.md §3); from the peer once the local disk is `Failed`
     /// (DRBD's detach: the application sees no error while the peer is there).
     pub async fn read(&self, offset: u64, len: u32) -> Result<ReadBuf, VolumeError> {
         let start = Instant::now();
@@ -727,7 +727,7 @@ mod tests {
         assert_eq!(v.status().conn, ConnState::StandAlone);
     }
 
-    /// DESIGN §5: a node promoted without its peer starts a new generation, on disk, before it
+    /// design.md §5: a node promoted without its peer starts a new generation, on disk, before it
     /// acknowledges anything; the peer's generation is kept as `bitmap`.
     #[tokio::test]
     async fn forced_primary_persists_a_new_generation_before_writing() {
@@ -749,7 +749,7 @@ mod tests {
         assert_eq!(v.status().out_of_sync, 4096, "exactly the degraded write is out of sync");
     }
 
-    /// DESIGN §4 through the volume: a degraded write's mark survives a crash (the activity log
+    /// design.md §4 through the volume: a degraded write's mark survives a crash (the activity log
     /// covers it while only in memory, and recovery turns the log into bits); a clean stop
     /// writes the bits themselves; a demotion empties the log so a later crash adds nothing.
     #[tokio::test]

@@ -1,4 +1,4 @@
-//! Sending a resync (DESIGN §5): only what the bitmaps say may differ, in offset order.
+//! Sending a resync (design.md §5): only what the bitmaps say may differ, in offset order.
 //!
 //! ```text
 //!  plan:  my bitmap ∪ the peer's (GetBitmap) ∪ everything if a full sync; on disk first
@@ -47,7 +47,7 @@ use crate::{
 /// Bytes per resync request while the application is idle.
 const CHUNK: u64 = 1 << 20;
 /// ... and while it writes: one at a time, short enough that an application write queued
-/// behind it on the link waits ~0.5 ms at 1 Gbit/s (DESIGN §5: app latency ≤ 2× idle).
+/// behind it on the link waits ~0.5 ms at 1 Gbit/s (design.md §5: app latency ≤ 2× idle).
 const BUSY_CHUNK: u64 = 64 << 10;
 /// Bytes `verify` compares per request (under the interval lock).
 const VERIFY_CHUNK: u64 = 256 << 10;
@@ -359,7 +359,7 @@ impl Volume {
         let data = self.store.read(start, len as u32).await;
         let data = self.io(DiskOp::Read, start, data).await.map_err(ResyncError::Local)?;
         if data.iter().all(|&b| b == 0) {
-            // Zero ranges travel as zero requests, not data (DESIGN §5).
+            // Zero ranges travel as zero requests, not data (design.md §5).
             self.send_ok(session, Message::ResyncZero { offset: start, len }).await?;
             sent.zero = len;
             self.counters.resync_zero_bytes.fetch_add(len, Ordering::Relaxed);
@@ -496,7 +496,7 @@ fn differing(mine: &[u8], theirs: &[u8], len: u64) -> Vec<Range<u64>> {
 }
 
 /// SEEK_DATA / SEEK_HOLE on the backing, so that holes are sent as zero requests without being
-/// read (DESIGN §5: initial sync skips holes). Without the file (or on a filesystem that does
+/// read (design.md §5: initial sync skips holes). Without the file (or on a filesystem that does
 /// not say), everything is data.
 struct Holes(Option<std::fs::File>);
 

@@ -144,7 +144,8 @@ impl Volume {
                 Action::BecomePrimary => {
                     self.persist_with(&mut p, |m| m.flags.primary_when_stopped = true)?;
                     if !self.connected_in_sync() {
-                        // Promoted without a peer: a new generation before any write (DESIGN §5).
+                        // Promoted without a peer: a new generation before any write
+                        // (design.md §5).
                         self.rotate(&mut p)?;
                     }
                     left.push(Action::BecomePrimary);
@@ -342,7 +343,7 @@ impl Volume {
         self.ensure_moved_on().await
     }
 
-    /// Rotates to a new generation unless this node has already moved on (DESIGN §5).
+    /// Rotates to a new generation unless this node has already moved on (design.md §5).
     async fn ensure_moved_on(&self) -> Result<(), VolumeError> {
         if self.moved_on.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());

@@ -1,4 +1,4 @@
-//! The write path's side of DESIGN §4: which ranges may differ from the peer, kept durable by
+//! The write path's side of design.md §4: which ranges may differ from the peer, kept durable by
 //! [`meta::Dirty`](crate::meta::Dirty) before any write that could make them differ.
 //!
 //! ```text
@@ -118,7 +118,7 @@ impl Tracker {
         f(&mut self.inner().dirty)
     }
 
-    /// Waits until a write into `range` is covered on disk (DESIGN §4), pinning its extents
+    /// Waits until a write into `range` is covered on disk (design.md §4), pinning its extents
     /// until [`done`](Self::done). Returns whether the range was "wide" (marked in the bitmap
     /// instead of the log; `done` is then a no-op and the caller hands it to
     /// [`wide_done`](Self::wide_done) once both nodes have the write). When the log is full of
@@ -375,7 +375,7 @@ impl Tracker {
     }
 
     /// The link is gone: every acknowledged range the peer may not have made durable becomes
-    /// out of sync (DESIGN §3's transfer log). Drained and marked under one lock, so that no
+    /// out of sync (design.md §3's transfer log). Drained and marked under one lock, so that no
     /// eviction in between writes the pages without those bits.
     pub async fn link_lost(&self) -> TrackResult<()> {
         let last = {
@@ -515,7 +515,7 @@ mod tests {
         t.with(|d| d.ranges_from(0).collect())
     }
 
-    /// DESIGN §3's transfer log: a peer ack is "written", not "durable". When the link is lost,
+    /// design.md §3's transfer log: a peer ack is "written", not "durable". When the link is lost,
     /// every range acknowledged since the start of the last completed peer flush becomes out of
     /// sync, on disk; what that flush covered does not.
     #[tokio::test]

@@ -1,4 +1,4 @@
-//! The lease table of the witness (DESIGN §7): pure, no I/O. The server feeds it requests with
+//! The lease table of the witness (design.md §7): pure, no I/O. The server feeds it requests with
 //! the witness's monotonic time and persists what it says must be persisted.
 //!
 //! One lease exists at a time; it belongs to one node for an epoch and lasts one `term` from the

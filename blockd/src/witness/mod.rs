@@ -1,4 +1,4 @@
-//! The lease witness (DESIGN §7): `blockd witness` on a third host, and the nodes' client.
+//! The lease witness (design.md §7): `blockd witness` on a third host, and the nodes' client.
 //!
 //! ```text
 //!   alpha ── LeaseClient ──┐                         ┌── lease table (lease.rs, pure)

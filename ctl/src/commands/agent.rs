@@ -1,4 +1,4 @@
-//! `blockctl agent`: automatic failover (DESIGN §7, §8). Runs on both nodes (systemd unit
+//! `blockctl agent`: automatic failover (design.md §7, §8). Runs on both nodes (systemd unit
 //! `blockctl-agent.service`), polls the local daemon, and decides:
 //!
 //! ```text
@@ -53,7 +53,7 @@
 //! and is written to `<run-dir>/agent.json` ([`AgentState`]), which `blockctl status` shows.
 //! Row 11 (`[agent] failback = "auto"`, `preferred`, `failback-delay`): the swap runs on the
 //! Primary, so the agent of the node that is *not* preferred hands the service back, once the
-//! preferred one has stayed in sync for the delay; the swap loses nothing (DESIGN §8).
+//! preferred one has stayed in sync for the delay; the swap loses nothing (design.md §8).
 //! Not built: the witness-less `split-brain-check = "ping:ADDR"`; without a witness the agent
 //! never promotes.
 

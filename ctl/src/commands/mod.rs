@@ -1,4 +1,4 @@
-//! The failover commands (DESIGN §8): `promote`, `demote` and `swap`, built on the plan engine
+//! The failover commands (design.md §8): `promote`, `demote` and `swap`, built on the plan engine
 //! (plan.rs) with the steps of steps/ and the two control-socket steps of [`node`].
 //!
 //! The plan, in promote order (demote undoes it last first, without the pre-flight):

@@ -1,4 +1,4 @@
-//! The resync commands (DESIGN §5): `resolve`, `verify`, `wait-sync` and `status --watch`. Each
+//! The resync commands (design.md §5): `resolve`, `verify`, `wait-sync` and `status --watch`. Each
 //! is one request to this node's daemon, or a poll of its status.
 //!
 //! "In sync" for `wait-sync`: every volume Connected (not resyncing), both disks UpToDate and

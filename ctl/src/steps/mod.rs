@@ -1,4 +1,4 @@
-//! The steps of `blockctl promote`/`demote` (DESIGN §8) that change this host: attach a
+//! The steps of `blockctl promote`/`demote` (design.md §8) that change this host: attach a
 //! volume's export as a block device, fsck it, mount it, bind state directories, hold the
 //! VIP, run the services. The plan (plan.rs) orders them; each implements [`Step`].
 //!

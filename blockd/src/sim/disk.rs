@@ -1,0 +1,140 @@
+//! A MODEL disk with a volatile write cache, behind the real [`Engine`] trait: reads see every
+//! completed write; a flush makes the completed writes durable; a power cut keeps the durable
+//! image plus a seeded subset of the writes completed since the last flush (applied in their
+//! order), and the disk of the dead incarnation fails every later request. Each request
+//! completes after a seeded delay of 0 to 2 ms, so requests in flight complete out of order
+//! and faults land while they are in flight.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use super::Rng;
+use crate::storage::{Completion, Engine, Op};
+
+#[derive(Debug)]
+struct State {
+    /// What reads return: every completed write.
+    current: Vec<u8>,
+    /// What survives a power cut for sure.
+    durable: Vec<u8>,
+    /// Completed writes since the last flush, in completion order: (offset, bytes).
+    cached: Vec<(u64, Vec<u8>)>,
+    /// Powered off: this incarnation's disk is gone.
+    dead: bool,
+    /// Completion delays.
+    rng: Rng,
+}
+
+/// The model disk of one node incarnation.
+#[derive(Debug, Clone)]
+pub struct ModelDisk(Arc<Mutex<State>>);
+
+impl ModelDisk {
+    /// A disk holding `image` durably (what a power cut left, or zeroes).
+    pub fn new(image: Vec<u8>, seed: u64) -> ModelDisk {
+        let state = State {
+            current: image.clone(),
+            durable: image,
+            cached: Vec::new(),
+            dead: false,
+            rng: Rng::new(seed),
+        };
+        ModelDisk(Arc::new(Mutex::new(state)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The first `block`-sized block where what reads return differs from `other`'s.
+    pub fn first_difference(&self, other: &ModelDisk, block: usize) -> Option<usize> {
+        let (a, b) = (self.lock(), other.lock());
+        a.current.chunks(block).zip(b.current.chunks(block)).position(|(x, y)| x != y)
+    }
+
+    /// The bytes at `offset..offset+len` as reads return them now.
+    pub fn read(&self, offset: u64, len: usize) -> Vec<u8> {
+        let s = self.lock();
+        s.current[offset as usize..offset as usize + len].to_vec()
+    }
+
+    /// Cuts the power: returns what the disk holds afterwards (the durable image plus each
+    /// cached write with probability 1/2) and fails everything this incarnation submits later.
+    pub fn power_cut(&self, rng: &mut Rng) -> (Vec<u8>, usize, usize) {
+        let mut s = self.lock();
+        s.dead = true;
+        let mut image = s.durable.clone();
+        let total = s.cached.len();
+        let mut kept = 0;
+        for (offset, bytes) in &s.cached {
+            if rng.below(2) == 0 {
+                kept += 1;
+                let at = *offset as usize;
+                image[at..at + bytes.len()].copy_from_slice(bytes);
+            }
+        }
+        (image, kept, total)
+    }
+
+    fn apply(s: &mut State, offset: u64, bytes: Option<&[u8]>, len: usize) {
+        let at = offset as usize;
+        let end = (at + len).min(s.current.len());
+        let data = match bytes {
+            Some(b) => b[..end - at].to_vec(),
+            None => vec![0; end - at],
+        };
+        s.current[at..end].copy_from_slice(&data);
+        s.cached.push((offset, data));
+    }
+
+    fn run(&self, op: Op) -> Completion {
+        let mut s = self.lock();
+        if s.dead {
+            let result = Err(io::Error::other("simulated power cut: this disk is gone"));
+            return Completion { result, buf: op.into_buf() };
+        }
+        match op {
+            Op::Read { offset, mut buf } => {
+                let at = offset as usize;
+                let n = buf.len().min(s.current.len().saturating_sub(at));
+                buf.as_mut_slice()[..n].copy_from_slice(&s.current[at..at + n]);
+                Completion { result: Ok(()), buf: Some(buf) }
+            }
+            Op::Write { offset, buf } => {
+                Self::apply(&mut s, offset, Some(buf.as_slice()), buf.len());
+                Completion { result: Ok(()), buf: Some(buf) }
+            }
+            Op::PunchHole { offset, len } | Op::ZeroRange { offset, len } => {
+                Self::apply(&mut s, offset, None, len as usize);
+                Completion { result: Ok(()), buf: None }
+            }
+            Op::Flush => {
+                let cached = std::mem::take(&mut s.cached);
+                for (offset, bytes) in cached {
+                    let at = offset as usize;
+                    s.durable[at..at + bytes.len()].copy_from_slice(&bytes);
+                }
+                Completion { result: Ok(()), buf: None }
+            }
+        }
+    }
+}
+
+impl Engine for ModelDisk {
+    fn submit(&self, op: Op, done: oneshot::Sender<Completion>) {
+        // The request takes effect at submission (reads see it at once, as a device cache
+        // does); the completion comes later.
+        let completion = self.run(op);
+        let delay = std::time::Duration::from_micros(self.lock().rng.below(2000));
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = done.send(completion);
+        });
+    }
+
+    fn name(&self) -> &'static str {
+        "sim-model"
+    }
+}
