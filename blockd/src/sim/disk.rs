@@ -1,5 +1,6 @@
 //! A MODEL disk with a volatile write cache, behind the real [`Engine`] trait: reads see every
-//! completed write; a flush makes the completed writes durable; a power cut keeps the durable
+//! completed write; a flush makes the completed writes durable, a write with `durable` set
+//! (`RWF_DSYNC`) is durable when it completes; a power cut keeps the durable
 //! image plus a seeded subset of the writes completed since the last flush (applied in their
 //! order), and the disk of the dead incarnation fails every later request. Each request
 //! completes after a seeded delay of 0 to 2 ms, so requests in flight complete out of order
@@ -19,8 +20,9 @@ struct State {
     current: Vec<u8>,
     /// What survives a power cut for sure.
     durable: Vec<u8>,
-    /// Completed writes since the last flush, in completion order: (offset, bytes).
-    cached: Vec<(u64, Vec<u8>)>,
+    /// Completed writes since the last flush, in completion order: (offset, bytes, durable).
+    /// A durable one (`RWF_DSYNC`) survives a power cut for sure, over older cached ones.
+    cached: Vec<(u64, Vec<u8>, bool)>,
     /// Powered off: this incarnation's disk is gone.
     dead: bool,
     /// Completion delays.
@@ -68,8 +70,8 @@ impl ModelDisk {
         let mut image = s.durable.clone();
         let total = s.cached.len();
         let mut kept = 0;
-        for (offset, bytes) in &s.cached {
-            if rng.below(2) == 0 {
+        for (offset, bytes, durable) in &s.cached {
+            if *durable || rng.below(2) == 0 {
                 kept += 1;
                 let at = *offset as usize;
                 image[at..at + bytes.len()].copy_from_slice(bytes);
@@ -78,7 +80,7 @@ impl ModelDisk {
         (image, kept, total)
     }
 
-    fn apply(s: &mut State, offset: u64, bytes: Option<&[u8]>, len: usize) {
+    fn apply(s: &mut State, offset: u64, bytes: Option<&[u8]>, len: usize, durable: bool) {
         let at = offset as usize;
         let end = (at + len).min(s.current.len());
         let data = match bytes {
@@ -86,7 +88,7 @@ impl ModelDisk {
             None => vec![0; end - at],
         };
         s.current[at..end].copy_from_slice(&data);
-        s.cached.push((offset, data));
+        s.cached.push((offset, data, durable));
     }
 
     fn run(&self, op: Op) -> Completion {
@@ -102,17 +104,17 @@ impl ModelDisk {
                 buf.as_mut_slice()[..n].copy_from_slice(&s.current[at..at + n]);
                 Completion { result: Ok(()), buf: Some(buf) }
             }
-            Op::Write { offset, buf } => {
-                Self::apply(&mut s, offset, Some(buf.as_slice()), buf.len());
+            Op::Write { offset, buf, durable } => {
+                Self::apply(&mut s, offset, Some(buf.as_slice()), buf.len(), durable);
                 Completion { result: Ok(()), buf: Some(buf) }
             }
             Op::PunchHole { offset, len } | Op::ZeroRange { offset, len } => {
-                Self::apply(&mut s, offset, None, len as usize);
+                Self::apply(&mut s, offset, None, len as usize, false);
                 Completion { result: Ok(()), buf: None }
             }
             Op::Flush => {
                 let cached = std::mem::take(&mut s.cached);
-                for (offset, bytes) in cached {
+                for (offset, bytes, _) in cached {
                     let at = offset as usize;
                     s.durable[at..at + bytes.len()].copy_from_slice(&bytes);
                 }
