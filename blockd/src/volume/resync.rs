@@ -280,7 +280,7 @@ impl Volume {
         Ok(total)
     }
 
-    /// The target made everything copied so far durable: those bits clear, on disk too —
+    /// Both nodes made everything copied so far durable: those bits clear, on disk too —
     /// unless something was marked since `marks` (a write the peer failed, say), in which case
     /// they stay for the next pass: a mark must never be cleared by a copy made before it.
     async fn checkpoint(
@@ -292,10 +292,16 @@ impl Volume {
         if copied.is_empty() {
             return Ok(());
         }
-        match self.call_peer(session, Message::Flush).await {
+        // Both copies durable before the bits go: the target's, and this node's own — what it
+        // sent may sit in its disk's volatile cache (data it took as a Secondary and never
+        // flushed), which a power cut here would lose while both bitmaps say the two agree.
+        let (peer, local) =
+            tokio::join!(self.call_peer(session, Message::Flush), self.store.flush());
+        match peer {
             Ok(Message::Ack { error: 0 }) => {}
             other => return Err(ResyncError::Peer(format!("flush: {other:?}"))),
         }
+        self.io(DiskOp::Flush, 0, local).await.map_err(ResyncError::Local)?;
         if self.track.marks() != marks {
             return Ok(());
         }
