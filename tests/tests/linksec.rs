@@ -181,8 +181,8 @@ fn a_recorded_session_replayed_into_a_new_connection_is_refused() {
 /// On the way from alpha to beta, one record of a 64 KiB WRITE has a bit flipped, or is
 /// dropped, sent twice, or sent after the record that follows it: beta's session dies at the
 /// first record that does not open in sequence, with a warning that says so, and applies
-/// nothing out of sequence (of a duplicate, the first copy is the real record and is applied
-/// once); alpha goes on degraded; once the proxy lets the nodes reconnect, the resync leaves
+/// nothing out of sequence (of a duplicate, the first copy is the real record: applied at
+/// most once); alpha goes on degraded; once the proxy lets the nodes reconnect, the resync leaves
 /// both files identical. Each fault in turn on the same pair.
 #[test]
 fn a_record_flipped_dropped_duplicated_or_reordered_kills_the_session_unapplied() {
@@ -197,9 +197,13 @@ fn a_record_flipped_dropped_duplicated_or_reordered_kills_the_session_unapplied(
         c.wait_for(Beta, "the session dropped", SYNC_TIMEOUT, |v| v["conn"] != "Connected");
         let now = c.log_text(Beta).matches("failed authentication").count();
         assert!(now > warned, "{fault:?}: beta logged no authentication failure");
+        // A record that never opened is never applied. Of a duplicate the first copy is the
+        // real record: applied, or not yet when the second copy ended the session (then it
+        // was not acknowledged either, and the resync below brings it).
         let applied = c.backing_at(Beta, at, 65536);
-        let want = if fault == Fault::Duplicate { 0x5a } else { 0 };
-        assert_eq!(applied, vec![want; 65536], "{fault:?}: beta applied a record out of sequence");
+        let whole = |b: u8| applied.iter().all(|&x| x == b);
+        let fine = whole(0) || (fault == Fault::Duplicate && whole(0x5a));
+        assert!(fine, "{fault:?}: beta holds {:?}... at {at}", &applied[..16]);
         if fault != Fault::Duplicate {
             let a = c.wait_for(Alpha, "degraded", SYNC_TIMEOUT, |v| v["conn"] != "Connected");
             assert!(a["out_of_sync"].as_u64() >= Some(65536), "{fault:?}: not out of sync: {a}");
