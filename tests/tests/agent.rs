@@ -16,7 +16,9 @@ use std::{
 
 use blockd_tests::{
     cluster::{
-        agents::{self, assert_no_lost_commit, is_connected, lease_held, spawn_agent},
+        agents::{
+            self, assert_no_lost_commit, assert_took_over, is_connected, lease_held, spawn_agent,
+        },
         clients::{acked_rounds, acked_writer, check_acked},
         lan::IFACE,
         mariadb::{self, DbClient},
@@ -581,13 +583,7 @@ fn witness_restart_mid_failover_grants_no_second_lease_within_a_term() {
     let after = restarted.elapsed();
     eprintln!("witness restart → beta Primary: {:.2} s (term {TERM})", after.as_secs_f64());
     assert!(after >= TERM_D, "beta promoted {after:?} after the restart, within a term");
-    let v = c.wait_for(Beta, "its lease", SYNC, lease_held);
-    assert_eq!(v["lease"]["holder"], "beta", "{v:#}");
-    mariadb::wait_select_1(&c, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
-    let done = client.read().acked.len();
-    client.wait_acked(done, 10, SYNC).unwrap_or_else(|e| panic!("{e}"));
-    let log = client.stop();
-    assert_no_lost_commit(&c, &log);
+    assert_took_over(&c, Beta, client);
     let wlog = w.logs();
     eprintln!("agent on beta:\n{}", agents[1].log_text());
     assert!(wlog.contains("beta"), "{wlog}");

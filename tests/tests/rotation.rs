@@ -9,9 +9,7 @@ use std::{
 
 use blockd_tests::{
     cluster::{
-        agents::{
-            assert_no_lost_commit, is_connected, lease_held, lease_toml, spawn_agent_with_env,
-        },
+        agents::{assert_took_over, is_connected, lease_held, lease_toml, spawn_agent_with_env},
         mariadb::{self, DbClient},
         Alpha, Beta, Cluster,
     },
@@ -108,12 +106,6 @@ fn secret_rotation_by_the_readme_steps_needs_no_restart() {
 
     c.kill_node(Alpha);
     c.wait_for(Beta, "Primary", Duration::from_secs(90), |v| v["role"] == "Primary");
-    let v = c.wait_for(Beta, "its lease", SYNC, lease_held);
-    assert_eq!(v["lease"]["holder"], "beta", "{v:#}");
-    mariadb::wait_select_1(&c, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
-    let done = client.read().acked.len();
-    client.wait_acked(done, 10, SYNC).unwrap_or_else(|e| panic!("{e}"));
-    let log = client.stop();
-    assert_no_lost_commit(&c, &log);
+    let log = assert_took_over(&c, Beta, client);
     eprintln!("{} commits, none lost; agent on beta:\n{}", log.acked.len(), agents[1].log_text());
 }

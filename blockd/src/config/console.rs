@@ -14,11 +14,11 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use serde::{de, Deserialize, Deserializer};
+use serde::Deserialize;
 
 use super::{
     validate::{quote, Problems},
-    Config, LocalNode,
+    values, Config, LocalNode,
 };
 
 /// The console's default address (9796: next to the metrics endpoint's 9795).
@@ -30,7 +30,7 @@ pub const DEFAULT_LISTEN: SocketAddr =
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ConsoleConfig {
     /// "ADDR:PORT" of the console; `None` ("" or "off") serves none.
-    #[serde(default = "default_listen", deserialize_with = "listen")]
+    #[serde(default = "default_listen", deserialize_with = "values::listen_addr")]
     pub listen: Option<SocketAddr>,
     /// The access token's file; default `<data-dir>/console.token`.
     #[serde(default)]
@@ -56,19 +56,6 @@ impl ConsoleConfig {
 
 fn default_listen() -> Option<SocketAddr> {
     Some(DEFAULT_LISTEN)
-}
-
-/// "ADDR:PORT", or "" / "off" for no console.
-fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    let s = String::deserialize(d)?;
-    match s.trim() {
-        "" | "off" => Ok(None),
-        addr => addr.parse().map(Some).map_err(|_| {
-            de::Error::custom(
-                "not an address: write \"ADDR:PORT\" (e.g. \"127.0.0.1:9796\") or \"off\"",
-            )
-        }),
-    }
 }
 
 impl Config {

@@ -10,11 +10,11 @@
 
 use std::net::SocketAddr;
 
-use serde::{de, Deserialize, Deserializer};
+use serde::Deserialize;
 
 use super::{
     validate::{quote, Problems},
-    Config,
+    values, Config,
 };
 
 /// The endpoint's default address (9795: unassigned, next to nothing blockd uses).
@@ -26,7 +26,7 @@ pub const DEFAULT_LISTEN: SocketAddr =
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct MetricsConfig {
     /// "ADDR:PORT" of the HTTP endpoint; `None` ("" or "off") serves none.
-    #[serde(default = "default_listen", deserialize_with = "listen")]
+    #[serde(default = "default_listen", deserialize_with = "values::listen_addr")]
     pub listen: Option<SocketAddr>,
 }
 
@@ -38,19 +38,6 @@ impl Default for MetricsConfig {
 
 fn default_listen() -> Option<SocketAddr> {
     Some(DEFAULT_LISTEN)
-}
-
-/// "ADDR:PORT", or "" / "off" for no endpoint.
-fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    let s = String::deserialize(d)?;
-    match s.trim() {
-        "" | "off" => Ok(None),
-        addr => addr.parse().map(Some).map_err(|_| {
-            de::Error::custom(
-                "not an address: write \"ADDR:PORT\" (e.g. \"127.0.0.1:9795\") or \"off\"",
-            )
-        }),
-    }
 }
 
 impl Config {

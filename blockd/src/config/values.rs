@@ -233,6 +233,21 @@ macro_rules! deserialize_from_str {
 deserialize_from_str!(IpCidr, "an address with prefix length such as \"10.0.0.100/24\"");
 deserialize_from_str!(HealthCheck, "a check such as \"tcp://127.0.0.1:3306\"");
 
+/// Deserializes a listen address: "ADDR:PORT", or "" / "off" for none.
+pub fn listen_addr<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.trim() {
+        "" | "off" => Ok(None),
+        addr => addr.parse().map(Some).map_err(|_| {
+            de::Error::custom(
+                "not an address: write \"ADDR:PORT\" (e.g. \"127.0.0.1:9795\") or \"off\"",
+            )
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,13 @@
 
 use serde_json::Value;
 
-use super::{mariadb, mariadb::ClientLog, Cluster, NodeId};
+use std::time::Duration;
+
+use super::{
+    mariadb,
+    mariadb::{ClientLog, DbClient},
+    Cluster, NodeId,
+};
 use crate::cmd::{bin, Background};
 
 /// `[lease]` for a witness started with `--term term`: renewals every third of it, a request
@@ -46,4 +52,17 @@ pub fn assert_no_lost_commit(c: &Cluster, log: &ClientLog) {
         log.acked.len(),
         &lost[..lost.len().min(10)]
     );
+}
+
+/// After a failover to `n`: it holds the lease, MariaDB answers through the VIP, the client
+/// commits again; then the client stops and every id it saw acknowledged is in the table.
+pub fn assert_took_over(c: &Cluster, n: NodeId, client: DbClient) -> ClientLog {
+    let v = c.wait_for(n, "its lease", Duration::from_secs(60), lease_held);
+    assert_eq!(v["lease"]["holder"], n.name(), "{v:#}");
+    mariadb::wait_select_1(c, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    let done = client.read().acked.len();
+    client.wait_acked(done, 10, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    let log = client.stop();
+    assert_no_lost_commit(c, &log);
+    log
 }
