@@ -413,6 +413,7 @@ impl Cluster {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
+        let timeout = crate::cmd::vm_scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             let v = self.vol(n);
@@ -509,7 +510,8 @@ impl Daemon {
 
     fn wait_control_socket(&mut self) {
         let sock = self.run_dir.join("control.sock");
-        let deadline = Instant::now() + START_TIMEOUT;
+        // Longer in the VM tier's guest (see `node::start_timeout`).
+        let deadline = Instant::now() + START_TIMEOUT.max(crate::node::start_timeout());
         while UnixStream::connect(&sock).is_err() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok()?) {
                 self.child = None;

@@ -114,7 +114,18 @@ pub fn run_quiet(c: &mut Command, timeout: Duration) -> Option<Output> {
     execute(c, timeout).map_err(|e| eprintln!("cleanup: {e}")).ok()
 }
 
+/// `timeout` as it applies here: inside the VM tier's guest (tests/vm/run sets IN_BLOCKD_VM)
+/// five times longer, since under qemu TCG every program runs several times slower and the
+/// first start of a debug binary reads ~100 MB through 9p. Behaviour checks stay the same.
+pub fn vm_scaled(timeout: Duration) -> Duration {
+    match std::env::var_os("IN_BLOCKD_VM") {
+        Some(_) => timeout * 5,
+        None => timeout,
+    }
+}
+
 fn execute(c: &mut Command, timeout: Duration) -> Result<Output, String> {
+    let timeout = vm_scaled(timeout);
     let cmdline = format!("{c:?}");
     c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().map_err(|e| format!("cannot start {cmdline}: {e}"))?;
@@ -156,6 +167,7 @@ pub fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
 
 /// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let timeout = vm_scaled(timeout);
     let deadline = Instant::now() + timeout;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
@@ -263,7 +275,7 @@ impl Background {
     /// Waits up to `timeout` for the exit status; kills the process if it does not come.
     pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        let status = wait_until(&mut child, Instant::now() + timeout);
+        let status = wait_until(&mut child, Instant::now() + vm_scaled(timeout));
         if status.is_none() {
             signal(child.id(), libc::SIGKILL);
             let _ = child.wait();

@@ -19,7 +19,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// `mlockall` of the debug binary alone reads ~100 MB through 9p.
 const VM_START_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn start_timeout() -> Duration {
+pub(crate) fn start_timeout() -> Duration {
     match std::env::var_os("IN_BLOCKD_VM") {
         Some(_) => VM_START_TIMEOUT,
         None => START_TIMEOUT,

@@ -19,18 +19,25 @@ use blockd_tests::{
     Background, LoopMount, NbdFuse, Node,
 };
 
+#[path = "vm/cluster.rs"]
+mod cluster;
+
 const VOL: &str = "vol";
 
 /// The guest tests one boot runs; each must pass.
+/// Not yet among them: `cluster::guest_kernel_nfs_failover` (the kernel NFS server on the
+/// mirror) has not passed in the guest yet; run it alone with tests/vm/run (see its doc).
 const GUEST_TESTS: &[&str] = &[
+    "cluster::guest_mariadb_failover_on_nbd",
     "guest_netlink_ext4_xfs_fio",
     "guest_netlink_restart_under_fio",
     "guest_nbd_client_ext4_xfs_fio",
     "guest_bench_netlink_vs_fuse",
 ];
 
-/// Bound of the whole guest run (boot, every guest test, power-off) on a loaded 2-core host.
-const VM_TIMEOUT: Duration = Duration::from_secs(1500);
+/// Bound of the whole guest run (boot, every guest test, power-off) on a loaded 2-core host;
+/// the guest itself gets a minute less (tests/vm/run --timeout), so its output still comes back.
+const VM_TIMEOUT: Duration = Duration::from_secs(2700);
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
@@ -40,7 +47,9 @@ fn repo() -> PathBuf {
 fn vm_kernel_tier() {
     require_root();
     let exe = std::env::current_exe().expect("test binary path");
-    let mut c = cmd(repo().join("tests/vm/run").to_str().expect("utf-8 path"), &["--"]);
+    let guest_timeout = (VM_TIMEOUT - Duration::from_secs(60)).as_secs().to_string();
+    let run = repo().join("tests/vm/run");
+    let mut c = cmd(run.to_str().expect("utf-8 path"), &["--timeout", &guest_timeout, "--"]);
     c.arg(&exe).args(["--ignored", "--exact", "--test-threads=1", "--nocapture"]);
     c.args(GUEST_TESTS);
     let t = Instant::now();

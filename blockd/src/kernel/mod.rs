@@ -37,13 +37,20 @@ use crate::{
 };
 use netlink::{attr, NbdCmd, NbdNetlink, NetlinkError};
 
-/// Request timeout given to the kernel: a request unanswered this long marks the socket dead
-/// and is resent on the next one. Well above a mirrored write's worst latency (peer-timeout
-/// plus a flush), and also how long requests stranded by a daemon crash wait to be resent.
+/// Request timeout given to the kernel (NBD_ATTR_TIMEOUT, NBD-NOTES §3.4): a request
+/// unanswered this long marks its socket dead and is requeued, so one slow request tears the
+/// connection down. 30 s is far above a mirrored write's worst latency (peer-timeout, a few
+/// seconds, plus an fsync on each node), so ordinary slowness never trips it; it is also how
+/// long requests stranded on a dead socket wait before the kernel resends them on the socket a
+/// restarted blockd hands over (the restart test saw 14.8 s and 31.8 s).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long the kernel queues I/O while no socket is alive (a blockd restart) before failing
-/// it with EIO: longer than systemd's restart plus the daemon's start.
+/// How long the kernel queues I/O while no socket is alive (NBD_ATTR_DEAD_CONN_TIMEOUT)
+/// before failing it with EIO and marking the device disconnected: a blockd restart must fit
+/// in it, i.e. systemd's RestartSec plus the daemon's start (volumes opened, peer handshake)
+/// with margin for a loaded machine. 120 s, like multipath's queue_if_no_path with a bound: a
+/// mounted filesystem sees a pause, not an error, and a node whose daemon never comes back
+/// still fails its I/O within two minutes instead of hanging for ever.
 pub const DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long `detach` waits for the kernel to close its end after DISCONNECT.

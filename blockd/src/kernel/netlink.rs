@@ -173,20 +173,21 @@ pub struct NbdNetlink {
 }
 
 impl NbdNetlink {
+    /// The socket, in this process's network namespace or else in the initial one: the
+    /// nbd family of kernels before 6.2 (Debian 12's 6.1 among them) is registered without
+    /// `netnsok`, so it exists only in the initial network namespace, and a daemon in
+    /// another one (the test cluster's nodes, a container) must reach it there. The devices
+    /// are global either way; CONNECT needs CAP_SYS_ADMIN in the initial namespace both ways.
     pub fn open() -> Result<NbdNetlink, NetlinkError> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_GENERIC,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error().into());
+        match Self::resolve(generic_socket()?) {
+            Err(NetlinkError::NoFamily) if !in_initial_netns() => {
+                Self::resolve(generic_socket_in_initial_netns()?)
+            }
+            other => other,
         }
-        // SAFETY: `raw` is a fresh descriptor owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    }
+
+    fn resolve(fd: OwnedFd) -> Result<NbdNetlink, NetlinkError> {
         let mut nl = NbdNetlink { fd, family: uapi::GENL_ID_CTRL, seq: 0 };
         let msg = Message::new(uapi::GENL_ID_CTRL, uapi::CTRL_CMD_GETFAMILY, 2)
             .string(uapi::CTRL_ATTR_FAMILY_NAME, "nbd");
@@ -236,6 +237,46 @@ impl NbdNetlink {
             None => Err(NetlinkError::Malformed),
         }
     }
+}
+
+/// A fresh `NETLINK_GENERIC` socket in the calling thread's network namespace.
+fn generic_socket() -> Result<OwnedFd, NetlinkError> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe {
+        libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_GENERIC)
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Whether this process shares the network namespace of PID 1 (unknown counts as yes: then
+/// there is nothing else to try).
+fn in_initial_netns() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    match (ino("/proc/self/ns/net"), ino("/proc/1/ns/net")) {
+        (Ok(own), Ok(init)) => own == init,
+        _ => true,
+    }
+}
+
+/// A `NETLINK_GENERIC` socket bound to the initial network namespace: made by a short-lived
+/// thread that first enters that namespace (setns affects only the calling thread), so no
+/// thread of the daemon is left in another namespace. The socket keeps its namespace.
+fn generic_socket_in_initial_netns() -> Result<OwnedFd, NetlinkError> {
+    let worker = std::thread::spawn(|| -> Result<OwnedFd, NetlinkError> {
+        let ns = std::fs::File::open("/proc/1/ns/net")?;
+        // SAFETY: setns(2) on a descriptor this closure owns; it changes only this thread,
+        // which ends right after making the socket.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        generic_socket()
+    });
+    worker.join().map_err(|_| NetlinkError::Malformed)?
 }
 
 /// The first attribute of `kind` in `answer`.

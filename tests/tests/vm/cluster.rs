@@ -1,0 +1,325 @@
+//! Guest tests of the two-node cluster (the failover topology of `blockd_tests::cluster::lan`)
+//! on the guest's real kernel: every volume attached by blockd's netlink attach
+//! (`attach = "kernel"`), so the filesystems sit on `/dev/nbdN` as on a real server. Alpha and
+//! beta share one kernel here, so alpha's device is one index and beta's another; on real
+//! servers both would be `/dev/nbd0`.
+//!
+//! A killed node's kernel objects (its `/dev/nbdN` with a mounted filesystem, its kernel NFS
+//! server) do not die with its processes, as they would in a power cut: [`KernelLeftovers`]
+//! disconnects the devices and stops the servers before the cluster's own cleanup unmounts,
+//! so nothing waits for the kernel's dead-connection timeout.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use blockd_tests::{
+    cluster::{
+        failover::step_lines,
+        lan::VIP,
+        mariadb::{self, DbClient},
+        Alpha, Beta, Cluster, NodeId,
+    },
+    cmd::{cmd, run_timeout, try_run, Background},
+    require,
+};
+
+/// `[failover]` and `[vip]` as the failover tests have them, with the kernel attach and a
+/// step deadline for qemu TCG (every program runs several times slower).
+fn kernel_failover_toml() -> String {
+    let toml = mariadb::failover_toml();
+    for key in ["attach = \"fuse\"", "step-timeout = \"60s\""] {
+        assert!(toml.contains(key), "failover_toml changed: {toml}");
+    }
+    toml.replace("attach = \"fuse\"", "attach = \"kernel\"")
+        .replace("step-timeout = \"60s\"", "step-timeout = \"300s\"")
+}
+
+/// The `/dev/nbdN` blockd on `n` serves `volume` (by the backend identifier it sets).
+fn kernel_device(n: NodeId, volume: &str) -> Option<String> {
+    let want = format!("blockd:{}:{volume}", n.name());
+    (0..16).map(|i| format!("nbd{i}")).find_map(|d| {
+        let backend = fs::read_to_string(format!("/sys/block/{d}/backend")).ok()?;
+        (backend.trim() == want).then(|| format!("/dev/{d}"))
+    })
+}
+
+/// Runs `body`, then (also when it panicked) removes what a killed node leaves in the shared
+/// kernel (see the module doc), before the cluster's own cleanup unmounts.
+fn with_kernel_cleanup(c: &mut Cluster, volume: &str, nfs: bool, body: impl FnOnce(&mut Cluster)) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(c)));
+    for n in [Alpha, Beta] {
+        if let Some(dev) = kernel_device(n, volume) {
+            // NBD_DISCONNECT (allowed on a netlink device): what is queued fails at once.
+            let _ = try_run(&mut cmd("nbd-client", &["-d", &dev]), Duration::from_secs(60));
+        }
+        if nfs {
+            c.run_on(n, &format!("{} stop >/dev/null 2>&1", nfs_server_script().display()));
+        }
+    }
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn nfs_server_script() -> PathBuf {
+    repo().join("tests/vm/nfs-server")
+}
+
+/// MariaDB on `/dev/nbdN`: a client commits through the VIP, alpha dies (link down, every
+/// process SIGKILLed), `promote --force` on beta; every acknowledged commit is there (the
+/// oracle of the failover tests), and the committed ids have no gap.
+#[test]
+#[ignore = "runs inside the VM: vm_kernel_tier boots it"]
+fn guest_mariadb_failover_on_nbd() {
+    super::guest_kernel();
+    require("mariadbd");
+    let mut c = mariadb::cluster_with("vm-db", |s| {
+        let service = mariadb::service_toml(&mariadb::start_command(""), "300s");
+        s.extra_toml = kernel_failover_toml() + &service;
+    });
+    with_kernel_cleanup(&mut c, mariadb::VOLUME, false, mariadb_failover);
+}
+
+fn mariadb_failover(c: &mut Cluster) {
+    let (out, took) = c.promote(Alpha, &[]);
+    eprintln!("promote on alpha: {:.1} s; steps: {:#?}", took.as_secs_f64(), step_lines(&out));
+    let dev = kernel_device(Alpha, mariadb::VOLUME).expect("alpha's /dev/nbdN");
+    let src = c.run_on(Alpha, &format!("findmnt -n -o SOURCE {}", mariadb::DATADIR));
+    assert_eq!(src.stdout.trim(), dev, "the datadir is on blockd's netlink device");
+    mariadb::wait_select_1(c, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    let client = DbClient::start(c);
+    client.wait_acked(0, 20, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    let before = client.read().acked.len();
+    c.kill_node(Alpha);
+    c.wait_for(Beta, "peer gone", Duration::from_secs(120), |v| v["conn"] != "Connected");
+    let t = Instant::now();
+    let (out, _) = c.promote(Beta, &["--force"]);
+    eprintln!("promote --force on beta: steps: {:#?}", step_lines(&out));
+    let dev = kernel_device(Beta, mariadb::VOLUME).expect("beta's /dev/nbdN");
+    let src = c.run_on(Beta, &format!("findmnt -n -o SOURCE {}", mariadb::DATADIR));
+    assert_eq!(src.stdout.trim(), dev, "beta's datadir is on its netlink device");
+    client.wait_acked(before, 20, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("promote → 20 more commits: {:.1} s", t.elapsed().as_secs_f64());
+    let log = client.stop();
+    let ids = mariadb::assert_no_lost_commit(c, &log);
+    eprintln!(
+        "MariaDB on /dev/nbdN: {} commits acknowledged ({before} before the kill), all {} rows \
+         present after the failover",
+        log.acked.len(),
+        ids.len()
+    );
+}
+
+/// The NFS volume: xfs on /srv/nfs, its state directory bound to /var/lib/nfs, as in
+/// docs/k3s.md §4; 384 MiB (xfs wants 300 MB at least) for up to ~200 MiB of files.
+const NFS_VOLUME: &str = "nfs";
+const NFS_SIZE: &str = "384MiB";
+const NFS_MOUNT: &str = "/srv/nfs";
+const NFS_EXPORT: &str = "/srv/nfs/k8s";
+const NFS_STATE: &str = "/srv/nfs/.nfs-state";
+
+/// The fenced block after `<!-- blockd-test: NAME` in docs/k3s.md (the doc is the config).
+fn doc_block(name: &str) -> String {
+    let path = repo().join("docs/k3s.md");
+    let doc = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let marker = format!("<!-- blockd-test: {name}");
+    let at = doc.find(&marker).unwrap_or_else(|| panic!("docs/k3s.md has no {marker} marker"));
+    let rest = &doc[at..];
+    let body = &rest[rest.find("\n```").expect("a fenced block after the marker") + 4..];
+    let body = &body[body.find('\n').expect("fence line") + 1..];
+    body[..body.find("\n```").expect("closing fence")].to_string() + "\n"
+}
+
+/// The NFS service as the doc configures it, started and stopped by what nfs-server.service
+/// runs (tests/vm/nfs-server: the guest has no systemd), checked where the doc checks it.
+fn nfs_configure(spec: &mut blockd_tests::cluster::Spec) {
+    let script = nfs_server_script();
+    spec.volume = NFS_VOLUME.to_string();
+    spec.size = NFS_SIZE.to_string();
+    spec.volume_toml = format!("filesystem = \"xfs\"\nmount = \"{NFS_MOUNT}\"\n");
+    spec.extra_toml = kernel_failover_toml()
+        + &format!(
+            "[[bind]]\nsource = \"{NFS_STATE}\"\ntarget = \"/var/lib/nfs\"\n\n\
+             [[service]]\nname = \"nfs-server\"\nstart = \"{s} start\"\nstop = \"{s} stop\"\n\
+             check = \"tcp://{VIP}:2049\"\ntimeout = \"120s\"\n\n",
+            s = script.display()
+        );
+}
+
+/// Both nodes get the doc's /etc/exports (with the test network) and its [nfsd] settings
+/// added to this machine's /etc/nfs.conf, bound over the files in their mount namespaces.
+fn nfs_node_files(c: &Cluster) {
+    let exports = doc_block("exports").replace("10.0.0.0/24", "10.99.0.0/24");
+    assert!(exports.contains("fsid=1"), "the doc's export has a fixed fsid: {exports}");
+    // The guest's / is 9p, which nfsd cannot export, not even as the NFSv4 pseudo root that
+    // mountd builds above an export; a real server's / can. So here the export is the root
+    // (fsid=0, still fixed) and the client mounts VIP:/ instead of VIP:/srv/nfs/k8s.
+    let exports = exports.replace("fsid=1", "fsid=0");
+    let conf = fs::read_to_string("/etc/nfs.conf").unwrap_or_default() + &doc_block("nfs.conf");
+    let (e, n) = (c.dir().join("exports"), c.dir().join("nfs.conf"));
+    fs::write(&e, exports).expect("write exports");
+    fs::write(&n, conf).expect("write nfs.conf");
+    for node in [Alpha, Beta] {
+        let binds = format!(
+            "mount --bind {} /etc/exports && mount --bind {} /etc/nfs.conf",
+            e.display(),
+            n.display()
+        );
+        c.run_on(node, &binds).assert_success();
+    }
+}
+
+/// docs/k3s.md's first promote, as written there: attach, mkfs.xfs on /dev/nbdN, mount, the
+/// export and state directories (the state copied from /var/lib/nfs), then the whole plan.
+fn nfs_first_promote(c: &Cluster) {
+    c.wait_in_sync(Duration::from_secs(120));
+    let attach = c.blockctl_run(Alpha, &["promote", "--until", "attach nfs"]);
+    assert!(attach.status.success(), "promote --until attach:\n{attach}{}", c.diag(Alpha));
+    let dev = kernel_device(Alpha, NFS_VOLUME).expect("alpha's /dev/nbdN");
+    // -K: no discard of the whole device first (a TRIM of every block through the mirror).
+    let mut mkfs = c.lan().mount_ns(Alpha).command("mkfs.xfs");
+    mkfs.args(["-q", "-f", "-K", &dev]);
+    run_timeout(&mut mkfs, Duration::from_secs(300));
+    let mount = c.blockctl_run(Alpha, &["promote", "--until", "mount nfs"]);
+    assert!(mount.status.success(), "promote --until mount:\n{mount}{}", c.diag(Alpha));
+    let prep = format!(
+        "mkdir -p {NFS_STATE} {NFS_EXPORT} && cp -a /var/lib/nfs/. {NFS_STATE}/ && \
+         findmnt -n -o SOURCE,FSTYPE {NFS_MOUNT}"
+    );
+    let out = c.run_on(Alpha, &prep);
+    assert_eq!(out.stdout.split_whitespace().collect::<Vec<_>>(), [dev.as_str(), "xfs"], "{out}");
+    let (out, took) = c.promote(Alpha, &[]);
+    eprintln!(
+        "promote (nfs) on alpha: {:.1} s; steps: {:#?}",
+        took.as_secs_f64(),
+        step_lines(&out)
+    );
+}
+
+/// The kernel NFS server on the mirror: the kernel NFSv4.2 client (hard mount, in a mount
+/// namespace of the client's network namespace) writes files of 1 KiB to 64 MiB through the
+/// VIP while alpha dies; `promote --force` on beta; every file the client closed has its size
+/// and checksum on beta's filesystem, and the writer goes on. The longest single write,
+/// fsync or close is the client's stall, reported.
+///
+/// NOT YET in `GUEST_TESTS`: the server comes up (nfsdcld tracking, lease and grace from the
+/// doc's nfs.conf), but the test has not passed end to end in the guest yet.
+#[test]
+#[ignore = "runs inside the VM: vm_kernel_tier boots it"]
+fn guest_kernel_nfs_failover() {
+    super::guest_kernel();
+    for tool in ["rpc.nfsd", "rpc.mountd", "nfsdcld", "exportfs", "mount.nfs4", "mkfs.xfs"] {
+        require(tool);
+    }
+    let mut c = Cluster::with_lan("vm-nfs", NFS_SIZE, nfs_configure);
+    nfs_node_files(&c);
+    c.start(Alpha);
+    c.start(Beta);
+    with_kernel_cleanup(&mut c, NFS_VOLUME, true, nfs_failover);
+}
+
+/// The client's files: `name → (size, sha256)` of every `closed` line, and the last stall.
+fn closed_files(log: &Path) -> (Vec<(String, u64, String)>, f64) {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let mut files = Vec::new();
+    let mut stall = 0.0;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if let ["closed", name, size, sum, s] = f[..] {
+            files.push((name.to_string(), size.parse().unwrap_or(0), sum.to_string()));
+            stall = s.parse().unwrap_or(stall);
+        } else if let ["end", _, s] = f[..] {
+            stall = s.parse().unwrap_or(stall);
+        }
+    }
+    (files, stall)
+}
+
+fn wait_closed(
+    log: &Path,
+    at_least: usize,
+    timeout: Duration,
+    writer: &mut Background,
+    diag: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    while closed_files(log).0.len() < at_least {
+        assert!(!writer.has_exited(), "the NFS writer ended:\n{}{}", writer.log_text(), diag());
+        assert!(Instant::now() < deadline, "{at_least} files not closed in {timeout:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The NFS writer in the client: a private mount namespace with the hard NFSv4.2 mount.
+fn nfs_writer(c: &Cluster) -> (Background, PathBuf, PathBuf) {
+    let (mnt, log, stop) =
+        (c.dir().join("nfs-client"), c.dir().join("nfs.log"), c.dir().join("nfs.stop"));
+    fs::create_dir_all(&mnt).expect("mkdir client mount point");
+    let writer = repo().join("tests/vm/nfs-writer.py");
+    let script = format!(
+        "set -e; i=0; until mount -t nfs4 -o vers=4.2,hard {VIP}:/ {m}; do \
+         i=$((i+1)); [ $i -lt 30 ] || exit 1; sleep 2; done; \
+         {py} {w} {m} {l} {s} 7; umount {m}",
+        m = mnt.display(),
+        py = blockd_tests::cluster::clients::PYTHON,
+        w = writer.display(),
+        l = log.display(),
+        s = stop.display()
+    );
+    let mut sh = c.lan().client_command("unshare");
+    sh.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    (Background::spawn(&mut sh, &c.dir().join("nfs-writer.out")), log, stop)
+}
+
+/// The server's exports, export cache and helper logs on `n`, for a failure message.
+fn nfs_diag(c: &Cluster, n: NodeId) -> String {
+    let d = "exportfs -v; cat /proc/net/rpc/nfsd.export/content; \
+             tail -n 20 /run/blockd-nfs-server/*.log";
+    let out = c.run_on(n, d);
+    format!("\n--- {} NFS server ---\n{}{}", n.name(), out.stdout, out.stderr)
+}
+
+fn nfs_failover(c: &mut Cluster) {
+    nfs_first_promote(c);
+    let (mut writer, log, stop) = nfs_writer(c);
+    wait_closed(&log, 4, Duration::from_secs(600), &mut writer, || nfs_diag(c, Alpha));
+    c.kill_node(Alpha);
+    let killed = closed_files(&log).0.len();
+    c.wait_for(Beta, "peer gone", Duration::from_secs(120), |v| v["conn"] != "Connected");
+    let t = Instant::now();
+    let (out, _) = c.promote(Beta, &["--force"]);
+    eprintln!("promote --force (nfs) on beta: steps: {:#?}", step_lines(&out));
+    wait_closed(&log, killed + 3, Duration::from_secs(900), &mut writer, || nfs_diag(c, Beta));
+    eprintln!("promote → 3 more files closed: {:.1} s", t.elapsed().as_secs_f64());
+    fs::write(&stop, b"").expect("write stop file");
+    let status = writer.wait(Duration::from_secs(900));
+    assert!(status.is_some_and(|s| s.success()), "NFS writer:\n{}", writer.log_text());
+    let (files, stall) = closed_files(&log);
+    let mut check = String::new();
+    for (name, _, _) in &files {
+        check.push_str(&format!(
+            "stat -c '%s' {NFS_EXPORT}/{name}; sha256sum < {NFS_EXPORT}/{name}\n"
+        ));
+    }
+    let out = c.run_on(Beta, &check);
+    let got: Vec<&str> = out.stdout.split_whitespace().filter(|w| *w != "-").collect();
+    for (i, (name, size, sum)) in files.iter().enumerate() {
+        let (gs, gh) = (got.get(2 * i).copied(), got.get(2 * i + 1).copied());
+        assert_eq!(gs, Some(size.to_string().as_str()), "{name}: size on beta\n{out}");
+        assert_eq!(gh, Some(sum.as_str()), "{name}: sha256 on beta");
+    }
+    let bytes: u64 = files.iter().map(|f| f.1).sum();
+    eprintln!(
+        "kernel NFS: {} files ({} MiB) closed, {killed} before the kill, all with their size \
+         and sha256 on beta; the client's longest stall (one write, fsync or close): {stall:.1} s",
+        files.len(),
+        bytes >> 20
+    );
+}
