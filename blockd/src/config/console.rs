@@ -65,15 +65,7 @@ impl Config {
         if self.metrics.listen == Some(addr) {
             p.add("console.listen", Some(quote(addr)), "same address as metrics.listen");
         }
-        for (name, node) in &self.node {
-            let clash = [("replication", node.replication), ("nbd-tcp", node.nbd_tcp)]
-                .into_iter()
-                .find(|(_, a)| *a == Some(addr));
-            if let Some((key, _)) = clash {
-                let why = format!("same address as node.{name}.{key}");
-                p.add("console.listen", Some(quote(addr)), why);
-            }
-        }
+        self.check_listen_clash("console.listen", addr, p);
     }
 }
 

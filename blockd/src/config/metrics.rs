@@ -44,13 +44,18 @@ impl Config {
     /// The endpoint must not take an address the daemon already listens on.
     pub(super) fn check_metrics(&self, p: &mut Problems) {
         let Some(addr) = self.metrics.listen else { return };
+        self.check_listen_clash("metrics.listen", addr, p);
+    }
+
+    /// `key`'s `addr` must not be a node's replication or NBD TCP address.
+    pub(super) fn check_listen_clash(&self, key: &str, addr: SocketAddr, p: &mut Problems) {
         for (name, node) in &self.node {
             let clash = [("replication", node.replication), ("nbd-tcp", node.nbd_tcp)]
                 .into_iter()
                 .find(|(_, a)| *a == Some(addr));
-            if let Some((key, _)) = clash {
-                let why = format!("same address as node.{name}.{key}");
-                p.add("metrics.listen", Some(quote(addr)), why);
+            if let Some((other, _)) = clash {
+                let why = format!("same address as node.{name}.{other}");
+                p.add(key, Some(quote(addr)), why);
             }
         }
     }
