@@ -16,11 +16,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{actions, state, Console};
+use crate::metrics::http::serve_bounded;
 
 const MAX_CONNECTIONS: usize = 16;
 const MAX_HEAD: usize = 8 << 10;
@@ -45,29 +45,11 @@ pub async fn serve(
     token: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (stream, from) = tokio::select! {
-            () = token.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "console: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
-        let (console, token) = (Arc::clone(&console), token.clone());
-        tracker.spawn(async move {
-            tokio::select! {
-                () = token.cancelled() => {}
-                () = connection(stream, from, &console) => {}
-            }
-            drop(slot);
-        });
-    }
+    let handle = move |stream, from| {
+        let console = Arc::clone(&console);
+        async move { connection(stream, from, &console).await }
+    };
+    serve_bounded(listener, MAX_CONNECTIONS, "console", token, tracker, handle).await;
 }
 
 async fn connection(mut stream: TcpStream, from: SocketAddr, console: &Console) {

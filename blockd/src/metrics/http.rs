@@ -81,26 +81,50 @@ async fn serve<F>(
 ) where
     F: Fn() -> String + Send + Sync + 'static,
 {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Over the limit: closed at once; the scraper retries at its next interval.
+    serve_bounded(listener, MAX_CONNECTIONS, "metrics", token, tracker, move |stream, _| {
+        let status = Arc::clone(&status);
+        async move {
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection(stream, &*status)).await;
+        }
+    })
+    .await;
+}
+
+/// The accept loop of the daemon's small HTTP endpoints (metrics, console): at most `max`
+/// connections at a time (one over the limit is closed at once), each handled by `handle` on
+/// `tracker` until it returns or `token` is cancelled; an accept error is logged as `what`'s
+/// and retried after 100 ms.
+pub(crate) async fn serve_bounded<H, Fut>(
+    listener: TcpListener,
+    max: usize,
+    what: &'static str,
+    token: CancellationToken,
+    tracker: TaskTracker,
+    handle: H,
+) where
+    H: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max));
     loop {
-        let stream = tokio::select! {
+        let (stream, from) = tokio::select! {
             () = token.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
+                Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tracing::warn!(error = %e, "{what}: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
-        // Over the limit: closed at once; the scraper retries at its next interval.
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
-        let (status, token) = (Arc::clone(&status), token.clone());
+        let (conn, token) = (handle(stream, from), token.clone());
         tracker.spawn(async move {
             tokio::select! {
                 () = token.cancelled() => {}
-                _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection(stream, &*status)) => {}
+                () = conn => {}
             }
             drop(slot);
         });
