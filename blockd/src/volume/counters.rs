@@ -29,7 +29,8 @@ pub(super) struct AtomicCounters {
 }
 
 impl AtomicCounters {
-    pub(super) fn snapshot(&self) -> Counters {
+    /// The counters now; `meta_writes` is kept by the dirty tracking, not here.
+    pub(super) fn snapshot(&self, meta_writes: u64) -> Counters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Counters {
             reads: get(&self.reads),
@@ -49,8 +50,7 @@ impl AtomicCounters {
             verify_differed: get(&self.verify_differed),
             connects: get(&self.connects),
             link_refused: get(&self.link_refused),
-            // Kept by the dirty tracking; the volume fills it in.
-            meta_writes: 0,
+            meta_writes,
         }
     }
 }

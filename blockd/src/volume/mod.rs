@@ -54,7 +54,7 @@ pub use resync::{ResyncError, ResyncOptions};
 pub use state::Transition;
 
 use crate::{
-    control::{ConnState, Counters, Role, VolumeStatus},
+    control::{ConnState, Role, VolumeStatus},
     fence::{Cleared, Fence},
     meta::{AlConfig, Dirty, DiskFailure, DiskOp, Meta, MetaError, MetaFile, Resolve},
     replication::Message,
@@ -588,10 +588,7 @@ impl Volume {
             out_of_sync: live.out_of_sync(self.size(), self.track.dirty_bytes()),
             resync: live.resync.as_ref().map(state::Progress::report),
             generation: format!("{gens:016x}"),
-            counters: Counters {
-                meta_writes: self.track.meta_writes(),
-                ..self.counters.snapshot()
-            },
+            counters: self.counters.snapshot(self.track.meta_writes()),
             frozen: self.frozen(&live),
             lease: self.fence.get().map(|f| f.status(&self.info.node, tokio::time::Instant::now())),
             latency: self.counters.latency.snapshot(),
