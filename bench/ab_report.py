@@ -20,14 +20,16 @@ ROW = "blockd-mirror"
 
 
 def runs(work, build, logcfg, wid):
-    """[(iops, p50 µs, json path)] of every repetition."""
+    """[(iops, p50 µs, json path, mean µs, p99 µs)] of every repetition."""
     out = []
     for f in sorted(glob.glob(f"{work}/{build}/{logcfg}/*/json/{ROW}.{wid}.json")):
         with open(f) as fh:
             job = json.load(fh)["jobs"][0]
         side = job["write"] if job["write"]["iops"] > 0 else job["read"]
-        p50 = side["lat_ns"].get("percentile", {}).get("50.000000", 0) / 1000.0
-        out.append((side["iops"], p50, f))
+        pct = side["lat_ns"].get("percentile", {})
+        p50 = pct.get("50.000000", 0) / 1000.0
+        p99 = pct.get("99.000000", 0) / 1000.0
+        out.append((side["iops"], p50, f, side["lat_ns"]["mean"] / 1000.0, p99))
     return out
 
 
@@ -40,7 +42,7 @@ def perf_medians(rs, tag, window):
     """Median per-I/O switches, syscalls, wake-ups, cpu µs of node `tag` over the runs."""
     keys = ("context-switches", "raw_syscalls:sys_enter", "sched:sched_wakeup", "task-clock")
     per = {k: [] for k in keys}
-    for iops, _, f in rs:
+    for iops, _, f, *_ in rs:
         p = f[: -len(".json")] + f".{tag}.perf"
         if not os.path.exists(p) or iops <= 0:
             continue
@@ -60,19 +62,23 @@ def main():
     work, a, b, small, wids, logs, runtime = sys.argv[1:8]
     window = float(runtime) - 0.4
     print(f"A = {a}\nB = {b}\nsmall log = {small} extents\n")
-    print("| workload | log | A IOPS | B IOPS | B/A | A p50 µs | B p50 µs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | log | A IOPS | B IOPS | B/A | A p50 µs | B p50 µs | A mean / p99 µs |"
+          " B mean / p99 µs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     prof = []
     for wid in wids.split():
         name = NAMES.get(wid, wid)
         for logcfg in logs.split():
             ra, rb = runs(work, "A", logcfg, wid), runs(work, "B", logcfg, wid)
             if not ra or not rb:
-                print(f"| {name} | {logcfg} | {len(ra)} runs | {len(rb)} runs | n/a | | |")
+                print(f"| {name} | {logcfg} | {len(ra)} runs | {len(rb)} runs | n/a | | | | |")
                 continue
             (ca, ma), (cb, mb) = cell([r[0] for r in ra]), cell([r[0] for r in rb])
             (la, _), (lb, _) = cell([r[1] for r in ra]), cell([r[1] for r in rb])
-            print(f"| {name} | {logcfg} | {ca} | {cb} | {mb / ma:.3f} | {la} | {lb} |")
+            tails = [f"{statistics.median([r[3] for r in rs]):.0f} / "
+                     f"{statistics.median([r[4] for r in rs]):.0f}" for rs in (ra, rb)]
+            print(f"| {name} | {logcfg} | {ca} | {cb} | {mb / ma:.3f} | {la} | {lb} | "
+                  f"{tails[0]} | {tails[1]} |")
             for build, rs in (("A", ra), ("B", rb)):
                 for tag, node in (("server", "alpha"), ("peer", "beta")):
                     m = perf_medians(rs, tag, window)
