@@ -139,11 +139,13 @@ PY
 mirror_start_blockd() {
   local ctl=$1 cfg=$WORK/mirror/blockd.toml slog=$WORK/logs/blockd-mirror.log _
   rm -f -- "$WORK"/mirror/*/run/*.sock
-  local enc="BLOCKD_CLUSTER__ENCRYPTION=${MIRROR_ENCRYPTION:-on}"
-  ip netns exec "$NS_B" env "$enc" "$BLOCKD" --config "$cfg" --node beta \
+  # Only the noenc row sets the key: a build older than issue 11 (bench/ab's A) refuses it.
+  local enc=()
+  [ -z "${MIRROR_ENCRYPTION:-}" ] || enc=("BLOCKD_CLUSTER__ENCRYPTION=$MIRROR_ENCRYPTION")
+  ip netns exec "$NS_B" env "${enc[@]}" "$BLOCKD" --config "$cfg" --node beta \
     >>"$WORK/logs/blockd-beta.log" 2>&1 &
   PEER_PID=$!
-  ip netns exec "$NS_A" env "$enc" "$BLOCKD" --config "$cfg" --node alpha >>"$slog" 2>&1 &
+  ip netns exec "$NS_A" env "${enc[@]}" "$BLOCKD" --config "$cfg" --node alpha >>"$slog" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 600); do
     if ! kill -0 "$SERVER_PID" 2>/dev/null || ! kill -0 "$PEER_PID" 2>/dev/null; then break; fi
