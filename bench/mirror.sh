@@ -162,32 +162,40 @@ mirror_start_blockd() {
   return 1
 }
 
-# Fresh daemons for every workload, over the same data: blockd creates both backing files on the
-# first start; the first time the pair is up, the volume is written through completely over NBD
-# (so the read test reads real data and no write allocates), which also writes beta's copy.
+# blockd_mirror_up CTL: the two-node config, both daemons, alpha Primary and its export
+# answering on MIRROR_URI (SERVER_PID alpha, PEER_PID beta). blockd creates both backing files on
+# the first start; the first time the pair is up, the volume is written through completely over
+# NBD (so a read reads real data and no write allocates), which also writes beta's copy.
+# Returns 1 (after saying why) when any of it fails; the caller stops what was started.
+MIRROR_URI=""
+blockd_mirror_up() {
+  MIRROR_URI="nbd+unix:///bench?socket=$WORK/mirror/alpha/run/bench.sock"
+  mirror_config
+  mirror_start_blockd "$1" && wait_nbd "$MIRROR_URI" || return 1
+  if [ -z "$MIRROR_FILLED" ]; then
+    log "prefill blockd-mirror through NBD (${SIZE_GIB} GiB)"
+    if fio --name=prefill --ioengine=nbd --uri="$MIRROR_URI" --size="$SIZE" --rw=write --bs=1M \
+      --iodepth=8 --output="$WORK/logs/prefill-mirror.log" >/dev/null; then
+      MIRROR_FILLED=1
+    else
+      log "blockd-mirror: prefill failed (see logs/prefill-mirror.log)"
+      return 1
+    fi
+  fi
+}
+
+# Fresh daemons for every workload, over the same data (blockd_mirror_up).
 # ROW (default blockd-mirror) names the row; MIRROR_ENCRYPTION=off (row blockd-mirror-noenc)
 # runs the same pair with `[cluster] encryption = "off"`: frames authenticated, not encrypted.
 row_blockd_mirror() {
-  local row=${1:-blockd-mirror} ctl uri="nbd+unix:///bench?socket=$WORK/mirror/alpha/run/bench.sock"
+  local row=${1:-blockd-mirror} ctl
   [ -n "$BLOCKD" ] || return 0
   ctl=$(blockctl_bin) || return 0
-  mirror_config
-  if mirror_start_blockd "$ctl" && wait_nbd "$uri"; then
-    if [ -z "$MIRROR_FILLED" ]; then
-      log "prefill blockd-mirror through NBD (${SIZE_GIB} GiB)"
-      if fio --name=prefill --ioengine=nbd --uri="$uri" --size="$SIZE" --rw=write --bs=1M \
-        --iodepth=8 --output="$WORK/logs/prefill-mirror.log" >/dev/null; then
-        MIRROR_FILLED=1
-      else
-        log "blockd-mirror: prefill failed (see logs/prefill-mirror.log)"
-      fi
-    fi
-    if [ -n "$MIRROR_FILLED" ]; then
-      local id=${CUR_WORKLOADS[0]%% *}
-      meta_counters "$ctl" >"$WORK/json/$row.$id.meta0"
-      run_workloads "$row" --ioengine=nbd --uri="$uri"
-      meta_counters "$ctl" >"$WORK/json/$row.$id.meta1"
-    fi
+  if blockd_mirror_up "$ctl"; then
+    local id=${CUR_WORKLOADS[0]%% *}
+    meta_counters "$ctl" >"$WORK/json/$row.$id.meta0"
+    run_workloads "$row" --ioengine=nbd --uri="$MIRROR_URI"
+    meta_counters "$ctl" >"$WORK/json/$row.$id.meta1"
   fi
   stop_server
 }
@@ -211,13 +219,16 @@ wait_qemu_nbd_tcp() {
   return 1
 }
 
-# qemu-nbd in beta (O_DIRECT, io_uring) over TCP on the veth; qemu-storage-daemon in alpha with
-# the prefilled peer.img (O_DIRECT, io_uring) exported on a unix socket, and an active
-# synchronous mirror (blockdev-mirror sync=full copy-mode=write-blocking) to beta, waited to
-# READY before fio starts. Fresh processes per workload, like every other row.
-row_qsd_mirror() {
+# qsd_mirror_up IMAGE: qemu-nbd in beta (O_DIRECT, io_uring) over TCP on the veth (PEER_PID);
+# qemu-storage-daemon in alpha (SERVER_PID) with IMAGE (O_DIRECT, io_uring) exported on the unix
+# socket of QSD_URI, and an active synchronous mirror (blockdev-mirror sync=full
+# copy-mode=write-blocking) to beta, waited to READY. Returns 1 (after saying why) on failure;
+# the caller stops what was started.
+QSD_URI=""
+qsd_mirror_up() {
   local m=$WORK/mirror sock=$WORK/run/qsd.sock qmp=$WORK/run/qsd.qmp
   local slog=$WORK/logs/qsd-mirror.log
+  QSD_URI="nbd+unix:///?socket=$sock"
   mkdir -p "$m"
   [ -f "$m/qsd-target.img" ] || truncate -s "$SIZE" "$m/qsd-target.img"
   rm -f -- "$sock" "$qmp"
@@ -226,11 +237,10 @@ row_qsd_mirror() {
   PEER_PID=$!
   if ! wait_qemu_nbd_tcp; then
     log "qsd-mirror: qemu-nbd in $NS_B did not come up: $(tail -3 "$WORK/logs/qemu-nbd-beta.log" | tr '\n' ' ')"
-    stop_server
-    return 0
+    return 1
   fi
   ip netns exec "$NS_A" qemu-storage-daemon \
-    --blockdev "driver=file,node-name=src-file,filename=$WORK/peer.img,cache.direct=on,aio=io_uring" \
+    --blockdev "driver=file,node-name=src-file,filename=$1,cache.direct=on,aio=io_uring" \
     --blockdev driver=raw,node-name=src,file=src-file \
     --blockdev "driver=nbd,node-name=tgt,server.type=inet,server.host=$B_IP,server.port=$QNBD_PORT,export=mirror" \
     --nbd-server "addr.type=unix,addr.path=$sock" \
@@ -238,12 +248,19 @@ row_qsd_mirror() {
     --chardev "socket,id=qmp0,path=$qmp,server=on,wait=off" \
     --monitor chardev=qmp0,mode=control >>"$slog" 2>&1 &
   SERVER_PID=$!
-  if python3 "$BENCH_DIR/qmp_mirror.py" "$qmp" "$SERVER_PID" >>"$slog" 2>&1 &&
-    wait_nbd "nbd+unix:///?socket=$sock"; then
-    run_workloads qsd-mirror --ioengine=nbd --uri="nbd+unix:///?socket=$sock"
-  else
+  if ! python3 "$BENCH_DIR/qmp_mirror.py" "$qmp" "$SERVER_PID" >>"$slog" 2>&1 ||
+    ! wait_nbd "$QSD_URI"; then
     log "qsd-mirror: mirror did not reach READY; last lines of its log:"
     tail -5 "$slog" >&2 || true
+    return 1
+  fi
+}
+
+# The qsd-mirror row on the prefilled peer.img; fresh processes per workload, like every other
+# row.
+row_qsd_mirror() {
+  if qsd_mirror_up "$WORK/peer.img"; then
+    run_workloads qsd-mirror --ioengine=nbd --uri="$QSD_URI"
   fi
   stop_server
 }

@@ -33,26 +33,9 @@ const DOC_VIP: &str = "10.0.0.100";
 /// Small redo log and buffer pool: this machine is small (not part of the doc's settings).
 const SMALL: &str = "--innodb-log-file-size=16M --innodb-buffer-pool-size=32M";
 
-/// kine's MySQL schema (k3s-io/kine, pkg/drivers/mysql): the table, then its indexes.
-const KINE_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS kine (
-  id BIGINT UNSIGNED AUTO_INCREMENT,
-  name VARCHAR(630) CHARACTER SET ascii,
-  created INTEGER,
-  deleted INTEGER,
-  create_revision BIGINT UNSIGNED,
-  prev_revision BIGINT UNSIGNED,
-  lease INTEGER,
-  value MEDIUMBLOB,
-  old_value MEDIUMBLOB,
-  PRIMARY KEY (id)
-);
-CREATE INDEX kine_name_index ON kine (name);
-CREATE INDEX kine_name_id_index ON kine (name, id);
-CREATE INDEX kine_id_deleted_index ON kine (id, deleted);
-CREATE INDEX kine_prev_revision_index ON kine (prev_revision);
-CREATE UNIQUE INDEX kine_name_prev_revision_uindex ON kine (name, prev_revision);
-";
+/// kine's MySQL schema (k3s-io/kine, pkg/drivers/mysql): the table, then its indexes (the
+/// database bench's kine-shaped load creates the same table from the same file).
+const KINE_SCHEMA: &str = include_str!("../../bench/kine.sql");
 
 const KINE_INDEXES: [&str; 6] = [
     "PRIMARY",
