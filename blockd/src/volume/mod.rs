@@ -54,11 +54,11 @@ pub use resync::{ResyncError, ResyncOptions};
 pub use state::Transition;
 
 use crate::{
-    control::{ConnState, Role, VolumeStatus},
+    control::VolumeStatus,
     fence::{Cleared, Fence},
     meta::{AlConfig, Dirty, DiskFailure, DiskOp, Meta, MetaError, MetaFile, Resolve},
     replication::Message,
-    role,
+    role::{self, ConnState, Role},
     storage::{AlignedBuf, ReadBuf, Store},
 };
 
@@ -663,8 +663,7 @@ mod fence_tests;
 mod tests {
     use super::*;
     use crate::{
-        control::{ConnState, DiskState},
-        role::Event,
+        role::{DiskState, Event},
         storage::StoreOptions,
     };
 

@@ -13,10 +13,10 @@ use tokio::sync::MutexGuard;
 
 use super::{Volume, VolumeError, VolumeInfo};
 use crate::{
-    control::{ConnState, DiskState, ResyncProgress, Role},
+    control::ResyncProgress,
     meta::{new_generation, DiskFailure, Generations, Meta, MetaFile, Resolve},
     replication::{LinkError, Message, Session},
-    role::{self, Action, Event},
+    role::{self, Action, ConnState, DiskState, Event, Role},
 };
 
 /// Metadata and the file it lives in; the mutex around it is the transition lock.
