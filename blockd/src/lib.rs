@@ -45,6 +45,8 @@
 //!   without `NOTIFY_SOCKET`.
 //! - [`sys`]: process-wide settings against the same-host memory-pressure deadlock
 //!   (`PR_SET_IO_FLUSHER`, `mlockall`).
+//! - [`errno`]: the one table of error values NBD replies and the link's `Ack` carry, and how
+//!   host and volume errors map onto it. Pure.
 //! - `be` (private): big-endian integers at fixed offsets, for the pure codecs.
 
 mod be;
@@ -52,6 +54,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod daemon;
+pub mod errno;
 pub mod fence;
 pub mod kernel;
 pub mod meta;

@@ -27,6 +27,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::ResyncConfig,
     control::{ConnState, ErrorKind, Role, Verified},
+    errno,
     fence::Fence,
     meta::{self, Resolve, SyncDecision},
     replication::{LinkEvent, Message, Responder, Session},
@@ -250,7 +251,7 @@ impl Node {
         let (Some(v), Some(s)) =
             (self.volumes.get(usize::from(index)), self.session().filter(|s| s.id() == session))
         else {
-            reply.send(Message::Ack { error: 22 });
+            reply.send(Message::Ack { error: errno::EINVAL });
             return;
         };
         let v = Arc::clone(v);
@@ -525,7 +526,7 @@ async fn state_message(v: &Volume) -> Message {
 }
 
 fn ack_of<T>(r: Result<T, crate::volume::VolumeError>) -> Message {
-    Message::Ack { error: if r.is_ok() { 0 } else { 5 } }
+    Message::Ack { error: if r.is_ok() { errno::OK } else { errno::EIO } }
 }
 
 fn internal(e: crate::volume::VolumeError) -> Refused {

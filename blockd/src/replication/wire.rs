@@ -245,7 +245,7 @@ pub enum Message {
         code: i32,
         output: String,
     },
-    /// The reply to a data or role request: 0 = ok, else an errno.
+    /// The reply to a data or role request: 0 = ok, else a value of [`crate::errno`]'s table.
     Ack {
         error: u32,
     },

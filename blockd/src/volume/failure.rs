@@ -143,7 +143,7 @@ impl Volume {
             Err(e) => e,
         };
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        let errno = e.raw_os_error().map_or(0, |n| n as u32);
+        let errno = crate::errno::raw(&e);
         let err = VolumeError::Io(e);
         self.disk_failed(DiskFailure { op, errno, offset }, &err);
         self.persist_failure().await;
