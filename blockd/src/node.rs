@@ -426,6 +426,9 @@ impl Node {
         let mut out = Vec::new();
         for v in self.targets(volume)? {
             let m = v.machine();
+            if v.split_brain() {
+                return Err(split_brain(&v, "verify needs the peer in sync"));
+            }
             if m.role != Role::Primary || m.conn != ConnState::Connected {
                 return Err((
                     ErrorKind::NotPrimary,
@@ -536,6 +539,19 @@ fn internal(e: crate::volume::VolumeError) -> Refused {
     )
 }
 
+/// A request refused because the volume is StandAlone for a split brain.
+fn split_brain(v: &Volume, what: &str) -> Refused {
+    (
+        ErrorKind::SplitBrain,
+        format!(
+            "volume {}: split brain ({what}): both nodes wrote since they were last in sync. On \
+             the node whose changes lose: blockctl demote, then blockctl resolve --discard-local; \
+             or promote --force to go on alone",
+            v.name()
+        ),
+    )
+}
+
 fn refusal(v: &Volume, r: Refusal) -> Refused {
     let name = v.name();
     match r {
@@ -543,6 +559,8 @@ fn refusal(v: &Volume, r: Refusal) -> Refused {
             ErrorKind::Inconsistent,
             format!("volume {name}: the local disk is {disk:?}, not UpToDate; refusing to promote"),
         ),
+        // Connected, but the handshake refused the peer: not "unreachable".
+        Refusal::PeerUnreachable if v.split_brain() => split_brain(v, "refusing to promote"),
         Refusal::PeerUnreachable => (
             ErrorKind::PeerUnreachable,
             format!(
@@ -558,3 +576,7 @@ fn refusal(v: &Volume, r: Refusal) -> Refused {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "node_refusal_tests.rs"]
+mod refusal_tests;

@@ -327,6 +327,16 @@ fn peer_role_changed(s: &State, r: Role) -> (State, Vec<Action>) {
 }
 
 /// Ends the session: StandAlone, and the reason for the node to log and show.
+/// How the reason of a split brain's `Drop` begins (status shows it as `conn_reason`).
+pub const SPLIT_BRAIN: &str = "split brain: both nodes wrote since they were last in sync";
+
+/// True when a connection reason (a `Drop`'s) says split brain: the node stays StandAlone
+/// until the operator resolves it, and operations that need the peer are refused as
+/// `SplitBrain` (`node.rs`).
+pub fn is_split_brain(reason: &str) -> bool {
+    reason.starts_with(SPLIT_BRAIN)
+}
+
 fn drop_session(s: State, reason: &str) -> (State, Vec<Action>) {
     (State { conn: ConnState::StandAlone, ..s }, vec![Action::Drop(reason.to_owned())])
 }
@@ -363,10 +373,9 @@ fn connected(
     let (next, mut actions) = end_promotion(State { peer_role: Some(peer_role), ..*s });
     let (next, more) = match (s.role, peer_role) {
         // The split brain is what the operator must fix (it outlives a demotion): say it.
-        (Role::Primary, Role::Primary) if decision == SyncDecision::SplitBrain => drop_session(
-            next,
-            "split brain: both nodes wrote since they were last in sync (both are Primary)",
-        ),
+        (Role::Primary, Role::Primary) if decision == SyncDecision::SplitBrain => {
+            drop_session(next, &format!("{SPLIT_BRAIN} (both are Primary)"))
+        }
         (Role::Primary, Role::Primary) => drop_session(next, "both nodes are Primary"),
         // A Failed disk is never written again, not even by a resync, until the operator
         // replaced it (DRBD's detach); a Failed Primary goes on serving through its peer.
@@ -386,9 +395,7 @@ fn connected(
                 },
                 SyncDecision::Source => become_source(next, peer_role),
                 SyncDecision::Target => become_target(next, peer_disk),
-                SyncDecision::SplitBrain => {
-                    drop_session(next, "split brain: both nodes wrote since they were last in sync")
-                }
+                SyncDecision::SplitBrain => drop_session(next, SPLIT_BRAIN),
                 SyncDecision::Unrelated => drop_session(
                     next,
                     "unrelated data: the nodes share no generation (needs an explicit full sync)",

@@ -282,6 +282,12 @@ impl Volume {
         }
     }
 
+    /// The last handshake found a split brain (status: `conn_reason`); until the operator
+    /// resolves it the volume stays StandAlone.
+    pub fn split_brain(&self) -> bool {
+        self.live().reason.as_deref().is_some_and(role::is_split_brain)
+    }
+
     /// Generations and flags for the state exchange with the peer.
     pub async fn local_state(&self) -> (role::State, Generations, bool) {
         let p = self.persisted.lock().await;
