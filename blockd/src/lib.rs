@@ -6,6 +6,8 @@
 //!
 //! Module map (what each owns, and what it must not do):
 //!
+//! - [`accept`]: the one accept loop of every listener (NBD, control, replication, witness,
+//!   metrics, console), each with its small [`accept::Policy`] (bound, backoff, cancellation).
 //! - [`config`]: the TOML file plus `BLOCKD_*` overrides, parsed with figment and checked by
 //!   `validate()`. Pure data; no I/O beyond reading the file.
 //! - [`storage`]: the backing file or disk behind one [`storage::Engine`] trait (io_uring and sync
@@ -49,6 +51,7 @@
 //!   host and volume errors map onto it. Pure.
 //! - `be` (private): big-endian integers at fixed offsets, for the pure codecs.
 
+pub mod accept;
 mod be;
 pub mod config;
 pub mod console;
