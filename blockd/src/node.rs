@@ -32,6 +32,7 @@ use crate::{
     meta::{self, Resolve, SyncDecision},
     replication::{LinkEvent, Message, Responder, Session},
     role::{Action, Event, Refusal},
+    swap::run_promote,
     volume::{ResyncOptions, Transition, Volume},
 };
 
@@ -489,30 +490,6 @@ impl Node {
             }
         }
     }
-}
-
-/// How long the peer's promote plan may run before this node gives up on it.
-const RUN_PROMOTE_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Runs `blockctl promote` for this node, as the peer asked (a planned switchover). blockctl is
-/// looked for next to this binary first, then on PATH.
-async fn run_promote(config: &std::path::Path, node: &str) -> Message {
-    let beside = std::env::current_exe().ok().map(|p| p.with_file_name("blockctl"));
-    let program = beside.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("blockctl"));
-    tracing::info!(node, "the peer asks for a switchover: running {} promote", program.display());
-    let mut cmd = tokio::process::Command::new(&program);
-    cmd.arg("--config").arg(config).arg("--node").arg(node).arg("promote").kill_on_drop(true);
-    let (code, output) = match tokio::time::timeout(RUN_PROMOTE_TIMEOUT, cmd.output()).await {
-        Ok(Ok(out)) => {
-            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.push_str(&String::from_utf8_lossy(&out.stderr));
-            (out.status.code().unwrap_or(-1), text)
-        }
-        Ok(Err(e)) => (-1, format!("cannot run {}: {e}", program.display())),
-        Err(_) => (-1, format!("promote did not finish within {RUN_PROMOTE_TIMEOUT:?}")),
-    };
-    tracing::info!(node, code, "switchover promote finished");
-    Message::PromoteResult { code, output }
 }
 
 /// This node's side of the state exchange for `v`.
