@@ -18,13 +18,14 @@ use std::{fmt, io, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, UnixListener},
+    net::TcpListener,
     sync::mpsc,
     task::JoinHandle,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    accept::{self, Listener, Policy},
     config::{Config, LocalNode},
     control::{
         self,
@@ -263,7 +264,10 @@ impl Serving {
         Ok(())
     }
 
-    fn spawn_accept<L: Listener>(&self, listener: L, exports: Exports, limits: &Limits) {
+    fn spawn_accept<L: Listener>(&self, listener: L, exports: Exports, limits: &Limits)
+    where
+        L::Stream: AsyncRead + AsyncWrite + Unpin,
+    {
         let (token, tracker) = (self.token.clone(), self.tracker.clone());
         let task = accept_loop(listener, Arc::new(exports), limits.clone(), token, tracker);
         self.tracker.spawn(task);
@@ -450,59 +454,26 @@ fn log_ready(node: &LocalNode, volumes: &[Arc<Volume>]) {
     );
 }
 
-/// A listener the accept loop can take clients from.
-trait Listener: Send + 'static {
-    type Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
-    fn accept_one(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send;
-}
-
-impl Listener for UnixListener {
-    type Stream = tokio::net::UnixStream;
-    async fn accept_one(&self) -> io::Result<Self::Stream> {
-        self.accept().await.map(|(s, _)| s)
-    }
-}
-
-impl Listener for TcpListener {
-    type Stream = tokio::net::TcpStream;
-    async fn accept_one(&self) -> io::Result<Self::Stream> {
-        let (s, peer) = self.accept().await?;
-        // Small requests (4 KiB writes, replies) must not wait for Nagle.
-        s.set_nodelay(true)?;
-        tracing::debug!(%peer, "NBD client over TCP");
-        Ok(s)
-    }
-}
+/// How NBD sockets accept (table in `crate::accept`): no bound here (each volume bounds its
+/// clients), and cancelling stops reading new requests but lets in-flight ones finish.
+const NBD_POLICY: Policy = Policy::new("NBD").nodelay();
 
 /// Accepts NBD clients until `token` is cancelled; each is served on `tracker` with a child
-/// token, so cancelling stops reading new requests but lets in-flight ones finish.
+/// token.
 async fn accept_loop<L: Listener>(
     listener: L,
     exports: Arc<Exports>,
     limits: Limits,
     token: CancellationToken,
     tracker: TaskTracker,
-) {
-    loop {
-        let stream = tokio::select! {
-            () = token.cancelled() => return,
-            accepted = listener.accept_one() => match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of file descriptors and the like: log, breathe, go on.
-                    tracing::warn!(error = %e, "NBD accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        tracker.spawn(nbd::serve(
-            stream,
-            Arc::clone(&exports),
-            limits.clone(),
-            token.child_token(),
-        ));
-    }
+) where
+    L::Stream: AsyncRead + AsyncWrite + Unpin,
+{
+    accept::serve(listener, NBD_POLICY, token, tracker, move |c| {
+        tracing::debug!(from = ?c.from, "NBD client");
+        nbd::serve(c.stream, Arc::clone(&exports), limits.clone(), c.token)
+    })
+    .await;
 }
 
 /// Waits for every task on `tracker` (bounded); a second event stops the wait early.

@@ -6,6 +6,8 @@
 //!
 //! Module map (what each owns, and what it must not do):
 //!
+//! - [`accept`]: the one accept loop of every listener (NBD, control, replication, witness,
+//!   metrics, console), each with its small [`accept::Policy`] (bound, backoff, cancellation).
 //! - [`config`]: the TOML file plus `BLOCKD_*` overrides, parsed with figment and checked by
 //!   `validate()`. Pure data; no I/O beyond reading the file.
 //! - [`storage`]: the backing file or disk behind one [`storage::Engine`] trait (io_uring and sync
@@ -28,9 +30,13 @@
 //!   acknowledges degraded writes only while it holds the lease; the task that keeps it.
 //! - [`node`]: the node's volumes and its peer link: link events and operator requests become
 //!   role-machine events; the state exchange and resync start live here.
+//! - [`swap`]: the far end of `blockctl swap`'s relay: runs this node's `blockctl promote` when
+//!   the peer asks over the link (design.md §8); the promote steps stay in `blockctl`.
 //! - [`role`]: the pure role machine (design.md §7): `step(state, event) -> (state, actions)`; no
-//!   I/O, no tokio: the node performs the actions.
-//! - [`control`]: the control socket (JSON lines) and the types `blockctl` shares.
+//!   I/O, no tokio: the node performs the actions. Owns the domain types [`role::Role`],
+//!   [`role::DiskState`], [`role::ConnState`].
+//! - [`control`]: the control socket (JSON lines) and the types `blockctl` shares (the role
+//!   types re-exported from [`role`]). Error kinds, not strings: `SplitBrain`, `NotPrimary`, ...
 //! - [`kernel`]: `/dev/nbdN` attached by blockd itself over the `nbd` generic netlink family,
 //!   one end of a socketpair served by the NBD server (design.md §8 step 3).
 //! - [`metrics`]: latency histograms (lock-free, recorded by [`volume`]) and the Prometheus
@@ -45,13 +51,19 @@
 //!   without `NOTIFY_SOCKET`.
 //! - [`sys`]: process-wide settings against the same-host memory-pressure deadlock
 //!   (`PR_SET_IO_FLUSHER`, `mlockall`).
+//! - [`errno`]: the one table of error values NBD replies and the link's `Ack` carry, and how
+//!   host and volume errors map onto it. Pure.
+//! - `sim` (tests only): the deterministic simulation of two nodes in one process (design.md
+//!   §10).
 //! - `be` (private): big-endian integers at fixed offsets, for the pure codecs.
 
+pub mod accept;
 mod be;
 pub mod config;
 pub mod console;
 pub mod control;
 pub mod daemon;
+pub mod errno;
 pub mod fence;
 pub mod kernel;
 pub mod meta;
@@ -64,6 +76,7 @@ pub mod role;
 #[cfg(test)]
 mod sim;
 pub mod storage;
+pub mod swap;
 pub mod sys;
 pub mod volume;
 pub mod witness;

@@ -27,10 +27,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::ResyncConfig,
     control::{ConnState, ErrorKind, Role, Verified},
+    errno,
     fence::Fence,
     meta::{self, Resolve, SyncDecision},
     replication::{LinkEvent, Message, Responder, Session},
     role::{Action, Event, Refusal},
+    swap::run_promote,
     volume::{ResyncOptions, Transition, Volume},
 };
 
@@ -250,7 +252,7 @@ impl Node {
         let (Some(v), Some(s)) =
             (self.volumes.get(usize::from(index)), self.session().filter(|s| s.id() == session))
         else {
-            reply.send(Message::Ack { error: 22 });
+            reply.send(Message::Ack { error: errno::EINVAL });
             return;
         };
         let v = Arc::clone(v);
@@ -425,6 +427,9 @@ impl Node {
         let mut out = Vec::new();
         for v in self.targets(volume)? {
             let m = v.machine();
+            if v.split_brain() {
+                return Err(split_brain(&v, "verify needs the peer in sync"));
+            }
             if m.role != Role::Primary || m.conn != ConnState::Connected {
                 return Err((
                     ErrorKind::NotPrimary,
@@ -487,30 +492,6 @@ impl Node {
     }
 }
 
-/// How long the peer's promote plan may run before this node gives up on it.
-const RUN_PROMOTE_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Runs `blockctl promote` for this node, as the peer asked (a planned switchover). blockctl is
-/// looked for next to this binary first, then on PATH.
-async fn run_promote(config: &std::path::Path, node: &str) -> Message {
-    let beside = std::env::current_exe().ok().map(|p| p.with_file_name("blockctl"));
-    let program = beside.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("blockctl"));
-    tracing::info!(node, "the peer asks for a switchover: running {} promote", program.display());
-    let mut cmd = tokio::process::Command::new(&program);
-    cmd.arg("--config").arg(config).arg("--node").arg(node).arg("promote").kill_on_drop(true);
-    let (code, output) = match tokio::time::timeout(RUN_PROMOTE_TIMEOUT, cmd.output()).await {
-        Ok(Ok(out)) => {
-            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.push_str(&String::from_utf8_lossy(&out.stderr));
-            (out.status.code().unwrap_or(-1), text)
-        }
-        Ok(Err(e)) => (-1, format!("cannot run {}: {e}", program.display())),
-        Err(_) => (-1, format!("promote did not finish within {RUN_PROMOTE_TIMEOUT:?}")),
-    };
-    tracing::info!(node, code, "switchover promote finished");
-    Message::PromoteResult { code, output }
-}
-
 /// This node's side of the state exchange for `v`.
 async fn state_message(v: &Volume) -> Message {
     let (state, gens, pws) = v.local_state().await;
@@ -525,13 +506,26 @@ async fn state_message(v: &Volume) -> Message {
 }
 
 fn ack_of<T>(r: Result<T, crate::volume::VolumeError>) -> Message {
-    Message::Ack { error: if r.is_ok() { 0 } else { 5 } }
+    Message::Ack { error: if r.is_ok() { errno::OK } else { errno::EIO } }
 }
 
 fn internal(e: crate::volume::VolumeError) -> Refused {
     (
         ErrorKind::Internal,
         format!("{e}: {}", std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())),
+    )
+}
+
+/// A request refused because the volume is StandAlone for a split brain.
+fn split_brain(v: &Volume, what: &str) -> Refused {
+    (
+        ErrorKind::SplitBrain,
+        format!(
+            "volume {}: split brain ({what}): both nodes wrote since they were last in sync. On \
+             the node whose changes lose: blockctl demote, then blockctl resolve --discard-local; \
+             or promote --force to go on alone",
+            v.name()
+        ),
     )
 }
 
@@ -542,6 +536,8 @@ fn refusal(v: &Volume, r: Refusal) -> Refused {
             ErrorKind::Inconsistent,
             format!("volume {name}: the local disk is {disk:?}, not UpToDate; refusing to promote"),
         ),
+        // Connected, but the handshake refused the peer: not "unreachable".
+        Refusal::PeerUnreachable if v.split_brain() => split_brain(v, "refusing to promote"),
         Refusal::PeerUnreachable => (
             ErrorKind::PeerUnreachable,
             format!(
@@ -557,3 +553,7 @@ fn refusal(v: &Volume, r: Refusal) -> Refused {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "node_refusal_tests.rs"]
+mod refusal_tests;

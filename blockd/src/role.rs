@@ -53,8 +53,46 @@
 
 use std::fmt;
 
-use crate::control::{ConnState, DiskState, Role};
+use serde::{Deserialize, Serialize};
+
 use crate::meta::SyncDecision;
+
+/// A node's role for a volume. These three types are the core's names for the states of
+/// design.md §7; the control API (`blockctl status`) and the link's STATE frame carry them as
+/// they are, so their names are part of both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// The local disk's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskState {
+    UpToDate,
+    Outdated,
+    Inconsistent,
+    /// A local I/O error happened (`disk_failure` says which): nothing is read from or
+    /// written to the disk any more; a Primary serves through its peer. Kept on disk until the
+    /// operator's `blockctl resolve` after repairing or replacing it.
+    Failed,
+}
+
+/// The connection to the peer, for one volume (design.md §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnState {
+    /// Not connected and not trying: single node, or refused (split brain, unrelated data,
+    /// both Primary, mismatched volume). `conn_reason` says why.
+    StandAlone,
+    /// Waiting for the replication link to come up.
+    Connecting,
+    /// Connected and in sync: writes are mirrored.
+    Connected,
+    /// Connected; this node sends a resync to the peer (writes are mirrored too).
+    SyncSource,
+    /// Connected; this node receives a resync and is `Inconsistent` until it completes.
+    SyncTarget,
+}
 
 /// What the machine knows about one volume on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +327,16 @@ fn peer_role_changed(s: &State, r: Role) -> (State, Vec<Action>) {
 }
 
 /// Ends the session: StandAlone, and the reason for the node to log and show.
+/// How the reason of a split brain's `Drop` begins (status shows it as `conn_reason`).
+pub const SPLIT_BRAIN: &str = "split brain: both nodes wrote since they were last in sync";
+
+/// True when a connection reason (a `Drop`'s) says split brain: the node stays StandAlone
+/// until the operator resolves it, and operations that need the peer are refused as
+/// `SplitBrain` (`node.rs`).
+pub fn is_split_brain(reason: &str) -> bool {
+    reason.starts_with(SPLIT_BRAIN)
+}
+
 fn drop_session(s: State, reason: &str) -> (State, Vec<Action>) {
     (State { conn: ConnState::StandAlone, ..s }, vec![Action::Drop(reason.to_owned())])
 }
@@ -325,10 +373,9 @@ fn connected(
     let (next, mut actions) = end_promotion(State { peer_role: Some(peer_role), ..*s });
     let (next, more) = match (s.role, peer_role) {
         // The split brain is what the operator must fix (it outlives a demotion): say it.
-        (Role::Primary, Role::Primary) if decision == SyncDecision::SplitBrain => drop_session(
-            next,
-            "split brain: both nodes wrote since they were last in sync (both are Primary)",
-        ),
+        (Role::Primary, Role::Primary) if decision == SyncDecision::SplitBrain => {
+            drop_session(next, &format!("{SPLIT_BRAIN} (both are Primary)"))
+        }
         (Role::Primary, Role::Primary) => drop_session(next, "both nodes are Primary"),
         // A Failed disk is never written again, not even by a resync, until the operator
         // replaced it (DRBD's detach); a Failed Primary goes on serving through its peer.
@@ -348,9 +395,7 @@ fn connected(
                 },
                 SyncDecision::Source => become_source(next, peer_role),
                 SyncDecision::Target => become_target(next, peer_disk),
-                SyncDecision::SplitBrain => {
-                    drop_session(next, "split brain: both nodes wrote since they were last in sync")
-                }
+                SyncDecision::SplitBrain => drop_session(next, SPLIT_BRAIN),
                 SyncDecision::Unrelated => drop_session(
                     next,
                     "unrelated data: the nodes share no generation (needs an explicit full sync)",

@@ -17,7 +17,7 @@
 
 use std::io;
 
-use crate::config::DaemonConfig;
+use crate::{config::DaemonConfig, errno::host_name};
 
 /// `PR_SET_IO_FLUSHER` from `<linux/prctl.h>` (not in the libc crate).
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
@@ -31,7 +31,7 @@ pub fn apply(config: &DaemonConfig) {
         match set_io_flusher() {
             Ok(()) => tracing::info!("PR_SET_IO_FLUSHER set"),
             Err(e) => tracing::warn!(
-                errno = errno_name(&e),
+                errno = host_name(&e),
                 "cannot set PR_SET_IO_FLUSHER ({e}); needs Linux 5.6+ and CAP_SYS_RESOURCE; \
                  serving a block device on this same host may deadlock under memory pressure"
             ),
@@ -46,7 +46,7 @@ pub fn apply(config: &DaemonConfig) {
                  missing, so later allocations would fail; set LimitMEMLOCK=infinity"
             ),
             Err(LockError::Failed(e)) => {
-                tracing::warn!(errno = errno_name(&e), "cannot lock memory: mlockall: {e}")
+                tracing::warn!(errno = host_name(&e), "cannot lock memory: mlockall: {e}")
             }
         }
     }
@@ -111,20 +111,6 @@ fn has_capability(cap: u32) -> bool {
         .is_some_and(|set| set & (1 << cap) != 0)
 }
 
-/// The symbolic name of an OS error ("EPERM"), for logs that people grep.
-fn errno_name(e: &io::Error) -> &'static str {
-    match e.raw_os_error() {
-        Some(libc::EPERM) => "EPERM",
-        Some(libc::EINVAL) => "EINVAL",
-        Some(libc::ENOMEM) => "ENOMEM",
-        Some(libc::EAGAIN) => "EAGAIN",
-        Some(libc::EACCES) => "EACCES",
-        Some(libc::ENOSYS) => "ENOSYS",
-        Some(_) => "other",
-        None => "none",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,11 +131,5 @@ mod tests {
         let soft = line.split_whitespace().nth(3).unwrap();
         let want = if soft == "unlimited" { None } else { Some(soft.parse().unwrap()) };
         assert_eq!(memlock_limit().unwrap(), want);
-    }
-
-    #[test]
-    fn errno_names() {
-        assert_eq!(errno_name(&io::Error::from_raw_os_error(libc::EPERM)), "EPERM");
-        assert_eq!(errno_name(&io::Error::other("x")), "none");
     }
 }

@@ -265,6 +265,13 @@ fn split_brain_is_reported_then_resolved_by_discard_local() {
     let refused = blockctl(&c, Beta, &["resolve", "--discard-local"]);
     assert_ne!(refused.code(), 0, "resolve on a Primary must fail:\n{refused}");
     c.role(Beta, "secondary", false).expect("demote beta");
+    // What needs the peer is refused as a split brain (the control API's kind), not as an
+    // unreachable peer.
+    let promote = c.role(Beta, "primary", false).expect_err("no promotion while split");
+    assert!(promote.contains("(SplitBrain)"), "{promote}");
+    let verify = blockctl(&c, Alpha, &["verify"]);
+    assert_ne!(verify.code(), 0, "verify while split must fail:\n{verify}");
+    assert!(verify.to_string().contains("(SplitBrain)"), "{verify}");
     blockctl(&c, Beta, &["resolve", "--discard-local"]).assert_success();
     blockctl(&c, Beta, &["wait-sync", "--timeout", "60s"]).assert_success();
     c.wait_in_sync(Duration::from_secs(60));

@@ -20,7 +20,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{actions, state, Console};
-use crate::metrics::http::serve_bounded;
+use crate::accept::{self, Full, OnCancel, Policy};
 
 const MAX_CONNECTIONS: usize = 16;
 const MAX_HEAD: usize = 8 << 10;
@@ -45,11 +45,18 @@ pub async fn serve(
     token: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let handle = move |stream, from| {
+    // Over the limit: closed at once.
+    let policy =
+        Policy::new("console").bounded(MAX_CONNECTIONS, Full::Busy).on_cancel(OnCancel::Drop);
+    accept::serve(listener, policy, token, tracker, move |c| {
         let console = Arc::clone(&console);
-        async move { connection(stream, from, &console).await }
-    };
-    serve_bounded(listener, MAX_CONNECTIONS, "console", token, tracker, handle).await;
+        async move {
+            if !c.busy {
+                connection(c.stream, c.from, &console).await;
+            }
+        }
+    })
+    .await;
 }
 
 async fn connection(mut stream: TcpStream, from: SocketAddr, console: &Console) {

@@ -1,21 +1,25 @@
-//! Daemon side of the control socket: an accept loop, one task per connection, one request per
-//! line. Lines are bounded, connections are bounded, idle connections time out, and everything
-//! stops on the shutdown token.
+//! Daemon side of the control socket: the shared accept loop (`crate::accept`), one task per
+//! connection, one request per line. Lines are bounded, connections are bounded (one over the
+//! bound is answered `Busy`), idle connections time out, and everything stops on the shutdown
+//! token.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{ErrorKind, Request, Response, MAX_REQUEST_LINE};
+use crate::accept::{self, Full, Policy};
 
 /// Control connections served at once; more get [`ErrorKind::Busy`]. Operators and agents
 /// need a handful; the bound keeps a runaway script from exhausting file descriptors.
 const MAX_CONNECTIONS: usize = 32;
+
+/// How the control socket accepts (table in `crate::accept`).
+const POLICY: Policy = Policy::new("control socket").bounded(MAX_CONNECTIONS, Full::Busy);
 
 /// A connection silent this long is closed, so a stuck client does not hold a slot forever.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -32,30 +36,16 @@ pub async fn serve<H: Handler>(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // EMFILE and friends pass; do not spin on them.
-                    tracing::warn!(error = %e, "control socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracker.spawn(refuse_busy(stream));
-            continue;
-        };
-        let (handler, shutdown) = (Arc::clone(&handler), shutdown.clone());
-        tracker.spawn(async move {
-            connection(stream, &*handler, shutdown).await;
-            drop(slot);
-        });
-    }
+    accept::serve(listener, POLICY, shutdown, tracker, move |c| {
+        let handler = Arc::clone(&handler);
+        async move {
+            match c.busy {
+                true => refuse_busy(c.stream).await,
+                false => connection(c.stream, &*handler, c.token).await,
+            }
+        }
+    })
+    .await;
 }
 
 async fn refuse_busy(mut stream: UnixStream) {

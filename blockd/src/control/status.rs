@@ -5,41 +5,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::meta::{DiskFailure, DiskOp};
 use crate::metrics::LatencySnapshot;
-
-/// A node's role for a volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Role {
-    Primary,
-    Secondary,
-}
-
-/// The local disk's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DiskState {
-    UpToDate,
-    Outdated,
-    Inconsistent,
-    /// A local I/O error happened (`disk_failure` says which): nothing is read from or
-    /// written to the disk any more; a Primary serves through its peer. Kept on disk until the
-    /// operator's `blockctl resolve` after repairing or replacing it.
-    Failed,
-}
-
-/// The connection to the peer, for one volume (design.md §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ConnState {
-    /// Not connected and not trying: single node, or refused (split brain, unrelated data,
-    /// both Primary, mismatched volume). `conn_reason` says why.
-    StandAlone,
-    /// Waiting for the replication link to come up.
-    Connecting,
-    /// Connected and in sync: writes are mirrored.
-    Connected,
-    /// Connected; this node sends a resync to the peer (writes are mirrored too).
-    SyncSource,
-    /// Connected; this node receives a resync and is `Inconsistent` until it completes.
-    SyncTarget,
-}
+/// The role machine's names, defined in the core ([`crate::role`]) and re-exported here, the API
+/// `blockctl` reads them from.
+pub use crate::role::{ConnState, DiskState, Role};
 
 /// Progress of a running resync.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -40,7 +40,7 @@ use super::dirty::FileIo;
 use super::format::{self, Areas, Slot, SlotError, SLOT};
 use super::ZEROES;
 use super::{new_generation, Flags, Generations, Meta, DEFAULT_GRANULARITY, FORMAT_VERSION};
-use crate::control::DiskState;
+use crate::role::DiskState;
 
 /// Errors opening, creating or storing a metadata file. Each names the file.
 #[derive(Debug, thiserror::Error)]

@@ -17,12 +17,14 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{render, CONTENT_TYPE};
-use crate::control::NodeStatus;
+use crate::{
+    accept::{self, Full, OnCancel, Policy},
+    control::NodeStatus,
+};
 
 /// Scrapes served at once; a scraper needs one, an operator's curl another.
 const MAX_CONNECTIONS: usize = 8;
@@ -72,7 +74,8 @@ where
     Some(bound)
 }
 
-/// Accepts scrapers until `token` is cancelled.
+/// Accepts scrapers until `token` is cancelled. Over the limit: closed at once; the scraper
+/// retries at its next interval.
 async fn serve<F>(
     listener: TcpListener,
     status: Arc<F>,
@@ -81,54 +84,18 @@ async fn serve<F>(
 ) where
     F: Fn() -> String + Send + Sync + 'static,
 {
-    // Over the limit: closed at once; the scraper retries at its next interval.
-    serve_bounded(listener, MAX_CONNECTIONS, "metrics", token, tracker, move |stream, _| {
+    let policy =
+        Policy::new("metrics").bounded(MAX_CONNECTIONS, Full::Busy).on_cancel(OnCancel::Drop);
+    accept::serve(listener, policy, token, tracker, move |c| {
         let status = Arc::clone(&status);
         async move {
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection(stream, &*status)).await;
+            if !c.busy {
+                let _ =
+                    tokio::time::timeout(CONNECTION_TIMEOUT, connection(c.stream, &*status)).await;
+            }
         }
     })
     .await;
-}
-
-/// The accept loop of the daemon's small HTTP endpoints (metrics, console): at most `max`
-/// connections at a time (one over the limit is closed at once), each handled by `handle` on
-/// `tracker` until it returns or `token` is cancelled; an accept error is logged as `what`'s
-/// and retried after 100 ms.
-pub(crate) async fn serve_bounded<H, Fut>(
-    listener: TcpListener,
-    max: usize,
-    what: &'static str,
-    token: CancellationToken,
-    tracker: TaskTracker,
-    handle: H,
-) where
-    H: Fn(TcpStream, SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let slots = Arc::new(Semaphore::new(max));
-    loop {
-        let (stream, from) = tokio::select! {
-            () = token.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "{what}: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
-        let (conn, token) = (handle(stream, from), token.clone());
-        tracker.spawn(async move {
-            tokio::select! {
-                () = token.cancelled() => {}
-                () = conn => {}
-            }
-            drop(slot);
-        });
-    }
 }
 
 /// Reads one request head, answers it, closes.

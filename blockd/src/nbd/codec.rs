@@ -12,7 +12,8 @@
 use crate::be::{u16_at, u32_at, u64_at};
 use bytes::BufMut;
 
-use super::proto::{self, chunk, cmd, cmdflag, errno, hflag, info, opt, rep, tflag};
+use super::proto::{self, chunk, cmd, cmdflag, hflag, info, opt, rep, tflag};
+use crate::errno;
 
 /// Handshake flags this server offers.
 pub const SERVER_HANDSHAKE_FLAGS: u16 = hflag::FIXED_NEWSTYLE | hflag::NO_ZEROES;
@@ -523,20 +524,6 @@ fn encode_chunk_header(buf: &mut impl BufMut, kind: u16, cookie: u64, len: u32) 
     buf.put_u16(kind);
     buf.put_u64(cookie);
     buf.put_u32(len);
-}
-
-/// A short human-readable text for an NBD error value, for ERROR chunks.
-pub fn error_message(error: u32) -> &'static str {
-    match error {
-        errno::EPERM => "operation not permitted",
-        errno::EIO => "I/O error",
-        errno::EINVAL => "invalid request",
-        errno::ENOSPC => "no space left (or beyond the end of the export)",
-        errno::EOVERFLOW => "request too large",
-        errno::ENOTSUP => "not supported",
-        errno::ESHUTDOWN => "server is shutting down",
-        _ => "error",
-    }
 }
 
 #[cfg(test)]

@@ -5,13 +5,13 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::{
-    control::Role,
     nbd::{
         codec::TRANSMISSION_FLAGS,
         proto::{cflag, cmd, hflag, info, opt, rep},
         testkit::{connect, info_data, volume, Client, OptReply},
         Exports, Limits,
     },
+    role::Role,
 };
 
 use std::sync::Arc;

@@ -13,7 +13,7 @@ pub mod handshake;
 pub mod proto;
 pub mod server;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 
 use std::{sync::Arc, time::Duration};
 

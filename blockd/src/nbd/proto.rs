@@ -122,17 +122,9 @@ pub mod chunk {
     pub const ERROR_OFFSET: u16 = 0x8002;
 }
 
-/// Error values on the wire. These are NBD's numbers, not the host's errno.
-pub mod errno {
-    pub const EPERM: u32 = 1;
-    pub const EIO: u32 = 5;
-    pub const ENOMEM: u32 = 12;
-    pub const EINVAL: u32 = 22;
-    pub const ENOSPC: u32 = 28;
-    pub const EOVERFLOW: u32 = 75;
-    pub const ENOTSUP: u32 = 95;
-    pub const ESHUTDOWN: u32 = 108;
-}
+/// Error values on the wire: NBD's numbers, never the host's raw errno. They live in the
+/// crate's one table ([`crate::errno`]), which the replication link's `Ack` shares.
+pub use crate::errno;
 
 /// Sizes of fixed-length messages.
 pub const GREETING_LEN: usize = 18;

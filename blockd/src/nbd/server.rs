@@ -31,10 +31,11 @@ use tokio_util::sync::CancellationToken;
 use super::{
     codec::{self, Command, Decoded, ExportView, Rejection, ReplyHead, Request, Verdict},
     handshake::Session,
-    proto::{self, cmd, errno},
+    proto::{self, cmd},
     Limits,
 };
 use crate::{
+    errno,
     storage::{AlignedBuf, ReadBuf},
     volume::{Volume, VolumeError},
 };
@@ -175,7 +176,7 @@ impl<R: AsyncRead + Unpin> Connection<R> {
         rej: Rejection,
         slot: OwnedSemaphorePermit,
     ) -> Result<(), ReadError> {
-        warn_request(&self.volume, req, rej.reason, errno_name(rej.error));
+        warn_request(&self.volume, req, rej.reason, errno::name(rej.error));
         self.input.discard(rej.discard as usize).await?;
         let head = error_head(req.cookie, req.kind == cmd::READ && self.structured, rej.error);
         self.send(Reply { head, data: None, _slot: slot, _bytes: None });
@@ -248,8 +249,9 @@ async fn execute(
     payload: Option<AlignedBuf>,
     structured: bool,
 ) -> (ReplyHead, Option<ReadBuf>) {
-    let done =
-        |r: Result<(), VolumeError>| (simple(cookie, r.err().map_or(0, |e| nbd_error(&e))), None);
+    let done = |r: Result<(), VolumeError>| {
+        (simple(cookie, r.err().map_or(0, |e| errno::of_volume(&e))), None)
+    };
     match c {
         Command::Read { offset, len } => match volume.read(offset, len).await {
             // A short buffer would desynchronise the stream after a simple reply: refuse it.
@@ -258,7 +260,7 @@ async fn execute(
             }
             Ok(data) if structured => (ReplyHead::Data { cookie, offset, len }, Some(data)),
             Ok(data) => (simple(cookie, 0), Some(data)),
-            Err(e) => (error_head(cookie, structured, nbd_error(&e)), None),
+            Err(e) => (error_head(cookie, structured, errno::of_volume(&e)), None),
         },
         Command::Write { offset, fua, .. } => match payload {
             Some(buf) => done(volume.write(offset, buf, fua).await),
@@ -281,33 +283,9 @@ fn simple(cookie: u64, error: u32) -> ReplyHead {
 /// An error reply: an ERROR chunk for a READ under structured replies (MUST), else simple.
 fn error_head(cookie: u64, structured_read: bool, error: u32) -> ReplyHead {
     if structured_read {
-        ReplyHead::Error { cookie, error, message: codec::error_message(error) }
+        ReplyHead::Error { cookie, error, message: errno::message(error) }
     } else {
         simple(cookie, error)
-    }
-}
-
-/// The NBD error for a volume error: never the host's raw errno (NBD-NOTES §1).
-fn nbd_error(e: &VolumeError) -> u32 {
-    match e {
-        e if e.is_no_space() => errno::ENOSPC,
-        // validate() checked the range first; should it still happen, it is the client's range.
-        VolumeError::OutOfRange { .. } => errno::EINVAL,
-        VolumeError::Io(_) | VolumeError::Metadata(_) | VolumeError::DirtyLog(_) => errno::EIO,
-        // Superseded by the witness lease (fence.rs): not acknowledged, and never will be.
-        VolumeError::Fenced { .. } => errno::EIO,
-        // The node was demoted under this connection: like a read-only export (NBD-NOTES §2.7).
-        VolumeError::NotPrimary => errno::EPERM,
-    }
-}
-
-fn errno_name(error: u32) -> &'static str {
-    match error {
-        errno::EINVAL => "EINVAL",
-        errno::ENOSPC => "ENOSPC",
-        errno::EOVERFLOW => "EOVERFLOW",
-        errno::EPERM => "EPERM",
-        _ => "error",
     }
 }
 

@@ -6,12 +6,12 @@ use std::{collections::HashSet, sync::Arc};
 use tempfile::TempDir;
 
 use crate::{
-    control::Role,
     nbd::{
         proto::{chunk, cmd, cmdflag, errno},
         testkit::{connect, faulty_volume, pattern, volume, Conn},
         Exports, Limits,
     },
+    role::Role,
     storage::fault::{Fault, OpKind},
     volume::Volume,
 };

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{codec, proto, serve, Exports, Limits};
 use crate::{
-    control::Role,
     meta::MetaFile,
+    role::Role,
     storage::{fault::FaultEngine, Store, StoreOptions},
     volume::{Volume, VolumeInfo},
 };

@@ -30,7 +30,7 @@ use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::auth::Secrets;
 use super::handshake::{self, HandshakeError, PeerHello};
@@ -38,6 +38,7 @@ use super::record::{Channel, Protection};
 use super::session::{self as sess, SessionParams};
 pub use super::session::{Responder, Session};
 use super::wire::{Frame, Message, VolumeParams};
+use crate::accept::{self, Full, OnCancel, Policy};
 
 /// Everything the link needs from the config.
 #[derive(Debug, Clone)]
@@ -158,6 +159,7 @@ pub fn start(
     let (events, rx) = mpsc::channel(tuning.event_queue.max(1));
     let (results, results_rx) = mpsc::unbounded_channel();
     let (ended, ended_rx) = mpsc::unbounded_channel();
+    let accepted = accept_into_channel(listener, shutdown.clone());
     let m = Manager {
         lower: cfg.node < cfg.peer,
         budget: sess::Budget::new(cfg.max_in_flight_bytes),
@@ -176,8 +178,28 @@ pub fn start(
         in_progress: HashMap::new(),
         logged: HashMap::new(),
     };
-    tokio::spawn(m.run(listener, results_rx, ended_rx, shutdown));
+    tokio::spawn(m.run(accepted, results_rx, ended_rx, shutdown));
     Ok(rx)
+}
+
+/// How the replication listener accepts (table in `crate::accept`): the loop only hands each
+/// connection to the manager, which bounds handshakes per source and in all.
+const POLICY: Policy =
+    Policy::new("replication").bounded(MAX_HANDSHAKES, Full::Wait).on_cancel(OnCancel::Drop);
+
+/// Runs the shared accept loop on `listener`, its connections arriving on the returned channel.
+fn accept_into_channel(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> mpsc::Receiver<(TcpStream, SocketAddr)> {
+    let (tx, rx) = mpsc::channel(MAX_HANDSHAKES);
+    tokio::spawn(accept::serve(listener, POLICY, shutdown, TaskTracker::new(), move |c| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send((c.stream, c.from)).await;
+        }
+    }));
+    rx
 }
 
 /// Applies the link's socket options (see the module doc).
@@ -269,7 +291,7 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 impl Manager {
     async fn run(
         mut self,
-        listener: TcpListener,
+        mut accepted: mpsc::Receiver<(TcpStream, SocketAddr)>,
         mut results: mpsc::UnboundedReceiver<Outcome>,
         mut ended: mpsc::UnboundedReceiver<(u64, String)>,
         shutdown: CancellationToken,
@@ -281,10 +303,7 @@ impl Manager {
             let may_dial = self.current.is_none() && !self.dialing;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok((stream, addr)) => self.handshake(stream, addr).await,
-                    Err(e) => tracing::warn!(error = %e, "replication accept failed"),
-                },
+                Some((stream, addr)) = accepted.recv() => self.handshake(stream, addr).await,
                 Some(o) = results.recv() => self.outcome(o).await,
                 Some((id, reason)) = ended.recv() => self.ended(id, reason).await,
                 _ = tokio::time::sleep_until(self.next_dial), if may_dial => self.dial(),

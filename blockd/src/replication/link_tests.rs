@@ -132,8 +132,8 @@ async fn handshake_success_and_requests_both_ways() {
     assert_eq!(call.await.unwrap().unwrap(), Message::Ack { error: 28 });
     // The other direction, and a STATE answered with a STATE.
     let state = Message::State {
-        role: crate::control::Role::Secondary,
-        disk: crate::control::DiskState::UpToDate,
+        role: crate::role::Role::Secondary,
+        disk: crate::role::DiskState::UpToDate,
         gens: crate::meta::Generations { current: 9, bitmap: 0, history: [0, 0] },
         primary_when_stopped: false,
         dirty: 0,

@@ -46,8 +46,8 @@ use super::stream::{LinkRead, LinkWrite};
 use super::wire::{self, Frame, Message};
 use super::writer::{self, Out};
 
-/// errno sent when a request was dropped unanswered.
-const EIO: u32 = 5;
+// Sent when a request was dropped unanswered (the crate's one table).
+use crate::errno::EIO;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 << 10;
 /// What a request costs besides its payload (its task, its frame, its event): charged to the

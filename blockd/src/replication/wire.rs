@@ -26,8 +26,8 @@
 use crate::be::{u16_at, u32_at, u64_at};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::control::{DiskState, Role};
 use crate::meta::{Generations, Resolve};
+use crate::role::{DiskState, Role};
 
 /// "BKRP": blockd replication protocol.
 pub const MAGIC: u32 = 0x424B_5250;
@@ -245,7 +245,7 @@ pub enum Message {
         code: i32,
         output: String,
     },
-    /// The reply to a data or role request: 0 = ok, else an errno.
+    /// The reply to a data or role request: 0 = ok, else a value of [`crate::errno`]'s table.
     Ack {
         error: u32,
     },

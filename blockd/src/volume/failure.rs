@@ -18,10 +18,9 @@ use std::{io, sync::atomic::Ordering};
 
 use super::{ReadBuf, Volume, VolumeError};
 use crate::{
-    control::{ConnState, DiskState},
     meta::{DiskFailure, DiskOp},
     replication::{LinkError, Message, Session},
-    role::{self, Event},
+    role::{self, ConnState, DiskState, Event},
 };
 
 impl Volume {
@@ -144,7 +143,7 @@ impl Volume {
             Err(e) => e,
         };
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        let errno = e.raw_os_error().map_or(0, |n| n as u32);
+        let errno = crate::errno::raw(&e);
         let err = VolumeError::Io(e);
         self.disk_failed(DiskFailure { op, errno, offset }, &err);
         self.persist_failure().await;
@@ -223,7 +222,7 @@ mod tests {
         assert_eq!(v.status().disk, DiskState::Failed, "Failed survives a restart");
         assert_eq!(v.status().disk_failure, Some(want));
         v.transition(Event::Promote { force: true }, None).await.unwrap();
-        assert_eq!(v.machine().role, crate::control::Role::Secondary, "never promoted");
+        assert_eq!(v.machine().role, crate::role::Role::Secondary, "never promoted");
         v.replace_disk().await.unwrap();
         assert_eq!((v.machine().disk, v.dirty_bytes()), (DiskState::Inconsistent, SIZE));
         drop(v);

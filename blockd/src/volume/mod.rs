@@ -54,11 +54,11 @@ pub use resync::{ResyncError, ResyncOptions};
 pub use state::Transition;
 
 use crate::{
-    control::{ConnState, Role, VolumeStatus},
+    control::VolumeStatus,
     fence::{Cleared, Fence},
     meta::{AlConfig, Dirty, DiskFailure, DiskOp, Meta, MetaError, MetaFile, Resolve},
     replication::Message,
-    role,
+    role::{self, ConnState, Role},
     storage::{AlignedBuf, ReadBuf, Store},
 };
 
@@ -90,18 +90,9 @@ pub enum VolumeError {
 }
 
 impl VolumeError {
-    /// True when the backing store ran out of space (ENOSPC, EDQUOT, EFBIG): NBD says ENOSPC.
+    /// True when the backing store ran out of space ([`crate::errno::is_no_space`]).
     pub fn is_no_space(&self) -> bool {
-        match self {
-            VolumeError::Io(e) => {
-                matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG))
-            }
-            VolumeError::OutOfRange { .. }
-            | VolumeError::Metadata(_)
-            | VolumeError::NotPrimary
-            | VolumeError::DirtyLog(_)
-            | VolumeError::Fenced { .. } => false,
-        }
+        matches!(self, VolumeError::Io(e) if crate::errno::is_no_space(e))
     }
 }
 
@@ -527,7 +518,7 @@ impl Volume {
 
     /// The invariant can no longer be kept: the disk is `Failed` (nothing more is written).
     fn dirty_log_failed(&self, e: io::Error) -> VolumeError {
-        let errno = e.raw_os_error().map_or(0, |n| n as u32);
+        let errno = crate::errno::raw(&e);
         let err = VolumeError::DirtyLog(e);
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
         // In memory only: the metadata file is what failed (and the caller may hold its lock).
@@ -663,8 +654,7 @@ mod fence_tests;
 mod tests {
     use super::*;
     use crate::{
-        control::{ConnState, DiskState},
-        role::Event,
+        role::{DiskState, Event},
         storage::StoreOptions,
     };
 

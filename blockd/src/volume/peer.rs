@@ -27,11 +27,8 @@ use crate::{
 /// How long a resync block waits for the target's own decision to be on disk.
 const TARGET_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Error codes in `Ack` (the NBD/Linux numbers).
-const EPERM: u32 = 1;
-const EIO: u32 = 5;
-const EINVAL: u32 = 22;
-const ENOSPC: u32 = 28;
+// Values in `Ack`: the crate's one table.
+use crate::errno::{self, EINVAL, EIO, EPERM};
 
 impl Volume {
     /// Applies a request from the peer and returns the reply. Never panics on what the peer
@@ -112,8 +109,7 @@ impl Volume {
                 tracing::warn!(volume = %self.name(), offset, len, size, "peer request out of range");
                 ack(EINVAL)
             }
-            Err(e) if e.is_no_space() => ack(ENOSPC),
-            Err(_) => ack(EIO),
+            Err(e) => ack(errno::of_volume(&e)),
         }
     }
 

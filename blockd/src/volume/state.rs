@@ -13,10 +13,10 @@ use tokio::sync::MutexGuard;
 
 use super::{Volume, VolumeError, VolumeInfo};
 use crate::{
-    control::{ConnState, DiskState, ResyncProgress, Role},
+    control::ResyncProgress,
     meta::{new_generation, DiskFailure, Generations, Meta, MetaFile, Resolve},
     replication::{LinkError, Message, Session},
-    role::{self, Action, Event},
+    role::{self, Action, ConnState, DiskState, Event, Role},
 };
 
 /// Metadata and the file it lives in; the mutex around it is the transition lock.
@@ -280,6 +280,12 @@ impl Volume {
         if live.session.is_none() {
             live.reason = Some(reason.to_string());
         }
+    }
+
+    /// The last handshake found a split brain (status: `conn_reason`); until the operator
+    /// resolves it the volume stays StandAlone.
+    pub fn split_brain(&self) -> bool {
+        self.live().reason.as_deref().is_some_and(role::is_split_brain)
     }
 
     /// Generations and flags for the state exchange with the peer.

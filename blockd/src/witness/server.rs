@@ -21,9 +21,9 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpListener,
-    sync::Semaphore,
     time::Instant,
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     frames::{self, FrameError},
@@ -31,7 +31,10 @@ use super::{
     proto::{self, Message, Reply, WITNESS_ID},
     state::{self, StateError},
 };
-use crate::replication::auth::{self, Secrets};
+use crate::{
+    accept::{self, Full, Policy},
+    replication::auth::{self, Secrets},
+};
 
 /// Connections served at once; more wait in the listen backlog. Two nodes ask every few
 /// seconds: this bounds memory against a flood, it is never reached in normal operation.
@@ -40,8 +43,10 @@ const MAX_CONNECTIONS: usize = 32;
 /// A connection must finish its exchange within this, or it is dropped.
 const CONN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Pause after a failed accept (EMFILE and the like) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How the witness accepts (table in `crate::accept`): connections over the bound wait in the
+/// backlog; a failed accept (out of descriptors or memory, for a moment) backs off and the
+/// lease goes on being served.
+const POLICY: Policy = Policy::new("witness").bounded(MAX_CONNECTIONS, Full::Wait).nodelay();
 
 /// What `blockd witness` needs.
 #[derive(Debug, Clone)]
@@ -151,37 +156,22 @@ pub async fn run(
     let listener =
         TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { addr, source })?;
     tracing::info!("witness listening on {addr}, term {}", humantime::format_duration(cfg.term));
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&slots).acquire_owned() => p.ok(),
-            () = &mut shutdown => return Ok(()),
-        };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = &mut shutdown => return Ok(()),
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of descriptors or memory, for a moment: keep serving the lease.
-                tracing::warn!("witness cannot accept on {addr}: {e}");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(CONN_TIMEOUT, serve(&shared, stream, peer)).await {
+    let token = CancellationToken::new();
+    let accepting = accept::serve(listener, POLICY, token.clone(), TaskTracker::new(), move |c| {
+        let (shared, peer) = (Arc::clone(&shared), c.from);
+        async move {
+            match tokio::time::timeout(CONN_TIMEOUT, serve(&shared, c.stream, peer)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!("witness connection from {peer}: {e:#}"),
                 Err(_) => tracing::debug!("witness connection from {peer} timed out"),
             }
-        });
+        }
+    });
+    tokio::select! {
+        () = accepting => {}
+        () = shutdown => token.cancel(),
     }
+    Ok(())
 }
 
 /// Why one connection ended without an answer.

@@ -69,6 +69,15 @@ fn preflight(ctx: &Ctx, v: &VolumeStatus) -> Result<(), StepError> {
     if ctx.config.is_single_node() || connected(v) {
         return Ok(());
     }
+    let split = v.conn_reason.as_deref().is_some_and(blockd::role::is_split_brain);
+    if split && !ctx.force {
+        return refuse(format!(
+            "split brain with the peer {}: both nodes wrote since they were last in sync. On \
+             the node whose changes lose: blockctl demote, then blockctl resolve \
+             --discard-local; or promote --force to go on alone",
+            peer(v)
+        ));
+    }
     if !ctx.force {
         return refuse(format!(
             "the peer {} is not connected ({:?}); if it is really down, promote --force",
@@ -196,6 +205,16 @@ mod tests {
         assert!(preflight(&two_nodes(true), &v).is_ok());
         let ok = vol(DiskState::UpToDate, ConnState::Connected, Some(Role::Secondary));
         assert!(preflight(&two_nodes(false), &ok).is_ok());
+    }
+
+    #[test]
+    fn preflight_names_a_split_brain() {
+        let mut v = vol(DiskState::UpToDate, ConnState::StandAlone, Some(Role::Primary));
+        v.peer_role = None;
+        v.conn_reason = Some(format!("{} (both are Primary)", blockd::role::SPLIT_BRAIN));
+        let err = preflight(&two_nodes(false), &v).unwrap_err().to_string();
+        assert!(err.contains("split brain") && err.contains("resolve --discard-local"), "{err}");
+        assert!(preflight(&two_nodes(true), &v).is_ok(), "--force goes on alone");
     }
 
     #[test]
