@@ -6,6 +6,8 @@
 //!
 //! Module map (what each owns, and what it must not do):
 //!
+//! - [`agent`]: the decision table of `blockctl agent` (automatic failover): pure, time as
+//!   arguments; `blockctl` polls, asks the witness and acts, the simulator drives it too.
 //! - [`config`]: the TOML file plus `BLOCKD_*` overrides, parsed with figment and checked by
 //!   `validate()`. Pure data; no I/O beyond reading the file.
 //! - [`storage`]: the backing file or disk behind one [`storage::Engine`] trait (io_uring and sync
@@ -47,6 +49,7 @@
 //!   (`PR_SET_IO_FLUSHER`, `mlockall`).
 //! - `be` (private): big-endian integers at fixed offsets, for the pure codecs.
 
+pub mod agent;
 mod be;
 pub mod config;
 pub mod console;
