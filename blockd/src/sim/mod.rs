@@ -1,30 +1,59 @@
-//! A deterministic simulation of two nodes in one process, no root: the real volume, node,
-//! handshake, session, resync and metadata code of `alpha` and `beta`, on a single-threaded
-//! tokio runtime with paused time, over simulated pipes (`net.rs`) and MODEL disks with a
-//! volatile cache (`disk.rs`), driven by a seeded schedule of client writes and flushes,
-//! partitions (both ways and one way), heals, power cuts of either node or both, restarts,
-//! operator promotions and switchovers. After every step a checker asserts:
+//! A deterministic simulation of two nodes and the witness in one process, no root, each
+//! schedule on its own single-threaded tokio runtime with paused time (the schedules of a run
+//! spread over every core), driven by a seeded schedule of client writes and flushes,
+//! partitions (both ways and one way), connection resets, heals, power cuts of either node or
+//! both, restarts, operator promotions and switchovers, disk faults (EIO, ENOSPC, hangs), and
+//! in even-numbered schedules a witness (node cut off from it, stopped, restarted from its
+//! state file) with both nodes' agents.
+//!
+//! REAL code: the volume, node, handshake, session, resync and metadata code of `alpha` and
+//! `beta` (metadata files on /dev/shm); the witness's lease table and server
+//! (`witness::server::serve`, its state persisted and restored), the client exchange, the
+//! fence and its lease task (`fence::keep_lease`); the agent's decision table
+//! ([`crate::agent::Agent`]).
+//!
+//! MODELS: the disks (`disk.rs`: a volatile write cache, power cuts, errors, hangs), the
+//! network (`net.rs`: pipes, partitions, resets; the witness's connections in `witness.rs`),
+//! the link manager's dialing and adoption (`cluster.rs`), the operator (`operator.rs`:
+//! promotes with `--force` only the node that holds the newest data, with a witness only
+//! after 30 s; switchovers only in sync; moves off a Failed disk; replaces it with `resolve`),
+//! and the agent's plans (`agent.rs`: the role change and `resolve`, no stack).
+//!
+//! After every step the checker (`check.rs`) asserts:
 //!
 //! 1. two running nodes that both say they are in sync (Connected, both UpToDate, nothing
 //!    out of sync, no resync) and have no client request in flight hold identical disks;
-//! 2. every write acknowledged before a flush that completed is on the Primary's disk (the
-//!    block holds that write or a later one to it);
-//! 3. there is at most one Primary among the running nodes.
+//! 2. every write acknowledged before a flush that completed is on the Primary that
+//!    acknowledges writes (the block holds that write or a later one to it);
+//! 3. without a witness, at most one Primary among the running nodes;
+//! 4. every block where the two running disks differ (no client request in flight) is covered
+//!    by either node's dirty bitmap or hot activity-log extents, or a disk is Inconsistent
+//!    (design.md §4's invariant, checked directly);
+//! 5. with a witness, a degraded write is acknowledged only under the witness's newest epoch,
+//!    held by the node that acknowledges it (no two nodes acknowledge in one epoch).
 //!
-//! What is a MODEL here, not the real code: the disks (`disk.rs`), the network (`net.rs`),
-//! the link manager's dialing and adoption (`cluster.rs`), the operator (promotes with
-//! `--force` only the node that holds the newest data; switchovers only in sync), and the
-//! metadata file's device (a real file: it has no volatile cache in this model). Not
-//! simulated yet: the witness, the fence and the agent; disk errors and hangs.
+//! Not simulated yet: pauses (a frozen process: every task of a node would need to stop),
+//! reordering below the record layer (the records' AEAD rejects it anyway), clock drift, the
+//! NBD server and the kernel path, the liveness check ("somebody can become Primary without an
+//! operator").
 //!
 //! Found by it: `SIM_SEED=465` (replicas differed with nothing marked): writes a Secondary
 //! received stayed in its volatile cache after it was promoted; a resync from it cleared the
 //! bits once the *target* flushed, and a power cut of the source then lost its own unflushed
-//! copy. Fixed in `volume/resync.rs` (a checkpoint flushes both stores); [`REGRESSIONS`] runs
-//! such seeds before the default ones.
+//! copy. Fixed in `volume/resync.rs` (a checkpoint flushes both stores). `SIM_SEED=360`
+//! (acknowledged, flushed writes lost): after a switchover the old Primary's lease still ran;
+//! the link broke, its agent renewed that lease and promoted it; it acknowledged degraded
+//! writes and died; the new Primary, which had never held the lease, then won a new epoch and
+//! acknowledged degraded writes on data without the old one's. Fixed in `fence.rs`
+//! (`rival_went_degraded`: a holder seen renewing first as not degraded, then as degraded,
+//! while this node is Primary is a lost epoch; the agent then demotes this node).
+//! [`REGRESSIONS`] runs such seeds first.
 //!
-//! `SIM_SEEDS=N` runs N schedules (default in the test below), `SIM_SEED=S` replays one and
-//! prints its trace; a failing schedule prints its seed and its trace.
+//! `SIM_SEEDS=N` runs N schedules (default [`DEFAULT_SEEDS`] of [`DEFAULT_STEPS`] steps),
+//! `SIM_SEED=S` replays one and prints its trace, `SIM_LOG=debug` adds the nodes' logs;
+//! a failing schedule prints its seed and its trace. Determinism needs the product code to use
+//! tokio's clock (paused here) and no blocking-pool thread (metadata writes run inline,
+//! `volume::META_INLINE`).
 
 mod agent;
 mod check;

@@ -150,8 +150,8 @@ pub struct Volume {
     moved_on: AtomicBool,
     /// The dirty bitmap and activity log (design.md §4).
     track: track::Tracker,
-    /// When the last application write-type request started, in µs since `opened`, so that a
-    /// resync can yield to a busy application.
+    /// When the last application write-type request started, in µs since `opened` (tokio's
+    /// clock: the simulator's paused time), so that a resync can yield to a busy application.
     last_app_write: AtomicU64,
     opened: tokio::time::Instant,
     /// The witness lease degraded writes need, when `cluster.witness` is configured.
