@@ -40,7 +40,7 @@
 //! ([`WitnessError::Superseded`], or a refusal naming another holder after this node held it)
 //! is never taken back by a running Primary: the other node may have promoted and written.
 //! The same holds when a Primary that never held the lease sees its holder's grants turn from
-//! not degraded to degraded ([`rival_went_degraded`]): that node became a Primary writing
+//! not degraded to degraded (`rival_went_degraded`): that node became a Primary writing
 //! without this one (an old Primary whose lease still ran after a switchover, promoted by its
 //! agent when the link broke; the simulator's seed 360).
 //! Waiting and new degraded writes then fail (row 4): they can never be acknowledged, and

@@ -52,7 +52,7 @@
 //! writes nobody acknowledged, hence `resolve --discard-local` to rejoin as a resync target.
 //!
 //! Every decision that changes is one line on stdout (the journal) with the facts it used,
-//! and is written to `<run-dir>/agent.json` ([`AgentState`]), which `blockctl status` shows.
+//! and is written to `<run-dir>/agent.json` (ctl's `AgentState`), which `blockctl status` shows.
 //! Row 11 (`[agent] failback = "auto"`, `preferred`, `failback-delay`): the swap runs on the
 //! Primary, so the agent of the node that is *not* preferred hands the service back, once the
 //! preferred one has stayed in sync for the delay; the swap loses nothing (design.md §8).
