@@ -39,6 +39,10 @@
 //! **Lost epochs.** A lease the witness gave to another node meanwhile
 //! ([`WitnessError::Superseded`], or a refusal naming another holder after this node held it)
 //! is never taken back by a running Primary: the other node may have promoted and written.
+//! The same holds when a Primary that never held the lease sees its holder's grants turn from
+//! not degraded to degraded (`rival_went_degraded`): that node became a Primary writing
+//! without this one (an old Primary whose lease still ran after a switchover, promoted by its
+//! agent when the link broke; the simulator's seed 360).
 //! Waiting and new degraded writes then fail (row 4): they can never be acknowledged, and
 //! failing them lets the filesystem on top be unmounted so that the agent can demote this node.
 //! [`Fence::reset`] is called on every role change, and writes mirrored again clear the loss
@@ -113,6 +117,9 @@ struct Facts {
     mirrored: std::collections::BTreeSet<u16>,
     /// Who the witness last said holds the lease, when it refused.
     holder: Option<String>,
+    /// A holder the witness named, while this node was Primary, with a last grant that was
+    /// not degraded: if its grants turn degraded, it writes without this node (see `record`).
+    rival: Option<String>,
     /// The last failure to obtain or renew the lease.
     error: Option<String>,
 }
@@ -312,13 +319,20 @@ impl Fence {
                 RETRY
             }
             Err(e) => {
-                if let WitnessError::Refused { holder, .. } = &e {
+                if let WitnessError::Refused { holder, epoch, degraded, .. } = &e {
                     f.holder.clone_from(holder);
                     if self.held().is_some() {
                         // Someone else holds it: whatever this node had is over.
                         f.lost = self.held().map(|l| l.epoch);
                         f.mirrored.clear();
                         self.lease.send_replace(None);
+                    } else if rival_went_degraded(&mut f, holder.as_deref(), *degraded) {
+                        tracing::error!(epoch, witness = %self.witness,
+                            "the holder of lease epoch {epoch} went on as a degraded Primary \
+                             while this node was Primary: it writes without us; degraded \
+                             writes stay frozen until this node's role changes");
+                        f.lost = Some(*epoch);
+                        f.mirrored.clear();
                     }
                 }
                 let text = e.to_string();
@@ -383,6 +397,26 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A refusal while Primary and holding nothing: the holder's last grant was `degraded`.
+/// True when a holder first seen renewing as not degraded now renews as degraded: it became a
+/// Primary writing without its peer (this node) while this node was Primary, e.g. an old
+/// Primary whose lease still ran after a switchover and whose agent promoted it when the link
+/// broke (the simulator's seed 360). Its writes are not here: this node must never acknowledge
+/// degraded writes on a later epoch of its own, as if its data were the newest. A holder
+/// degraded from the first refusal on went degraded before this node's role change: the
+/// operator promoted this node knowing it (or the agent did, seeing it was not).
+fn rival_went_degraded(f: &mut Facts, holder: Option<&str>, degraded: Option<bool>) -> bool {
+    let Some(holder) = holder else { return false };
+    match degraded {
+        Some(false) => {
+            f.rival = Some(holder.to_string());
+            false
+        }
+        Some(true) => f.rival.as_deref() == Some(holder),
+        None => false,
     }
 }
 

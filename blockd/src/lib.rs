@@ -8,6 +8,8 @@
 //!
 //! - [`accept`]: the one accept loop of every listener (NBD, control, replication, witness,
 //!   metrics, console), each with its small [`accept::Policy`] (bound, backoff, cancellation).
+//! - [`agent`]: the decision table of `blockctl agent` (automatic failover): pure, time as
+//!   arguments; `blockctl` polls, asks the witness and acts, the simulator drives it too.
 //! - [`config`]: the TOML file plus `BLOCKD_*` overrides, parsed with figment and checked by
 //!   `validate()`. Pure data; no I/O beyond reading the file.
 //! - [`storage`]: the backing file or disk behind one [`storage::Engine`] trait (io_uring and sync
@@ -58,6 +60,7 @@
 //! - `be` (private): big-endian integers at fixed offsets, for the pure codecs.
 
 pub mod accept;
+pub mod agent;
 mod be;
 pub mod config;
 pub mod console;

@@ -151,6 +151,36 @@ async fn refused_before_holding_names_the_holder() {
     assert_eq!(s.valid_for_ms, (TERM - TERM / 10).as_millis() as u64);
 }
 
+/// A holder that renewed as not degraded while this node was Primary, then as degraded, is
+/// writing without this node: a loss (the simulator's seed 360). Degraded from the start (it
+/// was degraded before this node was promoted): not a loss, the lease follows when it ends.
+#[tokio::test(start_paused = true)]
+async fn a_holder_turning_degraded_while_this_node_is_primary_is_a_loss() {
+    let refused_as = |degraded| WitnessError::Refused {
+        holder: Some("alpha".into()),
+        epoch: 1,
+        retry_after: TERM,
+        degraded: Some(degraded),
+    };
+    let now = Instant::now();
+    let f = Fence::new(addr());
+    f.record(Err(refused_as(false)), now, true);
+    assert!(!f.is_lost(), "an old Primary's lease still running after a switchover");
+    f.record(Err(refused_as(true)), now, true);
+    assert!(f.is_lost(), "it went on as a degraded Primary");
+    f.record(Ok(lease(2, now)), now, true);
+    assert!(f.valid(now).is_none(), "no later epoch acknowledges anything");
+    f.reset();
+    assert!(!f.is_lost(), "a role change starts afresh");
+
+    let f = Fence::new(addr());
+    f.record(Err(refused_as(true)), now, true);
+    f.record(Err(refused_as(true)), now, true);
+    assert!(!f.is_lost(), "degraded before this node was promoted: the operator's choice");
+    f.record(Ok(lease(2, now)), now, true);
+    assert!(f.valid(now).is_some());
+}
+
 /// The lease task: asks every third of the term while Primary, nothing while Secondary, and
 /// forgets the lease when the node is no longer Primary.
 #[tokio::test(start_paused = true)]

@@ -15,9 +15,12 @@ use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use super::agent::{Log, SimAgent};
 use super::disk::ModelDisk;
 use super::net::{self, Pipe};
+use super::witness::{self, SimWitness};
 use crate::config::ResyncConfig;
+use crate::fence::Fence;
 use crate::meta::{AlConfig, MetaFile};
 use crate::replication::handshake;
 use crate::replication::record::Protection;
@@ -57,6 +60,9 @@ pub struct SimNode {
     pub up: Option<Incarnation>,
     /// A finished session of the running incarnation, reported by its forwarding task.
     ended_rx: Option<mpsc::UnboundedReceiver<u64>>,
+    /// The witness, when the schedule has one: each incarnation fences its degraded writes,
+    /// and runs an agent that logs here.
+    pub witness: Option<(SimWitness, Log)>,
 }
 
 fn link_config(name: &str, peer: &str) -> LinkConfig {
@@ -83,7 +89,8 @@ fn link_config(name: &str, peer: &str) -> LinkConfig {
 
 impl SimNode {
     pub fn new(name: &'static str, peer: &'static str, dir: &Path) -> SimNode {
-        SimNode { name, peer, dir: dir.to_path_buf(), generation: 0, up: None, ended_rx: None }
+        let dir = dir.to_path_buf();
+        SimNode { name, peer, dir, generation: 0, up: None, ended_rx: None, witness: None }
     }
 
     fn meta_path(&self, generation: u32) -> PathBuf {
@@ -122,16 +129,26 @@ impl SimNode {
         // As the daemon does at start: a crash from now on is not a clean stop.
         volume.mark_clean(false).await.map_err(|e| e.to_string())?;
         let resync = ResyncConfig::default();
+        let fence = self.witness.as_ref().map(|_| Arc::new(Fence::new(witness::addr())));
+        let index = usize::from(self.name > self.peer);
         let node = Node::new(
             self.name.into(),
             Some(self.peer.into()),
             vec![Arc::clone(&volume)],
             PathBuf::new(),
             resync,
-            None,
+            fence.clone(),
         );
         let (events, events_rx) = mpsc::channel(1024);
         let token = CancellationToken::new();
+        if let (Some((w, log)), Some(fence)) = (self.witness.clone(), fence) {
+            let (n, t) = (Arc::clone(&node), token.clone());
+            let name = self.name.to_string();
+            tokio::spawn(w.clone().keep_lease(index, name, fence, move || n.any_primary(), t));
+            let (node, peer) = (Arc::clone(&node), self.peer.to_string());
+            let agent = SimAgent { index, node, peer, witness: w, log };
+            tokio::spawn(agent.run(token.clone()));
+        }
         tokio::spawn(Arc::clone(&node).run_link(events_rx, TaskTracker::new(), token.clone()));
         let (ended, ended_rx) = mpsc::unbounded_channel::<(u64, String)>();
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();

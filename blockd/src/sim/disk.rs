@@ -5,6 +5,11 @@
 //! order), and the disk of the dead incarnation fails every later request. Each request
 //! completes after a seeded delay of 0 to 2 ms, so requests in flight complete out of order
 //! and faults land while they are in flight.
+//!
+//! Faults ([`Fault`]): a failing disk answers every write, zeroing and trim with the error
+//! (EIO or ENOSPC) and changes nothing; with EIO its reads and flushes fail too. A hung disk
+//! takes requests and does nothing with them until it is thawed (then runs them in order) or
+//! its power goes (then they never happened).
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,8 +30,20 @@ struct State {
     cached: Vec<(u64, Vec<u8>, bool)>,
     /// Powered off: this incarnation's disk is gone.
     dead: bool,
+    fault: Option<Fault>,
+    /// Requests a hung disk took, in order.
+    hung: Vec<(Op, oneshot::Sender<Completion>)>,
     /// Completion delays.
     rng: Rng,
+}
+
+/// A fault of a model disk, set by the schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Writes fail with this errno (and, for EIO, reads and flushes too).
+    Errors(i32),
+    /// Nothing completes until [`ModelDisk::thaw`].
+    Hang,
 }
 
 /// The model disk of one node incarnation.
@@ -41,6 +58,8 @@ impl ModelDisk {
             durable: image,
             cached: Vec::new(),
             dead: false,
+            fault: None,
+            hung: Vec::new(),
             rng: Rng::new(seed),
         };
         ModelDisk(Arc::new(Mutex::new(state)))
@@ -53,7 +72,27 @@ impl ModelDisk {
     /// The first `block`-sized block where what reads return differs from `other`'s.
     pub fn first_difference(&self, other: &ModelDisk, block: usize) -> Option<usize> {
         let (a, b) = (self.lock(), other.lock());
+        if a.current == b.current {
+            return None; // one memcmp: the common case
+        }
         a.current.chunks(block).zip(b.current.chunks(block)).position(|(x, y)| x != y)
+    }
+
+    /// The write id at the start of block `block` (of `size` bytes) as reads return it now.
+    pub fn block_id(&self, block: u64, size: u64) -> u64 {
+        let s = self.lock();
+        let at = (block * size) as usize;
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&s.current[at..at + 8]);
+        u64::from_le_bytes(id)
+    }
+
+    /// The blocks (of `size` bytes) from `first` on where this disk and `other` differ now.
+    pub fn differences(&self, other: &ModelDisk, size: usize, first: usize) -> Vec<u64> {
+        let (a, b) = (self.lock(), other.lock());
+        let (a, b) =
+            (a.current[first * size..].chunks(size), b.current[first * size..].chunks(size));
+        a.zip(b).enumerate().filter(|(_, (x, y))| x != y).map(|(i, _)| (first + i) as u64).collect()
     }
 
     /// The bytes at `offset..offset+len` as reads return them now.
@@ -67,6 +106,10 @@ impl ModelDisk {
     pub fn power_cut(&self, rng: &mut Rng) -> (Vec<u8>, usize, usize) {
         let mut s = self.lock();
         s.dead = true;
+        for (op, done) in std::mem::take(&mut s.hung) {
+            let result = Err(io::Error::other("simulated power cut: this disk is gone"));
+            let _ = done.send(Completion { result, buf: op.into_buf() });
+        }
         let mut image = s.durable.clone();
         let total = s.cached.len();
         let mut kept = 0;
@@ -78,6 +121,26 @@ impl ModelDisk {
             }
         }
         (image, kept, total)
+    }
+
+    /// Starts `fault` (a failing disk keeps failing: the operator replaces it).
+    pub fn fault(&self, fault: Fault) {
+        self.lock().fault = Some(fault);
+    }
+
+    /// A hung disk resumes: what it took runs now, in order.
+    pub fn thaw(&self) {
+        let hung = {
+            let mut s = self.lock();
+            if s.fault != Some(Fault::Hang) {
+                return;
+            }
+            s.fault = None;
+            std::mem::take(&mut s.hung)
+        };
+        for (op, done) in hung {
+            self.submit(op, done);
+        }
     }
 
     fn apply(s: &mut State, offset: u64, bytes: Option<&[u8]>, len: usize, durable: bool) {
@@ -96,6 +159,16 @@ impl ModelDisk {
         if s.dead {
             let result = Err(io::Error::other("simulated power cut: this disk is gone"));
             return Completion { result, buf: op.into_buf() };
+        }
+        if let Some(Fault::Errors(errno)) = s.fault {
+            let fails = match op {
+                Op::Read { .. } | Op::Flush => errno == libc::EIO,
+                Op::Write { .. } | Op::PunchHole { .. } | Op::ZeroRange { .. } => true,
+            };
+            if fails {
+                let result = Err(io::Error::from_raw_os_error(errno));
+                return Completion { result, buf: op.into_buf() };
+            }
         }
         match op {
             Op::Read { offset, mut buf } => {
@@ -128,6 +201,13 @@ impl Engine for ModelDisk {
     fn submit(&self, op: Op, done: oneshot::Sender<Completion>) {
         // The request takes effect at submission (reads see it at once, as a device cache
         // does); the completion comes later.
+        {
+            let mut s = self.lock();
+            if s.fault == Some(Fault::Hang) && !s.dead {
+                s.hung.push((op, done));
+                return;
+            }
+        }
         let completion = self.run(op);
         let delay = std::time::Duration::from_micros(self.lock().rng.below(2000));
         tokio::spawn(async move {

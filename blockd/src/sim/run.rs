@@ -7,61 +7,82 @@ use std::time::Duration;
 
 use tokio::time::{sleep, timeout, Instant};
 
+use super::agent::Log;
 use super::cluster::{connect, SimNode, SIZE};
+use super::disk::Fault;
+use super::witness::SimWitness;
 use super::Rng;
-use crate::control::{ConnState, DiskState, Role};
+use crate::control::{ConnState, Role};
+use crate::fence::Fence;
 use crate::storage::AlignedBuf;
 
-const BLOCK: u64 = 4096;
-const BLOCKS: u64 = SIZE / BLOCK;
+pub(super) const BLOCK: u64 = 4096;
+pub(super) const BLOCKS: u64 = SIZE / BLOCK;
 
 /// Writes the client saw acknowledged, in order: (write id, first block, blocks).
 type Acked = Arc<Mutex<Vec<(u64, u64, u64)>>>;
 
-struct World {
-    nodes: [SimNode; 2],
-    rng: Rng,
+pub(super) struct World {
+    pub(super) nodes: [SimNode; 2],
+    pub(super) rng: Rng,
+    /// Disk faults' own choices: a schedule without them makes the same choices as before
+    /// they existed (so older seeds replay).
+    faults: Rng,
     trace: Vec<String>,
     start: Instant,
     /// Partitioned directions: alpha→beta, beta→alpha.
     held: [bool; 2],
     next_session: u64,
     next_write: u64,
-    acked: Acked,
+    pub(super) acked: Acked,
     /// Client requests not finished yet (a frozen or timed-out one may finish later).
-    pending: Arc<Mutex<u64>>,
+    pub(super) pending: Arc<Mutex<u64>>,
     /// Per block: the write ids issued into it.
-    issued: BTreeMap<u64, BTreeSet<u64>>,
+    pub(super) issued: BTreeMap<u64, BTreeSet<u64>>,
     /// Per block: the newest write acknowledged before a completed flush.
-    required: BTreeMap<u64, u64>,
+    pub(super) required: BTreeMap<u64, u64>,
     /// The nodes holding every acknowledged write, as the operator knows it.
-    newest: BTreeSet<usize>,
+    pub(super) newest: BTreeSet<usize>,
     /// What each powered-off node's disk held when the power went.
     images: [Option<Vec<u8>>; 2],
+    /// The witness, in schedules that have one.
+    pub(super) witness: Option<SimWitness>,
+    /// Invariant violations seen while a step ran (by the client's tasks).
+    violations: Arc<Mutex<Vec<String>>>,
+    /// What the agents did, for the trace.
+    log: Log,
+    /// Since when each node has been powered off.
+    pub(super) off_since: [Option<Instant>; 2],
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A block's content: the write id and the block number, then the id's low byte.
-fn block_bytes(id: u64, block: u64) -> Vec<u8> {
+pub(super) fn block_bytes(id: u64, block: u64) -> Vec<u8> {
     let mut b = vec![id as u8; BLOCK as usize];
     b[..8].copy_from_slice(&id.to_le_bytes());
     b[8..16].copy_from_slice(&block.to_le_bytes());
     b
 }
 
-fn block_id(b: &[u8]) -> u64 {
+pub(super) fn block_id(b: &[u8]) -> u64 {
     let mut id = [0u8; 8];
     id.copy_from_slice(&b[..8]);
     u64::from_le_bytes(id)
 }
 
-pub async fn run(seed: u64, steps: u32, dir: &Path) -> Result<Vec<String>, Vec<String>> {
+pub async fn run(
+    seed: u64,
+    steps: u32,
+    dir: &Path,
+    with_witness: bool,
+) -> Result<Vec<String>, Vec<String>> {
     let mut w = World {
         nodes: [SimNode::new("alpha", "beta", dir), SimNode::new("beta", "alpha", dir)],
         rng: Rng::new(seed),
+        faults: Rng::new(seed ^ 0x6469_736b_6661_756c),
         trace: Vec::new(),
         start: Instant::now(),
         held: [false; 2],
@@ -73,7 +94,19 @@ pub async fn run(seed: u64, steps: u32, dir: &Path) -> Result<Vec<String>, Vec<S
         required: BTreeMap::new(),
         newest: BTreeSet::from([0, 1]),
         images: [None, None],
+        witness: None,
+        violations: Arc::default(),
+        log: Arc::default(),
+        off_since: [None, None],
     };
+    if with_witness {
+        let wit =
+            SimWitness::new(dir, Arc::clone(&w.log)).map_err(|e| vec![format!("witness: {e}")])?;
+        for n in &mut w.nodes {
+            n.witness = Some((wit.clone(), Arc::clone(&w.log)));
+        }
+        w.witness = Some(wit);
+    }
     for i in 0..2 {
         let seed = w.rng.next();
         if let Err(e) = w.nodes[i].start(vec![0; SIZE as usize], seed).await {
@@ -90,7 +123,8 @@ pub async fn run(seed: u64, steps: u32, dir: &Path) -> Result<Vec<String>, Vec<S
         w.settle(pause).await;
         w.operator().await;
         w.settle(Duration::from_millis(100)).await;
-        if let Err(why) = w.check() {
+        let seen = std::mem::take(&mut *lock(&w.violations));
+        if let Some(why) = seen.into_iter().next().map(Err).unwrap_or_else(|| w.check()).err() {
             w.note(format!("INVARIANT VIOLATED: {why}"));
             return Err(w.trace);
         }
@@ -99,7 +133,12 @@ pub async fn run(seed: u64, steps: u32, dir: &Path) -> Result<Vec<String>, Vec<S
 }
 
 impl World {
-    fn note(&mut self, what: String) {
+    pub(super) fn note(&mut self, what: String) {
+        let agents = std::mem::take(&mut *lock(&self.log));
+        for (at, line) in agents {
+            let t = (at - self.start).as_millis();
+            self.trace.push(format!("{:>7}.{:03} s  {line}", t / 1000, t % 1000));
+        }
         let t = self.start.elapsed().as_millis();
         self.trace.push(format!("{:>7}.{:03} s  {what}", t / 1000, t % 1000));
     }
@@ -128,13 +167,19 @@ impl World {
         self.nodes.iter_mut().for_each(SimNode::reap);
     }
 
-    fn primary(&self) -> Option<usize> {
+    pub(super) fn primary(&self) -> Option<usize> {
         (0..2).find(|&i| {
             self.nodes[i].up.as_ref().is_some_and(|u| u.volume.machine().role == Role::Primary)
         })
     }
 
     async fn step(&mut self, step: u32) {
+        if self.witness.is_some() && self.faults.below(100) < 10 {
+            self.witness_event();
+            let s = self.state();
+            self.note(format!("step {step} done {s}"));
+            return;
+        }
         let roll = self.rng.below(100);
         match roll {
             0..=29 => self.writes().await,
@@ -163,6 +208,9 @@ impl World {
             88..=93 => self.swap().await,
             _ => {
                 let d = Duration::from_millis(1000 + self.rng.below(9000));
+                if self.faults.below(2) == 0 {
+                    self.disk_fault();
+                }
                 self.note(format!("time passes: {d:?}"));
                 sleep(d).await;
             }
@@ -193,6 +241,16 @@ impl World {
             let (v, acked, pending) =
                 (Arc::clone(&up.volume), Arc::clone(&self.acked), Arc::clone(&self.pending));
             let alive = up.alive();
+            let linked = |v: &crate::volume::Volume| {
+                matches!(
+                    v.machine().conn,
+                    ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget
+                )
+            };
+            // Degraded for sure: no session when the write started, nor when it ended.
+            let alone = !linked(&v);
+            let fenced = self.witness.clone().zip(up.node.fence().cloned());
+            let (name, violations) = (self.nodes[p].name, Arc::clone(&self.violations));
             *lock(&pending) += 1;
             tasks.push(tokio::spawn(async move {
                 let r = v.write(first * BLOCK, AlignedBuf::copy_from(&data), false).await;
@@ -201,6 +259,10 @@ impl World {
                 let ok = r.is_ok() && !alive.is_cancelled();
                 if ok {
                     lock(&acked).push((id, first, len));
+                    if let (true, Some((w, fence))) = (alone && !linked(&v), fenced) {
+                        let why = check_epoch(&w, &fence, name);
+                        lock(&violations).extend(why.map(|why| format!("w{id}: {why}")));
+                    }
                 }
                 ok
             }));
@@ -259,6 +321,61 @@ impl World {
         }
     }
 
+    /// A disk starts failing (EIO, ENOSPC: until the operator replaces it) or hangs (for a
+    /// while, or until its power goes).
+    fn disk_fault(&mut self) {
+        let who = match (self.faults.below(2), self.primary()) {
+            (0, Some(p)) => p,
+            (_, Some(p)) => 1 - p,
+            _ => self.faults.below(2) as usize,
+        };
+        let Some(up) = self.nodes[who].up.as_ref() else { return };
+        let disk = up.disk.clone();
+        let name = self.nodes[who].name;
+        let (fault, what) = match self.faults.below(3) {
+            0 => (Fault::Errors(libc::EIO), "fails with EIO".to_string()),
+            1 => (Fault::Errors(libc::ENOSPC), "is full (ENOSPC)".to_string()),
+            _ => {
+                let d = Duration::from_millis(500 + self.faults.below(8000));
+                let thaw = disk.clone();
+                tokio::spawn(async move {
+                    sleep(d).await;
+                    thaw.thaw();
+                });
+                (Fault::Hang, format!("hangs for {d:?}"))
+            }
+        };
+        disk.fault(fault);
+        self.note(format!("disk: {name}'s disk {what}"));
+    }
+
+    /// The witness: a node cut off from it or back, the witness stopped, (re)started.
+    fn witness_event(&mut self) {
+        let Some(w) = self.witness.clone() else { return };
+        let roll = self.faults.below(4);
+        let who = self.faults.below(2) as usize;
+        let what = match roll {
+            0 => {
+                w.cut(who, true);
+                format!("{} cut off from the witness", self.nodes[who].name)
+            }
+            1 => {
+                w.cut(0, false);
+                w.cut(1, false);
+                "both nodes reach the witness".to_string()
+            }
+            2 => {
+                w.stop();
+                "witness stopped".to_string()
+            }
+            _ => match w.start() {
+                Ok(()) => "witness (re)started from its state file".to_string(),
+                Err(e) => format!("witness start failed: {e}"),
+            },
+        };
+        self.note(format!("witness: {what}"));
+    }
+
     fn partition(&mut self, held: [bool; 2]) {
         self.held = held;
         self.note(format!("network: alpha→beta {}, beta→alpha {}", cut(held[0]), cut(held[1])));
@@ -273,17 +390,36 @@ impl World {
 
     fn power_cut(&mut self, who: usize) {
         // Acknowledged writes no flush covered yet survive the cut only where the survivor
-        // holds them: it is the Primary that acknowledged them, or in sync with it. Otherwise a
-        // later flush does not cover them (losing them is allowed).
+        // holds them: it is the Primary that acknowledged them, or in sync with it and
+        // promoted before the cut node returns (the operator does so at once; the agent of a
+        // witness schedule may not, and a returning crashed Primary is then the source of the
+        // crash's resync). Otherwise a later flush does not cover them (losing them is
+        // allowed: the client's connection went with the Primary).
         let survivor = self.nodes[1 - who].up.as_ref();
         let primary = survivor.is_some_and(|u| u.volume.machine().role == Role::Primary);
-        if !(primary || self.in_sync()) {
+        if !(primary || (self.in_sync() && self.witness.is_none())) {
             lock(&self.acked).clear();
         }
         let Some((image, kept, total)) = self.nodes[who].power_cut(&mut self.rng) else { return };
         let name = self.nodes[who].name;
         self.note(format!("power cut: {name} (kept {kept} of {total} unflushed disk writes)"));
         self.images[who] = Some(image);
+        self.off_since[who] = Some(Instant::now());
+    }
+}
+
+/// Invariant 5: a degraded write is acknowledged under the newest epoch the witness gave
+/// out, held by the node that acknowledges it: no two nodes acknowledge writes in one epoch,
+/// nor one in an epoch the witness already gave to the other.
+fn check_epoch(w: &SimWitness, fence: &Fence, node: &str) -> Option<String> {
+    let held = fence.held().map(|l| l.epoch);
+    let newest = w.newest();
+    match (&held, &newest) {
+        (Some(e), Some((n, Some(holder)))) if e == n && holder == node => None,
+        _ => Some(format!(
+            "{node} acknowledged a degraded write holding epoch {held:?}; the witness's newest \
+             is {newest:?}"
+        )),
     }
 }
 
@@ -302,6 +438,7 @@ impl World {
                 let image = self.images[i].take().unwrap_or_else(|| vec![0; SIZE as usize]);
                 let name = self.nodes[i].name;
                 let seed = self.rng.next();
+                self.off_since[i] = None;
                 match self.nodes[i].start(image, seed).await {
                     Ok(()) => self.note(format!("restart: {name}")),
                     Err(e) => self.note(format!("restart: {name} failed: {e}")),
@@ -327,125 +464,5 @@ impl World {
         self.next_session += 1;
         let ok = connect(ua, ub, id, id).await;
         self.note(format!("link: session {id} {}", if ok { "up" } else { "handshake failed" }));
-    }
-
-    /// The operator MODEL: keeps one Primary, promoting only a node that holds the newest
-    /// data (with --force only when its peer is powered off), the lower name first.
-    async fn operator(&mut self) {
-        self.observe_newest();
-        if self.primary().is_some() {
-            return;
-        }
-        for i in 0..2 {
-            let Some(up) = self.nodes[i].up.as_ref() else { continue };
-            let m = up.volume.machine();
-            if !self.newest.contains(&i) || m.disk != DiskState::UpToDate {
-                continue;
-            }
-            let peer_off = self.nodes[1 - i].up.is_none();
-            if !peer_off && m.conn != ConnState::Connected {
-                continue;
-            }
-            let node = Arc::clone(&up.node);
-            let r =
-                timeout(Duration::from_secs(8), node.set_role(None, Role::Primary, peer_off)).await;
-            let name = self.nodes[i].name;
-            let how = if peer_off { "promote --force" } else { "promote" };
-            match r {
-                Ok(Ok(())) => self.note(format!("operator: {how} {name}: ok")),
-                Ok(Err((_, why))) => self.note(format!("operator: {how} {name}: refused: {why}")),
-                Err(_) => self.note(format!("operator: {how} {name}: no answer")),
-            }
-            return;
-        }
-    }
-
-    /// Who holds every acknowledged write: the Primary, and a peer in sync with it.
-    fn observe_newest(&mut self) {
-        let Some(p) = self.primary() else { return };
-        let mut newest = BTreeSet::from([p]);
-        if self.in_sync() {
-            newest.insert(1 - p);
-        }
-        self.newest = newest;
-    }
-
-    /// Both running, Connected, UpToDate, nothing out of sync, no resync.
-    fn in_sync(&self) -> bool {
-        self.nodes.iter().all(|n| {
-            n.up.as_ref().is_some_and(|u| {
-                let s = u.volume.status();
-                s.conn == ConnState::Connected
-                    && s.disk == DiskState::UpToDate
-                    && s.peer_disk == Some(DiskState::UpToDate)
-                    && s.out_of_sync == 0
-                    && s.resync.is_none()
-            })
-        })
-    }
-
-    /// A planned switchover, when in sync: demote the Primary, promote its peer.
-    async fn swap(&mut self) {
-        let Some(p) = self.primary() else { return };
-        if !self.in_sync() || *lock(&self.pending) > 0 {
-            return;
-        }
-        let (Some(a), Some(b)) = (self.nodes[p].up.as_ref(), self.nodes[1 - p].up.as_ref()) else {
-            return;
-        };
-        let (from, to) = (Arc::clone(&a.node), Arc::clone(&b.node));
-        let demoted =
-            timeout(Duration::from_secs(8), from.set_role(None, Role::Secondary, false)).await;
-        let promoted = match demoted {
-            Ok(Ok(())) => {
-                timeout(Duration::from_secs(8), to.set_role(None, Role::Primary, false)).await
-            }
-            _ => Ok(Err((crate::control::ErrorKind::Internal, "demote failed".into()))),
-        };
-        let names = (self.nodes[p].name, self.nodes[1 - p].name);
-        self.note(format!(
-            "operator: swap {} -> {}: {:?}",
-            names.0,
-            names.1,
-            promoted.map(|r| r.map_err(|e| e.1))
-        ));
-    }
-
-    fn check(&mut self) -> Result<(), String> {
-        self.observe_newest();
-        let primaries = (0..2)
-            .filter(|&i| {
-                self.nodes[i].up.as_ref().is_some_and(|u| u.volume.machine().role == Role::Primary)
-            })
-            .count();
-        if primaries > 1 {
-            return Err("two running Primaries".into());
-        }
-        if self.in_sync() && *lock(&self.pending) == 0 {
-            let (Some(a), Some(b)) = (self.nodes[0].up.as_ref(), self.nodes[1].up.as_ref()) else {
-                return Ok(());
-            };
-            if let Some(at) = a.disk.first_difference(&b.disk, BLOCK as usize) {
-                let at = at as u64;
-                let x = block_id(&a.disk.read(at * BLOCK, BLOCK as usize));
-                let y = block_id(&b.disk.read(at * BLOCK, BLOCK as usize));
-                return Err(format!(
-                    "both in sync, but block {at} differs: alpha has w{x}, beta has w{y}"
-                ));
-            }
-        }
-        let Some(p) = self.primary() else { return Ok(()) };
-        let Some(up) = self.nodes[p].up.as_ref() else { return Ok(()) };
-        for (&block, &want) in &self.required {
-            let got = block_id(&up.disk.read(block * BLOCK, BLOCK as usize));
-            let later = self.issued.get(&block).is_some_and(|ids| ids.contains(&got));
-            if got < want || !later {
-                return Err(format!(
-                    "Primary {} lost block {block}: w{want} was acknowledged and flushed, the disk has w{got}",
-                    self.nodes[p].name
-                ));
-            }
-        }
-        Ok(())
     }
 }

@@ -31,6 +31,8 @@ mod counters;
 mod failure;
 mod locks;
 mod peer;
+#[cfg(test)]
+mod probe;
 mod resync;
 mod state;
 mod track;
@@ -52,6 +54,8 @@ use counters::AtomicCounters;
 pub use locks::{IntervalLocks, RangeGuard};
 pub use resync::{ResyncError, ResyncOptions};
 pub use state::Transition;
+#[cfg(test)]
+pub(crate) use track::META_INLINE;
 
 use crate::{
     control::VolumeStatus,
@@ -137,10 +141,10 @@ pub struct Volume {
     moved_on: AtomicBool,
     /// The dirty bitmap and activity log (design.md §4).
     track: track::Tracker,
-    /// When the last application write-type request started, in µs since `opened`, so that a
-    /// resync can yield to a busy application.
+    /// When the last application write-type request started, in µs since `opened` (tokio's
+    /// clock: the simulator's paused time), so that a resync can yield to a busy application.
     last_app_write: AtomicU64,
-    opened: std::time::Instant,
+    opened: tokio::time::Instant,
     /// The witness lease degraded writes need, when `cluster.witness` is configured.
     fence: OnceLock<Arc<Fence>>,
 }
@@ -181,7 +185,7 @@ impl Volume {
             moved_on: AtomicBool::new(moved_on),
             track,
             last_app_write: AtomicU64::new(0),
-            opened: std::time::Instant::now(),
+            opened: tokio::time::Instant::now(),
             fence: OnceLock::new(),
         })
     }

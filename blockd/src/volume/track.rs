@@ -441,13 +441,32 @@ impl Tracker {
                 return Err(io::Error::other(format!("metadata write {seq} was never queued")));
             };
             let file = Arc::clone(&io.file);
-            let handle = tokio::task::spawn_blocking(move || {
+            let handle = spawn_meta(move || {
                 let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
                 mw.apply(&mut *file as &mut dyn MetaIo)
             });
             io.running = Some((s, handle));
         }
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by the simulator (`crate::sim`) on its threads: metadata writes run as ordinary
+    /// tasks, so a schedule's order of events never depends on the blocking pool's threads.
+    pub(crate) static META_INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a metadata write on the blocking pool (in the simulator: see [`META_INLINE`]).
+fn spawn_meta<F>(f: F) -> tokio::task::JoinHandle<io::Result<()>>
+where
+    F: FnOnce() -> io::Result<()> + Send + 'static,
+{
+    #[cfg(test)]
+    if META_INLINE.with(std::cell::Cell::get) {
+        return tokio::spawn(async move { f() });
+    }
+    tokio::task::spawn_blocking(f)
 }
 
 /// The metadata file, and the write being applied to it on the blocking pool (if any): kept

@@ -219,6 +219,16 @@ impl LeaseClient {
         self.exchange(s, sent, false).await.map(|g| g.lease)
     }
 
+    /// The exchange of `proto.rs` on `s`, asked now (the simulator's witness connection).
+    #[cfg(test)]
+    pub(crate) async fn ask_on<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        s: S,
+        degraded: bool,
+    ) -> Result<Granted, WitnessError> {
+        self.exchange(s, Instant::now(), degraded).await
+    }
+
     /// The exchange of `proto.rs` on `s`; the lease counts from `sent`.
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
@@ -296,7 +306,7 @@ impl LeaseClient {
 }
 
 /// `got` continues `held` only with the same epoch.
-fn continues(held: &Lease, got: Lease) -> Result<Lease, WitnessError> {
+pub(crate) fn continues(held: &Lease, got: Lease) -> Result<Lease, WitnessError> {
     if got.epoch != held.epoch {
         return Err(WitnessError::Superseded { had: held.epoch, now: got });
     }

@@ -22,7 +22,6 @@ pub mod console;
 pub mod events;
 #[cfg(test)]
 mod fake;
-pub mod health;
 pub mod init;
 pub mod node;
 pub mod status;

@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blockd::config::AgentConfig;
+use crate::config::AgentConfig;
 
 /// How often the agent probes the Primary's services and mounts.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
