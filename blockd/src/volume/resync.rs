@@ -241,14 +241,16 @@ impl Volume {
             }
             // A checkpoint runs beside the copy: its peer flush and bitmap write must not
             // leave the link idle.
+            // A fixed order, so the simulator replays a seed exactly; the checkpoint first, or a
+            // copy with a completion ready at every poll would starve it (no progress kept).
             let next = tokio::select! {
-                biased; // a fixed order: the simulator replays a seed exactly
-                next = in_flight.next() => next,
+                biased;
                 result = async { checkpoint.as_mut().expect("guarded").await }, if checkpoint.is_some() => {
                     checkpoint = None;
                     result?;
                     continue;
                 }
+                next = in_flight.next() => next,
             };
             let Some((payload, done)) = next else { break };
             in_flight_bytes -= payload;
