@@ -493,7 +493,7 @@ impl Reader {
     /// A big record (a 1 MiB write) arrives in many TCP segments, and each read of a part is a
     /// wake-up and a syscall. Once its header is in, the socket's low-water mark is raised to
     /// the part still missing, so the kernel wakes this reader once, when the whole record can
-    /// be read (`open` already reserved room for it: one read). Back to 1 when the front record
+    /// be read, in one read. Back to 1 when the front record
     /// is small or its header is not in yet. A setsockopt only when the mark changes; back-to-
     /// back big records cost one each. The kernel still wakes on EOF, errors, memory pressure
     /// and a closing window, so the mark cannot stall a stream.
@@ -503,6 +503,12 @@ impl Reader {
             None => 0,
         };
         let want = if missing >= LOW_WATER_MIN { missing.min(LOW_WATER_MAX) } else { 1 };
+        if want > 1 {
+            // Room past the record: the read that completes it also takes the next record's
+            // front if that is in, and comes back short, so tokio waits for the next wake-up
+            // instead of trying another read that would find nothing.
+            self.buf.reserve(missing + READ_CHUNK);
+        }
         if want != self.low_water && self.rd.set_low_water(want) {
             self.low_water = want;
             self.queued_seen = 0;
