@@ -15,6 +15,9 @@ use super::super::record::{self, Channel, Protection};
 use super::super::wire::{self, Frame, Message, VolumeParams, PROTOCOL_VERSION};
 use super::{bind, start, LinkConfig, LinkError, LinkEvent, Responder, Session, Tuning};
 
+#[path = "link_read_tests.rs"]
+mod reads;
+
 const WAIT: Duration = Duration::from_secs(5);
 
 fn config(

@@ -50,6 +50,12 @@ use super::writer::{self, Out};
 use crate::errno::EIO;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 << 10;
+/// A record still missing at least this many bytes raises the socket's low-water mark to the
+/// missing part (see [`Reader::tune_low_water`]); below it the reader wakes for every byte.
+const LOW_WATER_MIN: usize = 64 << 10;
+/// The highest low-water mark asked for (the kernel caps it further, at half its largest
+/// receive buffer).
+const LOW_WATER_MAX: usize = 4 << 20;
 /// What a request costs besides its payload (its task, its frame, its event): charged to the
 /// budget so that a flood of empty requests is bounded too.
 pub(crate) const REQUEST_COST: usize = 1024;
@@ -386,6 +392,8 @@ pub(crate) fn start_on(
         events: p.events,
         budget: p.budget,
         last: Instant::now(),
+        low_water: 1,
+        queued_seen: 0,
     };
     let w = inner.clone();
     tokio::spawn(async move {
@@ -413,6 +421,10 @@ struct Reader {
     /// When the peer was last heard from; time the reader spent waiting on this node (the
     /// budget, the event channel) does not count as the peer's silence.
     last: Instant,
+    /// The socket's receive low-water mark as last set (1: wake for every byte).
+    low_water: usize,
+    /// Bytes the socket held unread when the silence timer last looked, while `low_water` > 1.
+    queued_seen: usize,
 }
 
 impl Reader {
@@ -447,6 +459,7 @@ impl Reader {
             if self.buf.capacity() - self.buf.len() < 4096 {
                 self.buf.reserve(READ_CHUNK);
             }
+            self.tune_low_water();
             tokio::select! {
                 biased;
                 _ = &mut cancelled => return "closed".into(),
@@ -456,6 +469,7 @@ impl Reader {
                     Err(e) => return format!("read error: {e}"),
                 },
                 _ = &mut silence => {
+                    self.note_queued();
                     let last = self.last;
                     if last.elapsed() >= self.timeout {
                         return "peer timeout".into();
@@ -473,6 +487,44 @@ impl Reader {
                     silence.as_mut().reset(next + self.timeout);
                 }
             }
+        }
+    }
+
+    /// A big record (a 1 MiB write) arrives in many TCP segments, and each read of a part is a
+    /// wake-up and a syscall. Once its header is in, the socket's low-water mark is raised to
+    /// the part still missing, so the kernel wakes this reader once, when the whole record can
+    /// be read, in one read. Back to 1 when the front record
+    /// is small or its header is not in yet. A setsockopt only when the mark changes; back-to-
+    /// back big records cost one each. The kernel still wakes on EOF, errors, memory pressure
+    /// and a closing window, so the mark cannot stall a stream.
+    fn tune_low_water(&mut self) {
+        let missing = match record::record_len(&self.buf) {
+            Some(total) => total.saturating_sub(self.buf.len()),
+            None => 0,
+        };
+        let want = if missing >= LOW_WATER_MIN { missing.min(LOW_WATER_MAX) } else { 1 };
+        if want > 1 {
+            // Room past the record: the read that completes it also takes the next record's
+            // front if that is in, and comes back short, so tokio waits for the next wake-up
+            // instead of trying another read that would find nothing.
+            self.buf.reserve(missing + READ_CHUNK);
+        }
+        if want != self.low_water && self.rd.set_low_water(want) {
+            self.low_water = want;
+            self.queued_seen = 0;
+        }
+    }
+
+    /// With a raised low-water mark, bytes of a big record can arrive without waking this
+    /// reader: bytes queued since the last look count as hearing from the peer, as a partial
+    /// read did before.
+    fn note_queued(&mut self) {
+        if self.low_water <= 1 {
+            return;
+        }
+        if let Some(q) = self.rd.queued().filter(|&q| q > self.queued_seen) {
+            self.queued_seen = q;
+            self.last = Instant::now();
         }
     }
 

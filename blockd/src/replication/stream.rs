@@ -13,7 +13,48 @@ use tokio::io::AsyncRead;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// The read half of a connection.
-pub type LinkRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type LinkRead = Box<dyn LinkReadHalf>;
+
+/// What a session reads from: any `AsyncRead`, plus TCP's receive low-water mark.
+pub trait LinkReadHalf: AsyncRead + Send + Unpin {
+    /// Asks to be woken for reading only once `n` bytes are queued (TCP's SO_RCVLOWAT; the
+    /// kernel caps it at half the largest receive buffer and still wakes on EOF, an error or
+    /// memory pressure). Returns whether the connection took it: in-process pipes do not, and
+    /// then the reader wakes for every byte as before.
+    fn set_low_water(&self, _n: usize) -> bool {
+        false
+    }
+    /// Bytes queued unread (SIOCINQ), where the connection can tell.
+    fn queued(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl LinkReadHalf for OwnedReadHalf {
+    fn set_low_water(&self, n: usize) -> bool {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.as_ref());
+        let v = libc::c_int::try_from(n).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fd` is this half's open socket for the duration of the call; the option
+        // value is a c_int on the stack whose size is passed with it.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        r == 0
+    }
+    fn queued(&self) -> Option<usize> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.as_ref());
+        let mut n: libc::c_int = 0;
+        // SAFETY: `fd` is this half's open socket; FIONREAD (SIOCINQ) writes one c_int into `n`.
+        let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+        (r == 0).then(|| usize::try_from(n).unwrap_or(0))
+    }
+}
 
 /// The write half of a connection, written from several tasks through `&self`.
 pub trait LinkWrite: Send + Sync + 'static {

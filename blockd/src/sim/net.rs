@@ -177,6 +177,8 @@ impl AsyncRead for ReadHalf {
     }
 }
 
+impl crate::replication::stream::LinkReadHalf for ReadHalf {}
+
 struct WriteHalf(Pipe);
 
 impl LinkWrite for WriteHalf {
