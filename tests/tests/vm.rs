@@ -24,11 +24,10 @@ mod cluster;
 
 const VOL: &str = "vol";
 
-/// The guest tests one boot runs; each must pass.
-/// Not yet among them: `cluster::guest_kernel_nfs_failover` (the kernel NFS server on the
-/// mirror) has passed once in the guest (397 s of guest time, host load ~10), not yet twice;
-/// run it alone with tests/vm/run (see its doc).
+/// The guest tests one boot runs; each must pass. One of them alone, e.g. while working on it:
+/// `tests/vm/run -- target/debug/deps/vm-HASH --ignored --exact --nocapture NAME`.
 const GUEST_TESTS: &[&str] = &[
+    "cluster::guest_kernel_nfs_failover",
     "cluster::guest_mariadb_failover_on_nbd",
     "guest_netlink_ext4_xfs_fio",
     "guest_netlink_restart_under_fio",
