@@ -286,8 +286,16 @@ fn nfs_first_promote(c: &Cluster) {
 /// namespace of the client's network namespace) writes files of 1 KiB to 64 MiB through the
 /// VIP while alpha dies; `promote --force` on beta; every file the client closed has its size
 /// and checksum on beta's filesystem, and the writer goes on. The longest single write,
-/// fsync or close is the client's stall, reported.
+/// fsync or close is the client's stall, reported with a timeline from the kill.
 ///
+/// Three passes in a row (2026-12-03, host load 3-6, ~350 s of guest time each): kill →
+/// promote done 61.5 / 67.4 / 62.2 s, longest stall 94.7 / 92.0 / 87.6 s. The stall is a
+/// 64 MiB file's write-back already running 6-12 s before the kill, the time no server
+/// answers (~20 s of it this test's removal of the dead kernel's leftovers, which a real
+/// failover does not have; ~10 s until beta drops the link, its peer-timeout; ~30 s of
+/// `promote --force` under TCG, the NFS server's start 10 s of it), then 13-17 s from the new
+/// server to the call's end: the client's reconnect to the VIP, its reclaim within the 10 s
+/// grace, and the uncommitted part of the file sent again.
 #[test]
 #[ignore = "runs inside the VM: vm_kernel_tier boots it"]
 fn guest_kernel_nfs_failover() {
@@ -413,6 +421,23 @@ fn check_nfs_service(c: &Cluster, n: NodeId, dev: &str) {
     assert!(exports.stdout.contains("fsid=0"), "the export's fsid on {}:\n{exports}", n.name());
 }
 
+/// When (Unix time) the NFS server on `n` was first seen out of grace (polled after the
+/// promote, so an upper bound): its `v4_end_grace` reads
+/// `Y` once the grace time is up or every client it knows from `/var/lib/nfs` has reclaimed.
+fn grace_end(c: &Cluster, n: NodeId) -> f64 {
+    let poll = "for i in $(seq 600); do [ \"$(cat /proc/fs/nfsd/v4_end_grace)\" = Y ] && break; \
+                sleep 0.1; done; cat /proc/fs/nfsd/v4_end_grace; date +%s.%N";
+    let out = c.run_on(n, poll);
+    let words: Vec<&str> = out.stdout.split_whitespace().collect();
+    assert_eq!(
+        words.first(),
+        Some(&"Y"),
+        "grace period on {} not over after 60 s:\n{out}",
+        n.name()
+    );
+    words.get(1).and_then(|t| t.parse().ok()).unwrap_or(0.0)
+}
+
 /// The planned switchover's order on `n` (`demote --dry-run`, what `swap` undoes first): the
 /// NFS server is stopped before the VIP goes, and the VIP before the filesystem is unmounted.
 fn check_demote_order(c: &Cluster, n: NodeId) {
@@ -453,6 +478,7 @@ fn nfs_failover(c: &mut Cluster) {
     let dev = kernel_device(Beta, NFS_VOLUME).expect("beta's /dev/nbdN");
     tcg_queue_limits(&dev);
     check_nfs_service(c, Beta, &dev);
+    at.push(("beta's grace period seen over (first poll)", grace_end(c, Beta)));
     let diag = || format!("{}{}{}", nfs_diag(c, Beta), c.diag(Beta), dmesg_tail());
     wait_closed(&log, killed + 1, Duration::from_secs(900), &mut writer, diag);
     at.push(("first file closed after the kill", unix_now()));
