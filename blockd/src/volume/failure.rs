@@ -49,11 +49,11 @@ impl Volume {
     /// restart (a failed disk's contents are unknown: never a source, never promoted).
     pub(super) async fn persist_failure(&self) {
         let Some(failure) = self.live().failure else { return };
-        let mut p = self.persisted.lock().await;
+        let mut p = self.lock_persisted().await;
         if p.meta.flags.failed.is_some() {
             return;
         }
-        if let Err(e) = self.persist_with(&mut p, |m| m.flags.failed = Some(failure)) {
+        if let Err(e) = self.persist_with(&mut p, |m| m.flags.failed = Some(failure)).await {
             tracing::error!(volume = %self.name(), error = %e,
                 "cannot record the disk failure in the metadata: it is Failed until the next start");
         }
@@ -63,7 +63,7 @@ impl Volume {
     /// unknown, so every byte is marked out of sync and it becomes `Inconsistent`, the target
     /// of a full resync at the next handshake. The marks are on disk before the flag changes.
     pub(crate) async fn replace_disk(&self) -> Result<(), VolumeError> {
-        let mut p = self.persisted.lock().await;
+        let mut p = self.lock_persisted().await;
         if self.live().machine.disk != DiskState::Failed {
             return Ok(());
         }
@@ -72,7 +72,8 @@ impl Volume {
         self.persist_with(&mut p, |m| {
             m.flags.failed = None;
             m.flags.consistent = false;
-        })?;
+        })
+        .await?;
         let mut live = self.live();
         let before = live.machine;
         live.machine = role::step(&before, &Event::DiskReplaced).0;

@@ -193,16 +193,27 @@ impl Volume {
     /// this session: otherwise a crash could leave a half-resynced disk that calls itself
     /// consistent.
     async fn wait_target_ready(&self, session: &Session) -> Result<(), u32> {
-        let deadline = tokio::time::Instant::now() + TARGET_READY_TIMEOUT;
-        loop {
-            if self.live().target_ready == session.id() {
-                return Ok(());
+        let mut ready = self.target_ready.subscribe();
+        let wanted = session.id();
+        let wait = async {
+            loop {
+                if *ready.borrow_and_update() == wanted {
+                    return true;
+                }
+                // A session that ended never becomes ready; the sender lives as long as `self`.
+                tokio::select! {
+                    biased; // deterministic in the simulator
+                    changed = ready.changed() => if changed.is_err() { return false },
+                    () = session.closed() => return false,
+                }
             }
-            if tokio::time::Instant::now() >= deadline || !session.is_open() {
+        };
+        match tokio::time::timeout(TARGET_READY_TIMEOUT, wait).await {
+            Ok(true) => Ok(()),
+            Ok(false) | Err(_) => {
                 tracing::warn!(volume = %self.name(), "resync data arrived but this node is not a resync target");
-                return Err(EINVAL);
+                Err(EINVAL)
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }

@@ -137,7 +137,7 @@ impl Volume {
             }
             tracing::info!(volume = %self.name(), left, pass, "ranges changed during the resync: another pass");
         }
-        let gens = self.persisted.lock().await.meta.gens;
+        let gens = self.lock_persisted().await.meta.gens;
         match self.call_peer(session, Message::ResyncDone { gens }).await {
             Ok(Message::Ack { error: 0 }) => {}
             other => return Err(ResyncError::Peer(format!("{other:?}"))),

@@ -7,14 +7,14 @@
 //!   `consistent` flag) is on disk before anyone sees the state that depends on it.
 //! - `live` (std mutex, never held across an await): what the data path and status read.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
-use tokio::sync::MutexGuard;
+use tokio::{sync::MutexGuard, task::JoinHandle};
 
 use super::{Volume, VolumeError, VolumeInfo};
 use crate::{
     control::ResyncProgress,
-    meta::{new_generation, DiskFailure, Generations, Meta, MetaFile, Resolve},
+    meta::{new_generation, DiskFailure, Generations, Meta, MetaError, MetaFile, Resolve},
     replication::{LinkError, Message, Session},
     role::{self, Action, ConnState, DiskState, Event, Role},
 };
@@ -22,8 +22,19 @@ use crate::{
 /// Metadata and the file it lives in; the mutex around it is the transition lock.
 #[derive(Debug)]
 pub(super) struct Persisted {
-    pub file: MetaFile,
+    pub file: Arc<MetaFile>,
     pub meta: Meta,
+    /// A store running on the blocking pool and the metadata it writes: `meta` becomes it
+    /// once the store succeeded. Kept here so that a caller that went away mid-store leaves
+    /// it to the next holder of the lock ([`Volume::lock_persisted`]), which awaits it before
+    /// reading `meta` or starting another store (never two stores at once, never out of order).
+    pub pending: Option<(Meta, JoinHandle<Result<(), MetaError>>)>,
+}
+
+impl Persisted {
+    pub fn new(file: MetaFile, meta: Meta) -> Self {
+        Persisted { file: Arc::new(file), meta, pending: None }
+    }
 }
 
 /// What the data path and status read.
@@ -38,9 +49,6 @@ pub(super) struct Live {
     pub resync: Option<Progress>,
     /// A copy of the persisted generations, for status and out-of-sync accounting.
     pub gens: Generations,
-    /// The session whose resync this node, as target, is ready to receive (its `Inconsistent`
-    /// flag is on disk); 0 for none.
-    pub target_ready: u64,
     /// `blockctl resolve`: what this node gives up at the next handshake (memory only: a
     /// restarted node needs the operator to say it again).
     pub resolve: Resolve,
@@ -93,7 +101,6 @@ impl Live {
             peer_disk: None,
             resync: None,
             gens: meta.gens,
-            target_ready: 0,
             resolve: Resolve::None,
             failure: meta.flags.failed,
         };
@@ -129,7 +136,7 @@ impl Volume {
         event: Event,
         session: Option<&Session>,
     ) -> Result<Transition, VolumeError> {
-        let mut p = self.persisted.lock().await;
+        let mut p = self.lock_persisted().await;
         let (before, actions) = {
             let mut live = self.live();
             let before = live.machine;
@@ -142,11 +149,11 @@ impl Volume {
         for action in actions {
             match action {
                 Action::BecomePrimary => {
-                    self.persist_with(&mut p, |m| m.flags.primary_when_stopped = true)?;
+                    self.persist_with(&mut p, |m| m.flags.primary_when_stopped = true).await?;
                     if !self.connected_in_sync() {
                         // Promoted without a peer: a new generation before any write
                         // (design.md §5).
-                        self.rotate(&mut p)?;
+                        self.rotate(&mut p).await?;
                     }
                     left.push(Action::BecomePrimary);
                 }
@@ -154,15 +161,16 @@ impl Volume {
                     // Nothing is in flight (demote flushed with no clients): the log's bits go
                     // to the bitmap and the log empties, so a later crash adds nothing.
                     self.track.retire().await.map_err(|e| self.dirty_log_failed(e))?;
-                    self.persist_with(&mut p, |m| m.flags.primary_when_stopped = false)?;
+                    self.persist_with(&mut p, |m| m.flags.primary_when_stopped = false).await?;
                     left.push(Action::BecomeSecondary);
                 }
                 Action::StartResyncTarget => {
-                    self.persist_with(&mut p, |m| m.flags.consistent = false)?;
+                    self.persist_with(&mut p, |m| m.flags.consistent = false).await?;
                     let mut live = self.live();
                     // The total is the source's to say; until then, what this side knows.
                     live.resync = Some(Progress::new(self.track.dirty_bytes()));
-                    live.target_ready = session.map_or(0, Session::id);
+                    drop(live);
+                    self.target_ready.send_replace(session.map_or(0, Session::id));
                 }
                 Action::StartResyncSource => {
                     self.live().resync = Some(Progress::new(self.track.dirty_bytes()));
@@ -200,7 +208,7 @@ impl Volume {
                 live.session = None;
                 live.peer_disk = None;
                 live.resync = None;
-                live.target_ready = 0;
+                self.target_ready.send_replace(0);
             }
             _ => {}
         }
@@ -226,8 +234,8 @@ impl Volume {
     /// The resync this node sent has been applied by the peer: it is in sync again.
     pub(super) async fn finish_resync_source(&self) -> Result<Transition, VolumeError> {
         {
-            let mut p = self.persisted.lock().await;
-            self.persist_with(&mut p, |m| m.gens.sync_done_source())?;
+            let mut p = self.lock_persisted().await;
+            self.persist_with(&mut p, |m| m.gens.sync_done_source()).await?;
             self.moved_on.store(false, std::sync::atomic::Ordering::Release);
             let mut live = self.live();
             live.resync = None;
@@ -250,17 +258,18 @@ impl Volume {
         source: &Generations,
     ) -> Result<Transition, VolumeError> {
         {
-            let mut p = self.persisted.lock().await;
+            let mut p = self.lock_persisted().await;
             // The source copied the union of both bitmaps: nothing marked here differs now.
             self.track.clear(0..self.size());
             self.flush_bitmap().await?;
             self.persist_with(&mut p, |m| {
                 m.gens.sync_done_target(source);
                 m.flags.consistent = true;
-            })?;
+            })
+            .await?;
             let mut live = self.live();
             live.resync = None;
-            live.target_ready = 0;
+            self.target_ready.send_replace(0);
             live.resolve = Resolve::None;
         }
         self.transition(Event::ResyncDone, None).await
@@ -268,8 +277,8 @@ impl Volume {
 
     /// Records an orderly stop (`clean_shutdown`) or, at start, that the node is running.
     pub async fn mark_clean(&self, clean: bool) -> Result<(), VolumeError> {
-        let mut p = self.persisted.lock().await;
-        self.persist_with(&mut p, |m| m.flags.clean_shutdown = clean)
+        let mut p = self.lock_persisted().await;
+        self.persist_with(&mut p, |m| m.flags.clean_shutdown = clean).await
     }
 
     /// A connection attempt was refused (authentication, version, volume mismatch): status
@@ -290,7 +299,7 @@ impl Volume {
 
     /// Generations and flags for the state exchange with the peer.
     pub async fn local_state(&self) -> (role::State, Generations, bool) {
-        let p = self.persisted.lock().await;
+        let p = self.lock_persisted().await;
         (self.machine(), p.meta.gens, p.meta.flags.primary_when_stopped)
     }
 
@@ -354,18 +363,18 @@ impl Volume {
         if self.moved_on.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
-        let mut p = self.persisted.lock().await;
-        self.rotate(&mut p)
+        let mut p = self.lock_persisted().await;
+        self.rotate(&mut p).await
     }
 
     /// `bitmap ← current, current ← new` if not done yet, durably.
-    fn rotate(&self, p: &mut MutexGuard<'_, Persisted>) -> Result<(), VolumeError> {
+    async fn rotate(&self, p: &mut MutexGuard<'_, Persisted>) -> Result<(), VolumeError> {
         if p.meta.gens.bitmap != 0 {
             self.moved_on.store(true, std::sync::atomic::Ordering::Release);
             return Ok(());
         }
         let new = new_generation();
-        self.persist_with(p, |m| m.gens.rotate(new))?;
+        self.persist_with(p, |m| m.gens.rotate(new)).await?;
         self.moved_on.store(true, std::sync::atomic::Ordering::Release);
         tracing::warn!(
             volume = %self.name(),
@@ -375,19 +384,51 @@ impl Volume {
         Ok(())
     }
 
+    /// The transition lock, with any store a cancelled caller left behind settled first (see
+    /// [`Persisted::pending`]; a failed one leaves `meta` as it was, as if never tried).
+    pub(super) async fn lock_persisted(&self) -> MutexGuard<'_, Persisted> {
+        let mut p = self.persisted.lock().await;
+        if let Err(e) = self.settle(&mut p).await {
+            tracing::error!(volume = %self.name(), error = %e, "an abandoned metadata store failed");
+        }
+        p
+    }
+
     /// Changes the metadata with `f` and stores it durably; memory follows only on success.
-    pub(super) fn persist_with(
+    /// The write and fsync run on the blocking pool (meta/file.rs), not on this async thread;
+    /// the caller holds the transition lock until they are done, so nothing that depends on
+    /// the new state is seen or done before it is on disk.
+    pub(super) async fn persist_with(
         &self,
         p: &mut MutexGuard<'_, Persisted>,
         f: impl FnOnce(&mut Meta),
     ) -> Result<(), VolumeError> {
+        self.settle(p).await?;
         let mut next = p.meta.clone();
         f(&mut next);
-        // Blocking, but rare (role changes, rotations, resync edges) and short (one fsync).
-        p.file.store(&next).map_err(VolumeError::Metadata)?;
-        p.meta = next;
-        self.live().gens = p.meta.gens;
-        Ok(())
+        let (file, stored) = (Arc::clone(&p.file), next.clone());
+        p.pending = Some((next, super::track::spawn_meta(move || file.store(&stored))));
+        self.settle(p).await
+    }
+
+    /// Awaits the pending store, if any (cancel-safe: it stays pending until it has finished),
+    /// and makes `meta` follow it on success.
+    async fn settle(&self, p: &mut MutexGuard<'_, Persisted>) -> Result<(), VolumeError> {
+        let Some((_, handle)) = p.pending.as_mut() else { return Ok(()) };
+        let done = handle.await;
+        let Some((next, _)) = p.pending.take() else { return Ok(()) };
+        match done {
+            Ok(Ok(())) => {
+                p.meta = next;
+                self.live().gens = p.meta.gens;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(VolumeError::Metadata(e)),
+            Err(join) => Err(VolumeError::Metadata(MetaError::Write {
+                path: p.file.path().to_path_buf(),
+                source: std::io::Error::other(join),
+            })),
+        }
     }
 
     /// One line per change of state (STYLE.md).

@@ -458,9 +458,10 @@ thread_local! {
 }
 
 /// Runs a metadata write on the blocking pool (in the simulator: see [`META_INLINE`]).
-fn spawn_meta<F>(f: F) -> tokio::task::JoinHandle<io::Result<()>>
+pub(super) fn spawn_meta<F, T>(f: F) -> tokio::task::JoinHandle<T>
 where
-    F: FnOnce() -> io::Result<()> + Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
 {
     #[cfg(test)]
     if META_INLINE.with(std::cell::Cell::get) {
