@@ -59,6 +59,7 @@ mod agent;
 mod check;
 mod cluster;
 mod disk;
+mod live;
 mod net;
 mod node_tests;
 mod operator;
