@@ -24,6 +24,8 @@ pub type Log = Arc<Mutex<Vec<(Instant, String)>>>;
 /// the facts the liveness check's exceptions are made of (`check.rs` `liveness`).
 #[derive(Debug, Clone, Copy)]
 pub struct Seen {
+    /// The agent's start, or its last poll that saw the peer connected.
+    pub since: Instant,
     /// The peer was not connected at the first poll and has not been since (row 6).
     pub alone_since_start: bool,
     /// This node demoted itself giving up its local changes and has not reconnected since.
@@ -32,7 +34,7 @@ pub struct Seen {
 
 impl Seen {
     pub fn new() -> Seen {
-        Seen { alone_since_start: false, gave_up_changes: false }
+        Seen { since: Instant::now(), alone_since_start: false, gave_up_changes: false }
     }
 }
 

@@ -10,7 +10,7 @@
 //! | reason                                                        | why promoting is wrong   |
 //! |---------------------------------------------------------------|--------------------------|
 //! | its disk is not UpToDate (Inconsistent, Outdated, Failed)     | it may lack written data |
-//! | the peer's last grant from the witness was asked as degraded  | the peer may have acknowledged writes this node lacks (row 8) |
+//! | the peer's last grant from the witness was asked as degraded, or it got one since this node's agent last saw it connected | the peer may have acknowledged writes this node lacks (row 8) |
 //! | its agent started with the peer already gone and has not seen it since | nothing known of the peer's last moments (row 6) |
 //! | it demoted itself giving up its changes and has not rejoined  | the peer holds what it gave up |
 //! | it is connected to its peer, both Secondary                   | the agent promotes only a node that lost its peer (or, row 14, one whose stack it tore down) |
@@ -79,6 +79,10 @@ impl World {
         let seen = *lock(&self.nodes[i].agent_facts);
         if self.witness.as_ref().is_some_and(|w| w.last_degraded(1 - i)) {
             return Some(format!("{peer}'s last grant from the witness was asked as degraded"));
+        }
+        let degraded = self.witness.as_ref().and_then(|w| w.degraded_at(1 - i));
+        if degraded.is_some_and(|at| at >= seen.since) {
+            return Some(format!("{peer} got a degraded grant since this node last saw it"));
         }
         if seen.alone_since_start {
             return Some("its agent started with the peer gone".into());

@@ -36,6 +36,8 @@ struct State {
     /// Whether each node's last grant was asked as degraded (the witness's record of it,
     /// kept here because the next grant to the other node overwrites it).
     last_degraded: [bool; 2],
+    /// When each node last got a grant asked as degraded.
+    degraded_at: [Option<tokio::time::Instant>; 2],
 }
 
 /// The witness of a schedule.
@@ -78,6 +80,11 @@ impl SimWitness {
         self.lock().shared.is_some()
     }
 
+    /// When node `node` last got a grant asked as degraded.
+    pub fn degraded_at(&self, node: usize) -> Option<tokio::time::Instant> {
+        self.lock().degraded_at[node]
+    }
+
     /// Whether node `node`'s last grant was asked as degraded.
     pub fn last_degraded(&self, node: usize) -> bool {
         self.lock().last_degraded[node]
@@ -98,7 +105,11 @@ impl SimWitness {
     ) -> Result<crate::witness::Granted, WitnessError> {
         let r = self.request(node, client, degraded).await;
         if r.is_ok() {
-            self.lock().last_degraded[node] = degraded;
+            let mut s = self.lock();
+            s.last_degraded[node] = degraded;
+            if degraded {
+                s.degraded_at[node] = Some(tokio::time::Instant::now());
+            }
         }
         let what = match &r {
             Ok(g) => format!(
