@@ -20,9 +20,30 @@ const POLL: Duration = Duration::from_millis(200);
 /// Lines for the schedule's trace, with the virtual time they happened at.
 pub type Log = Arc<Mutex<Vec<(Instant, String)>>>;
 
+/// What a node's agent has seen since it started (from the same polls its decisions use):
+/// the facts the liveness check's exceptions are made of (`check.rs` `liveness`).
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    /// The agent's start, or its last poll that saw the peer connected.
+    pub since: Instant,
+    /// The peer was not connected at the first poll and has not been since (row 6).
+    pub alone_since_start: bool,
+    /// This node demoted itself giving up its local changes and has not reconnected since.
+    pub gave_up_changes: bool,
+}
+
+impl Seen {
+    pub fn new() -> Seen {
+        Seen { since: Instant::now(), alone_since_start: false, gave_up_changes: false }
+    }
+}
+
+pub type Facts = Arc<Mutex<Seen>>;
+
 /// One node's agent; `peer` is the other node's, for a swap (the peer's `RunPromote`).
 pub struct SimAgent {
     pub index: usize,
+    pub facts: Facts,
     pub node: Arc<Node>,
     pub peer: String,
     pub witness: SimWitness,
@@ -48,8 +69,10 @@ impl SimAgent {
         let client = SimWitness::client(self.node.name());
         let mut agent = Agent::new(true);
         let mut last = String::new();
+        let mut first = true;
         while !token.is_cancelled() {
             let s = status(&self.node);
+            self.saw(&s, std::mem::take(&mut first));
             let mut d = agent.observe(Ok(&s), Instant::now().into_std());
             if d == Decision::Ask {
                 let r = self.witness.ask(self.index, &client, false).await;
@@ -81,6 +104,19 @@ impl SimAgent {
         }
     }
 
+    fn saw(&self, s: &NodeStatus, first: bool) {
+        use crate::control::ConnState::{Connected, SyncSource, SyncTarget};
+        let connected = !s.volumes.is_empty()
+            && s.volumes.iter().all(|v| matches!(v.conn, Connected | SyncSource | SyncTarget));
+        let mut f = self.facts.lock().unwrap_or_else(|p| p.into_inner());
+        if first {
+            f.alone_since_start = !connected;
+        }
+        if connected {
+            *f = Seen::new();
+        }
+    }
+
     async fn act(&self, agent: &mut Agent, d: Decision) {
         let n = &self.node;
         let (what, r) = match d {
@@ -97,6 +133,7 @@ impl SimAgent {
                 };
                 if r.is_ok() {
                     agent.demoted();
+                    self.facts.lock().unwrap_or_else(|p| p.into_inner()).gave_up_changes = true;
                 }
                 (format!("DEMOTE: {facts}"), r)
             }

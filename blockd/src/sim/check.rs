@@ -81,7 +81,7 @@ impl World {
     /// Primary that is connected or holds a valid lease. An old Primary whose degraded writes
     /// are frozen (no lease) may stay Primary beside a promoted peer and serves reads that may
     /// be stale (design.md §7, "reads go on"; the simulator's seed 360): not checked here.
-    fn serving_primary(&self) -> Option<usize> {
+    pub(super) fn serving_primary(&self) -> Option<usize> {
         (0..2).find(|&i| {
             self.nodes[i].up.as_ref().is_some_and(|u| {
                 let m = u.volume.machine();

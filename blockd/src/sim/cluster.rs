@@ -63,6 +63,8 @@ pub struct SimNode {
     /// The witness, when the schedule has one: each incarnation fences its degraded writes,
     /// and runs an agent that logs here.
     pub witness: Option<(SimWitness, Log)>,
+    /// What the running incarnation's agent has seen (reset at each start).
+    pub agent_facts: super::agent::Facts,
 }
 
 fn link_config(name: &str, peer: &str) -> LinkConfig {
@@ -90,7 +92,16 @@ fn link_config(name: &str, peer: &str) -> LinkConfig {
 impl SimNode {
     pub fn new(name: &'static str, peer: &'static str, dir: &Path) -> SimNode {
         let dir = dir.to_path_buf();
-        SimNode { name, peer, dir, generation: 0, up: None, ended_rx: None, witness: None }
+        SimNode {
+            name,
+            peer,
+            dir,
+            generation: 0,
+            up: None,
+            ended_rx: None,
+            witness: None,
+            agent_facts: Arc::new(std::sync::Mutex::new(super::agent::Seen::new())),
+        }
     }
 
     fn meta_path(&self, generation: u32) -> PathBuf {
@@ -146,7 +157,9 @@ impl SimNode {
             let name = self.name.to_string();
             tokio::spawn(w.clone().keep_lease(index, name, fence, move || n.any_primary(), t));
             let (node, peer) = (Arc::clone(&node), self.peer.to_string());
-            let agent = SimAgent { index, node, peer, witness: w, log };
+            let facts = Arc::clone(&self.agent_facts);
+            *facts.lock().unwrap_or_else(|e| e.into_inner()) = super::agent::Seen::new();
+            let agent = SimAgent { index, facts, node, peer, witness: w, log };
             tokio::spawn(agent.run(token.clone()));
         }
         tokio::spawn(Arc::clone(&node).run_link(events_rx, TaskTracker::new(), token.clone()));

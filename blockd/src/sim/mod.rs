@@ -30,12 +30,15 @@
 //!    by either node's dirty bitmap or hot activity-log extents, or a disk is Inconsistent
 //!    (design.md §4's invariant, checked directly);
 //! 5. with a witness, a degraded write is acknowledged only under the witness's newest epoch,
-//!    held by the node that acknowledges it (no two nodes acknowledge in one epoch).
+//!    held by the node that acknowledges it (no two nodes acknowledge in one epoch);
+//! 6. at the end of a witness schedule, liveness (`live.rs`): with the witness healed, no new
+//!    fault and no operator, some node acknowledges writes within 20 s, unless every running
+//!    node has one of the reasons `live.rs` lists (not UpToDate, the peer's last grant was
+//!    degraded, its agent started alone, it gave up its changes, connected and both Secondary).
 //!
 //! Not simulated yet: pauses (a frozen process: every task of a node would need to stop),
 //! reordering below the record layer (the records' AEAD rejects it anyway), clock drift, the
-//! NBD server and the kernel path, the liveness check ("somebody can become Primary without an
-//! operator").
+//! NBD server and the kernel path.
 //!
 //! Found by it: `SIM_SEED=465` (replicas differed with nothing marked): writes a Secondary
 //! received stayed in its volatile cache after it was promoted; a resync from it cleared the
@@ -59,6 +62,7 @@ mod agent;
 mod check;
 mod cluster;
 mod disk;
+mod live;
 mod net;
 mod node_tests;
 mod operator;

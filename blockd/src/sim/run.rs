@@ -129,6 +129,10 @@ pub async fn run(
             return Err(w.trace);
         }
     }
+    if let Err(why) = w.liveness().await {
+        w.note(format!("INVARIANT VIOLATED: {why}"));
+        return Err(w.trace);
+    }
     Ok(w.trace)
 }
 
@@ -143,7 +147,7 @@ impl World {
         self.trace.push(format!("{:>7}.{:03} s  {what}", t / 1000, t % 1000));
     }
 
-    fn state(&self) -> String {
+    pub(super) fn state(&self) -> String {
         let one = |n: &SimNode| match &n.up {
             None => format!("{}: off", n.name),
             Some(i) => {
@@ -162,7 +166,7 @@ impl World {
         format!("[{} | {}]", one(&self.nodes[0]), one(&self.nodes[1]))
     }
 
-    async fn settle(&mut self, d: Duration) {
+    pub(super) async fn settle(&mut self, d: Duration) {
         sleep(d).await;
         self.nodes.iter_mut().for_each(SimNode::reap);
     }

@@ -33,6 +33,11 @@ struct State {
     shared: Option<Arc<Shared>>,
     /// Nodes (by index) cut off from the witness.
     cut: [bool; 2],
+    /// Whether each node's last grant was asked as degraded (the witness's record of it,
+    /// kept here because the next grant to the other node overwrites it).
+    last_degraded: [bool; 2],
+    /// When each node last got a grant asked as degraded.
+    degraded_at: [Option<tokio::time::Instant>; 2],
 }
 
 /// The witness of a schedule.
@@ -70,6 +75,21 @@ impl SimWitness {
         self.lock().cut[node] = cut;
     }
 
+    /// Whether the witness is running.
+    pub fn running(&self) -> bool {
+        self.lock().shared.is_some()
+    }
+
+    /// When node `node` last got a grant asked as degraded.
+    pub fn degraded_at(&self, node: usize) -> Option<tokio::time::Instant> {
+        self.lock().degraded_at[node]
+    }
+
+    /// Whether node `node`'s last grant was asked as degraded.
+    pub fn last_degraded(&self, node: usize) -> bool {
+        self.lock().last_degraded[node]
+    }
+
     /// The newest epoch granted and its holder, as persisted (before the grant was answered).
     pub fn newest(&self) -> Option<(u64, Option<String>)> {
         state::load(&self.path).ok().flatten().map(|r| (r.epoch, r.holder))
@@ -84,6 +104,13 @@ impl SimWitness {
         degraded: bool,
     ) -> Result<crate::witness::Granted, WitnessError> {
         let r = self.request(node, client, degraded).await;
+        if r.is_ok() {
+            let mut s = self.lock();
+            s.last_degraded[node] = degraded;
+            if degraded {
+                s.degraded_at[node] = Some(tokio::time::Instant::now());
+            }
+        }
         let what = match &r {
             Ok(g) => format!(
                 "epoch {} granted (previous holder degraded: {:?})",
