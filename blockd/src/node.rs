@@ -231,7 +231,7 @@ impl Node {
                         }
                     });
                 }
-                Action::Drop(reason) => {
+                Action::Drop { reason, .. } => {
                     tracing::error!(volume = %v.name(), "not replicating: {reason}");
                 }
                 other => tracing::debug!(volume = %v.name(), "no action needed for {other:?}"),

@@ -33,7 +33,11 @@ async fn split(v: &Volume, peer_role: Role) {
     let decision = SyncDecision::SplitBrain;
     let event = Event::Connected { peer_role, peer_disk: DiskState::UpToDate, decision };
     let t = v.transition(event, None).await.unwrap();
-    assert!(matches!(&t.actions[..], [Action::Drop(r)] if r.starts_with(SPLIT_BRAIN)), "{t:?}");
+    let said = |r: &str| r.starts_with(SPLIT_BRAIN);
+    assert!(
+        matches!(&t.actions[..], [Action::Drop { reason, split_brain: true }] if said(reason)),
+        "{t:?}"
+    );
     assert_eq!(v.machine().conn, ConnState::StandAlone);
     assert!(v.split_brain());
 }
@@ -80,4 +84,19 @@ async fn a_clean_handshake_clears_the_split_brain() {
     };
     v.transition(event, None).await.unwrap();
     assert!(!v.split_brain(), "{:?}", v.status().conn_reason);
+}
+
+/// A refused connection attempt after the split brain (say, the peer restarted with another
+/// key) replaces the reason status shows, not the split brain: promotion is still refused.
+#[tokio::test]
+async fn a_later_refusal_keeps_the_split_brain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, v) = node(&dir);
+    split(&v, Role::Secondary).await;
+    v.note_refused("authentication failed");
+    let s = v.status();
+    assert_eq!(s.conn_reason.as_deref(), Some("authentication failed"));
+    assert!(s.split_brain && v.split_brain());
+    let (kind, _) = n.set_role(None, Role::Primary, false).await.unwrap_err();
+    assert_eq!(kind, ErrorKind::SplitBrain);
 }

@@ -151,8 +151,11 @@ pub enum Action {
     ResyncFinished,
     /// The operator's request fails with this.
     Refuse(Refusal),
-    /// Go StandAlone: close the session and log (and show in status) the reason.
-    Drop(String),
+    /// Go StandAlone: close the session and log (and show in status) the reason;
+    /// `split_brain` when both nodes wrote since they were last in sync, which the operator
+    /// must resolve (status: `split_brain`; operations that need the peer are refused as
+    /// `SplitBrain`, `node.rs`).
+    Drop { reason: String, split_brain: bool },
 }
 
 /// Why an operator's role change was refused.
@@ -326,19 +329,19 @@ fn peer_role_changed(s: &State, r: Role) -> (State, Vec<Action>) {
     }
 }
 
-/// Ends the session: StandAlone, and the reason for the node to log and show.
 /// How the reason of a split brain's `Drop` begins (status shows it as `conn_reason`).
 pub const SPLIT_BRAIN: &str = "split brain: both nodes wrote since they were last in sync";
 
-/// True when a connection reason (a `Drop`'s) says split brain: the node stays StandAlone
-/// until the operator resolves it, and operations that need the peer are refused as
-/// `SplitBrain` (`node.rs`).
-pub fn is_split_brain(reason: &str) -> bool {
-    reason.starts_with(SPLIT_BRAIN)
+/// Ends the session: StandAlone, and the reason for the node to log and show.
+fn drop_session(s: State, reason: &str) -> (State, Vec<Action>) {
+    let drop = Action::Drop { reason: reason.to_owned(), split_brain: false };
+    (State { conn: ConnState::StandAlone, ..s }, vec![drop])
 }
 
-fn drop_session(s: State, reason: &str) -> (State, Vec<Action>) {
-    (State { conn: ConnState::StandAlone, ..s }, vec![Action::Drop(reason.to_owned())])
+/// Ends the session for a split brain: StandAlone until the operator resolves it.
+fn split_brain(s: State, reason: &str) -> (State, Vec<Action>) {
+    let drop = Action::Drop { reason: reason.to_owned(), split_brain: true };
+    (State { conn: ConnState::StandAlone, ..s }, vec![drop])
 }
 
 /// A session came up and the states were exchanged. The peer's role is recorded and a pending
@@ -374,7 +377,7 @@ fn connected(
     let (next, more) = match (s.role, peer_role) {
         // The split brain is what the operator must fix (it outlives a demotion): say it.
         (Role::Primary, Role::Primary) if decision == SyncDecision::SplitBrain => {
-            drop_session(next, &format!("{SPLIT_BRAIN} (both are Primary)"))
+            split_brain(next, &format!("{SPLIT_BRAIN} (both are Primary)"))
         }
         (Role::Primary, Role::Primary) => drop_session(next, "both nodes are Primary"),
         // A Failed disk is never written again, not even by a resync, until the operator
@@ -395,7 +398,7 @@ fn connected(
                 },
                 SyncDecision::Source => become_source(next, peer_role),
                 SyncDecision::Target => become_target(next, peer_disk),
-                SyncDecision::SplitBrain => drop_session(next, SPLIT_BRAIN),
+                SyncDecision::SplitBrain => split_brain(next, SPLIT_BRAIN),
                 SyncDecision::Unrelated => drop_session(
                     next,
                     "unrelated data: the nodes share no generation (needs an explicit full sync)",

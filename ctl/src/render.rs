@@ -122,6 +122,10 @@ fn connection(v: &VolumeStatus) -> String {
     if let Some(why) = &v.conn_reason {
         s.push_str(&format!(": {why}"));
     }
+    // A later refusal replaces the reason; the split brain stays until a session comes up.
+    if v.split_brain && !v.conn_reason.as_deref().is_some_and(|r| r.starts_with("split brain")) {
+        s.push_str(" (split brain unresolved)");
+    }
     s
 }
 
@@ -244,6 +248,7 @@ mod tests {
             direct_io: true,
             conn: ConnState::StandAlone,
             conn_reason: Some("single-node configuration".into()),
+            split_brain: false,
             peer: None,
             peer_role: None,
             peer_disk: None,

@@ -253,6 +253,7 @@ fn split_brain_is_reported_then_resolved_by_discard_local() {
     for n in [Alpha, Beta] {
         let v = c.wait_for(n, "StandAlone: split brain", Duration::from_secs(20), |v| {
             v["conn"] == "StandAlone"
+                && v["split_brain"] == true
                 && v["conn_reason"].as_str().is_some_and(|r| r.contains("split brain"))
         });
         eprintln!("{}: {v}", n.name());
@@ -275,6 +276,9 @@ fn split_brain_is_reported_then_resolved_by_discard_local() {
     blockctl(&c, Beta, &["resolve", "--discard-local"]).assert_success();
     blockctl(&c, Beta, &["wait-sync", "--timeout", "60s"]).assert_success();
     c.wait_in_sync(Duration::from_secs(60));
+    for n in [Alpha, Beta] {
+        assert_eq!(c.vol(n)["split_brain"], false, "{}: resolved", n.name());
+    }
     let sent = covered(&c, Alpha);
     eprintln!("resolve copied {sent} bytes");
     assert!((12 * MIB..=13 * MIB).contains(&sent), "copied {sent}: the union is 8 + 4 MiB");

@@ -202,8 +202,7 @@ fn changes(before: &Seen, now: &Seen, marks: &mut Marks, c: &Ctx) -> Vec<Event> 
     if before.conn != now.conn {
         let mut e = c.ev("conn", format!("connection {:?} → {:?}", before.conn, now.conn));
         e.cause.clone_from(&c.v.conn_reason);
-        let split = c.v.conn_reason.as_deref().is_some_and(|r| r.contains("split brain"));
-        if now.conn == ConnState::StandAlone && split {
+        if now.conn == ConnState::StandAlone && c.v.split_brain {
             e.kind = "split-brain";
             e.text = format!("split brain with {}: both wrote since last in sync", c.peer());
         }

@@ -15,6 +15,7 @@ fn vol(role: Role, conn: ConnState, peer_role: Option<Role>) -> VolumeStatus {
         direct_io: false,
         conn,
         conn_reason: None,
+        split_brain: false,
         peer: Some("beta".into()),
         peer_role,
         peer_disk: peer_role.map(|_| DiskState::UpToDate),
@@ -92,6 +93,7 @@ fn split_brain_disk_failure_resync_and_lease_loss_are_named() {
     v.peer_role = None;
     v.peer_disk = None;
     v.conn_reason = Some("split brain: both nodes wrote".into());
+    v.split_brain = true;
     v.disk = DiskState::Failed;
     v.lease = Some(LeaseStatus {
         witness: "w".into(),

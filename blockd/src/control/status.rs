@@ -122,6 +122,10 @@ pub struct VolumeStatus {
     /// Why the connection is what it is, when that is not obvious (refusals, split brain).
     #[serde(default)]
     pub conn_reason: Option<String>,
+    /// StandAlone since a handshake found a split brain (both nodes wrote since they were last
+    /// in sync): the operator resolves it (`blockctl resolve`). Cleared when a session comes up.
+    #[serde(default)]
+    pub split_brain: bool,
     /// The peer's name, on a two-node setup.
     #[serde(default)]
     pub peer: Option<String>,

@@ -85,12 +85,13 @@ fn row(
     Row { class, when: Box::new(when), then: Box::new(then) }
 }
 
-/// Drop reasons are prose; the table checks that a Drop happens, other tests its words.
+/// Drop reasons are prose; the table checks that a Drop happens (and whether it is a split
+/// brain), other tests its words.
 fn norm((s, actions): Outcome) -> Outcome {
     let actions = actions
         .into_iter()
         .map(|a| match a {
-            Action::Drop(_) => Action::Drop(String::new()),
+            Action::Drop { split_brain, .. } => Action::Drop { reason: String::new(), split_brain },
             other => other,
         })
         .collect();
@@ -276,7 +277,7 @@ fn peer_role_changed_every_state() {
                 move |s, e| s.role == Primary && role_of(e) == Primary,
                 |s, _| {
                     let next = State { conn: StandAlone, peer_role: Some(Primary), ..*s };
-                    (next, vec![Action::Drop(String::new())])
+                    (next, vec![Action::Drop { reason: String::new(), split_brain: false }])
                 },
             ),
             row(
@@ -324,9 +325,22 @@ fn connected_to(conn: ConnState, disk: Option<DiskState>, action: Option<Action>
 }
 
 fn dropped(s: &State, e: &Event) -> Outcome {
+    dropped_as(s, e, false)
+}
+
+fn dropped_split(s: &State, e: &Event) -> Outcome {
+    dropped_as(s, e, true)
+}
+
+fn dropped_as(s: &State, e: &Event, split_brain: bool) -> Outcome {
     let (next, mut actions) = connected_base(s, e);
-    actions.push(Action::Drop(String::new()));
+    actions.push(Action::Drop { reason: String::new(), split_brain });
     (State { conn: StandAlone, ..next }, actions)
+}
+
+/// Both Primary: a split brain when the generations say so, else a plain drop.
+fn both_primary(s: &State, e: &Event) -> Outcome {
+    dropped_as(s, e, conn_of(s, e).2 == SyncDecision::SplitBrain)
 }
 
 /// Not both Primary, and a Secondary of the two (me or the peer) has a Failed disk.
@@ -357,7 +371,7 @@ fn connected_every_state_and_decision() {
     use SyncDecision::{InSync, Source, SplitBrain, Target, Unrelated};
     let both = |s: &State, e: &Event| s.role == Primary && conn_of(s, e).0 == Primary;
     let rows = [
-        Row { class: "both Primary", when: Box::new(both), then: Box::new(dropped) },
+        Row { class: "both Primary", when: Box::new(both), then: Box::new(both_primary) },
         row("a Secondary's disk is Failed", failed_secondary, dropped),
         connected_row("in sync", |_, _, _, d| d == InSync, connected_to(Connected, None, None)),
         connected_row(
@@ -390,7 +404,7 @@ fn connected_every_state_and_decision() {
             |s, _, pd, d| d == Target && s.role == Secondary && pd == UpToDate,
             connected_to(SyncTarget, Some(Inconsistent), Some(Action::StartResyncTarget)),
         ),
-        connected_row("split brain", |_, _, _, d| d == SplitBrain, Box::new(dropped)),
+        connected_row("split brain", |_, _, _, d| d == SplitBrain, Box::new(dropped_split)),
         connected_row("unrelated", |_, _, _, d| d == Unrelated, Box::new(dropped)),
     ];
     check(&connected_events(), &rows);
@@ -497,8 +511,8 @@ fn invariants_hold_for_every_state_and_event() {
                         matches!(e, Event::Promote { .. }) || s.promoting,
                         "refusal of nothing: {ctx}"
                     ),
-                    Action::Drop(why) => {
-                        assert!(n.conn == StandAlone && !why.is_empty(), "{ctx}")
+                    Action::Drop { reason, .. } => {
+                        assert!(n.conn == StandAlone && !reason.is_empty(), "{ctx}")
                     }
                     Action::StartResyncTarget => assert!(
                         n.conn == SyncTarget && n.disk == Inconsistent && n.role == Secondary,
@@ -526,7 +540,7 @@ fn drop_reasons_say_why() {
     let reason = |peer_role, decision| {
         let e = Event::Connected { peer_role, peer_disk: UpToDate, decision };
         match step(&s, &e).1.last() {
-            Some(Action::Drop(why)) => why.clone(),
+            Some(Action::Drop { reason, .. }) => reason.clone(),
             other => panic!("no drop: {other:?}"),
         }
     };
@@ -538,7 +552,8 @@ fn drop_reasons_say_why() {
         peer_disk: UpToDate,
         decision: SyncDecision::InSync,
     };
-    assert_eq!(step(&p, &e).1, vec![Action::Drop("both nodes are Primary".into())]);
+    let plain = Action::Drop { reason: "both nodes are Primary".into(), split_brain: false };
+    assert_eq!(step(&p, &e).1, vec![plain]);
 }
 
 #[test]

@@ -581,6 +581,7 @@ impl Volume {
             direct_io: self.store.is_direct(),
             conn: live.machine.conn,
             conn_reason: live.reason.clone(),
+            split_brain: live.split_brain,
             peer: self.info.peer.clone(),
             peer_role: live.machine.peer_role,
             peer_disk: live.peer_disk,

@@ -45,6 +45,8 @@ pub(super) struct Live {
     pub session: Option<Session>,
     /// Why the connection is in its state, when refused or dropped.
     pub reason: Option<String>,
+    /// The last session was dropped for a split brain and none has come up since.
+    pub split_brain: bool,
     pub peer_disk: Option<DiskState>,
     pub resync: Option<Progress>,
     /// A copy of the persisted generations, for status and out-of-sync accounting.
@@ -98,6 +100,7 @@ impl Live {
             machine,
             session: None,
             reason: single.then(|| "single-node configuration".to_string()),
+            split_brain: false,
             peer_disk: None,
             resync: None,
             gens: meta.gens,
@@ -176,11 +179,12 @@ impl Volume {
                     self.live().resync = Some(Progress::new(self.track.dirty_bytes()));
                     left.push(Action::StartResyncSource);
                 }
-                Action::Drop(reason) => {
+                Action::Drop { reason, split_brain } => {
                     let mut live = self.live();
                     live.reason = Some(reason.clone());
+                    live.split_brain = split_brain;
                     live.session = None;
-                    left.push(Action::Drop(reason));
+                    left.push(Action::Drop { reason, split_brain });
                 }
                 other => left.push(other),
             }
@@ -201,6 +205,7 @@ impl Volume {
                 ) {
                     live.session = session.cloned();
                     live.reason = None;
+                    live.split_brain = false;
                     self.counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -291,10 +296,10 @@ impl Volume {
         }
     }
 
-    /// The last handshake found a split brain (status: `conn_reason`); until the operator
-    /// resolves it the volume stays StandAlone.
+    /// The last handshake found a split brain (status: `split_brain`); until the operator
+    /// resolves it (the next session that comes up) the volume stays StandAlone.
     pub fn split_brain(&self) -> bool {
-        self.live().reason.as_deref().is_some_and(role::is_split_brain)
+        self.live().split_brain
     }
 
     /// Generations and flags for the state exchange with the peer.

@@ -69,8 +69,7 @@ fn preflight(ctx: &Ctx, v: &VolumeStatus) -> Result<(), StepError> {
     if ctx.config.is_single_node() || connected(v) {
         return Ok(());
     }
-    let split = v.conn_reason.as_deref().is_some_and(blockd::role::is_split_brain);
-    if split && !ctx.force {
+    if v.split_brain && !ctx.force {
         return refuse(format!(
             "split brain with the peer {}: both nodes wrote since they were last in sync. On \
              the node whose changes lose: blockctl demote, then blockctl resolve \
@@ -212,6 +211,7 @@ mod tests {
         let mut v = vol(DiskState::UpToDate, ConnState::StandAlone, Some(Role::Primary));
         v.peer_role = None;
         v.conn_reason = Some(format!("{} (both are Primary)", blockd::role::SPLIT_BRAIN));
+        v.split_brain = true;
         let err = preflight(&two_nodes(false), &v).unwrap_err().to_string();
         assert!(err.contains("split brain") && err.contains("resolve --discard-local"), "{err}");
         assert!(preflight(&two_nodes(true), &v).is_ok(), "--force goes on alone");
