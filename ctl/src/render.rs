@@ -123,7 +123,9 @@ fn connection(v: &VolumeStatus) -> String {
         s.push_str(&format!(": {why}"));
     }
     // A later refusal replaces the reason; the split brain stays until a session comes up.
-    if v.split_brain && !v.conn_reason.as_deref().is_some_and(|r| r.starts_with("split brain")) {
+    if v.split_brain
+        && !v.conn_reason.as_deref().is_some_and(|r| r.starts_with(blockd::role::SPLIT_BRAIN))
+    {
         s.push_str(" (split brain unresolved)");
     }
     s

@@ -128,32 +128,6 @@ pub fn render(status: &NodeStatus, agent: Option<&AgentFile>) -> String {
 mod tests {
     use super::*;
 
-    /// The split-brain gauge follows status's typed field, whatever `conn_reason` says.
-    #[test]
-    fn split_brain_is_one_only_while_standalone_for_a_split_brain() {
-        let volume = |name: &str, split_brain: bool, reason: &str| {
-            let json = serde_json::json!({
-                "name": name, "size": 4096, "role": "Primary", "disk": "UpToDate",
-                "clients": 0, "socket": "", "backing": "", "engine": "sync", "direct_io": false,
-                "conn": "StandAlone", "conn_reason": reason, "split_brain": split_brain,
-                "out_of_sync": 0, "generation": "1",
-                "counters": crate::control::Counters::default(),
-            });
-            serde_json::from_value::<VolumeStatus>(json).unwrap()
-        };
-        let volumes = vec![
-            volume("a", false, "single-node configuration"),
-            volume("b", true, "authentication failed"),
-            volume("c", false, "split brain: in a reason only"),
-        ];
-        let text = render(&NodeStatus { node: "n".into(), version: "0".into(), volumes }, None);
-        let gauge = |v: &str, x: u8| {
-            format!("blockd_volume_split_brain{{node=\"n\",volume=\"{v}\"}} {x}\n")
-        };
-        assert!(text.contains(&gauge("a", 0)) && text.contains(&gauge("b", 1)), "{text}");
-        assert!(text.contains(&gauge("c", 0)), "{text}");
-    }
-
     #[test]
     fn agent_tally_is_rendered_per_step_and_reason() {
         let status = NodeStatus { node: "alpha".into(), version: "0".into(), volumes: vec![] };

@@ -47,6 +47,27 @@ fn a_failed_disk_says_why() {
     assert!(!text.contains("blockd_volume_disk_failure_info{node=\"alpha\",volume=\"a\""));
 }
 
+/// The split-brain gauge follows status's typed field, whatever `conn_reason` says.
+#[test]
+fn split_brain_is_one_only_while_standalone_for_a_split_brain() {
+    let standalone = |name: &str, split_brain: bool, reason: &str| VolumeStatus {
+        conn: crate::control::ConnState::StandAlone,
+        split_brain,
+        conn_reason: Some(reason.into()),
+        ..volume(name)
+    };
+    let volumes = vec![
+        volume("a"),
+        standalone("b", true, "authentication failed"),
+        standalone("c", false, "split brain: in a reason only"),
+    ];
+    let text = super::health::render(&node(volumes), None);
+    let gauge = |v: &str| format!("blockd_volume_split_brain{{node=\"alpha\",volume=\"{v}\"}}");
+    assert_eq!(value(&text, &gauge("a")), "0");
+    assert_eq!(value(&text, &gauge("b")), "1");
+    assert_eq!(value(&text, &gauge("c")), "0");
+}
+
 #[test]
 fn label_values_are_escaped() {
     assert_eq!(escape_label(r#"a\b"c"#), r#"a\\b\"c"#);

@@ -139,3 +139,33 @@ async fn inconsistent_disk_is_never_promoted() {
     v.transition(Event::Promote { force: true }, None).await.unwrap();
     assert_eq!(v.machine().role, Role::Secondary, "not even with --force");
 }
+
+/// A caller that goes away while its metadata store runs on the blocking pool (here a select
+/// that takes its other branch once the store started) leaves the store pending; the next
+/// holder of the transition lock awaits it, and memory then says what the disk says
+/// (state.rs, `Persisted::pending`).
+#[tokio::test]
+async fn a_store_abandoned_mid_write_is_settled_by_the_next_lock_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = volume(&dir, Some("beta"));
+    // The store's first poll finds the fsync still running, in practice always; a few tries
+    // so that a blocking thread that was faster cannot make the test pass without the case.
+    for _ in 0..10 {
+        v.mark_clean(false).await.unwrap();
+        let abandoned = tokio::select! {
+            biased;
+            r = v.mark_clean(true) => { r.unwrap(); false }
+            () = std::future::ready(()) => true,
+        };
+        if !abandoned {
+            continue;
+        }
+        assert!(v.persisted.try_lock().unwrap().pending.is_some(), "left pending, not lost");
+        let p = v.lock_persisted().await;
+        assert!(p.pending.is_none());
+        assert!(p.meta.flags.clean_shutdown, "memory follows the finished store");
+        assert!(stored(&dir).flags.clean_shutdown, "and the disk has it");
+        return;
+    }
+    panic!("no store was still running when its caller went away");
+}
