@@ -68,9 +68,10 @@ pub struct FailoverConfig {
     /// "auto", "kernel", "nbd-client" or "fuse" (default "auto").
     #[serde(default)]
     pub attach: AttachMode,
-    /// Deadline of the commands a step runs (nbdfuse, losetup, ...) and the least bound of
-    /// each step's apply or undo (default "60s"): a hung command must fail the promotion, not
-    /// stall it. Steps that need longer have their own (fsck; a service's `timeout`).
+    /// Deadline of the commands a step runs (nbdfuse, losetup, mount and its journal
+    /// replay, umount, ...) and the least bound of each step's apply or undo (default
+    /// "60s"): a hung command must fail the promotion, not stall it. Steps that need longer
+    /// have their own (e2fsck at least 10 minutes; a service's `timeout`).
     #[serde(default = "default_step_timeout", deserialize_with = "values::duration")]
     pub step_timeout: Duration,
     /// Gratuitous ARPs (or unsolicited neighbour advertisements) per burst (default 5): one

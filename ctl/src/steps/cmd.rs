@@ -33,12 +33,16 @@ const POLL: Duration = Duration::from_millis(20);
 /// shell holds them) before the output read so far is taken as all of it.
 const PIPE_GRACE: Duration = Duration::from_millis(500);
 
+/// Deadline of a command that has none of its own and runs without a configuration.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
+
 /// One external command: program, arguments, deadline.
 #[derive(Debug, Clone)]
 pub struct Cmd {
     program: String,
     args: Vec<String>,
-    deadline: Duration,
+    /// Its own; `None` is `[failover] step-timeout` (60 s where no configuration is at hand).
+    deadline: Option<Duration>,
 }
 
 /// What a finished command printed, and how it ended.
@@ -71,9 +75,9 @@ impl Output {
 }
 
 impl Cmd {
-    /// `program` with no arguments and a 60 s deadline.
+    /// `program` with no arguments, bounded by `[failover] step-timeout`.
     pub fn new(program: impl Into<String>) -> Cmd {
-        Cmd { program: program.into(), args: Vec::new(), deadline: Duration::from_secs(60) }
+        Cmd { program: program.into(), args: Vec::new(), deadline: None }
     }
 
     /// `sh -c COMMAND`: the configured commands of services and health checks.
@@ -95,7 +99,7 @@ impl Cmd {
 
     /// Longest the command may run before it is killed (its whole process group).
     pub fn deadline(mut self, d: Duration) -> Cmd {
-        self.deadline = d;
+        self.deadline = Some(d);
         self
     }
 
@@ -118,11 +122,15 @@ impl Cmd {
     /// Prints the command, runs it, and returns its output whatever the exit code.
     pub fn output(&self, ctx: &Ctx) -> Result<Output, StepError> {
         ctx.say(format_args!("run: {self}"));
-        self.output_quiet()
+        self.output_within(self.deadline.unwrap_or(ctx.config.failover.step_timeout))
     }
 
     /// [`Cmd::output`] without printing: for polls (health checks) that were announced once.
     pub fn output_quiet(&self) -> Result<Output, StepError> {
+        self.output_within(self.deadline.unwrap_or(DEFAULT_DEADLINE))
+    }
+
+    fn output_within(&self, deadline: Duration) -> Result<Output, StepError> {
         let mut c = self.command();
         // Own process group, so a timeout kills the shell and whatever it started.
         c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
@@ -131,7 +139,7 @@ impl Cmd {
         let stdout = Collector::start(child.stdout.take(), &tx);
         let stderr = Collector::start(child.stderr.take(), &tx);
         drop(tx);
-        let status = self.wait(&mut child)?;
+        let status = self.wait(&mut child, deadline)?;
         // Both readers done (their pipes closed), or the grace is over: a background child
         // of the command still holds them, and what was read so far is the output.
         let grace = Instant::now() + PIPE_GRACE;
@@ -141,18 +149,15 @@ impl Cmd {
     }
 
     /// Waits for the child until the deadline, then kills its process group.
-    fn wait(&self, child: &mut Child) -> Result<ExitStatus, StepError> {
-        let end = Instant::now() + self.deadline;
+    fn wait(&self, child: &mut Child, deadline: Duration) -> Result<ExitStatus, StepError> {
+        let end = Instant::now() + deadline;
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return Ok(status),
                 Ok(None) if Instant::now() >= end => {
                     kill_group(child.id());
                     let _ = child.wait();
-                    return Err(StepError::Timeout {
-                        what: self.to_string(),
-                        after: self.deadline,
-                    });
+                    return Err(StepError::Timeout { what: self.to_string(), after: deadline });
                 }
                 Ok(None) => thread::sleep(POLL),
                 Err(e) => return Err(self.not_started(e)),
@@ -275,6 +280,21 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, StepError::Timeout { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+
+    /// The deadline of a command without its own is the configured step-timeout, so an
+    /// operator whose mount replays a long log can raise it (a fixed 60 s failed a mount of
+    /// xfs under qemu TCG that needed 61-82 s).
+    #[test]
+    fn step_timeout_bounds_a_command_without_its_own_deadline() {
+        let ctx = ctx_for("[node.a]\n\n[failover]\nstep-timeout = \"1s\"\n");
+        let started = Instant::now();
+        let err = Cmd::new("sleep").arg("30").output(&ctx).unwrap_err();
+        assert!(matches!(err, StepError::Timeout { after, .. } if after == Duration::from_secs(1)));
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        let long = ctx_for("[node.a]\n\n[failover]\nstep-timeout = \"90s\"\n");
+        let out = Cmd::shell("sleep 1; echo done").run(&long).unwrap();
+        assert_eq!(out.stdout, "done\n");
     }
 
     #[test]

@@ -57,7 +57,8 @@ impl Step for Fsck {
         }
         let dev = attach::device(ctx, &self.volume)
             .ok_or_else(|| StepError::Other(format!("volume {} is not attached", self.volume)))?;
-        let e2fsck = Cmd::new("e2fsck").arg("-p").arg(&dev).deadline(self.timeout());
+        let deadline = self.timeout().max(ctx.config.failover.step_timeout);
+        let e2fsck = Cmd::new("e2fsck").arg("-p").arg(&dev).deadline(deadline);
         let out = e2fsck.output(ctx)?;
         match out.code() {
             Some(0) => Ok(()),
