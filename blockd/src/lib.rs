@@ -17,21 +17,24 @@
 //!   direct I/O. Knows nothing of NBD or peers.
 //! - [`meta`]: the on-disk metadata of a volume (design.md §4, §5): superblock slots, flags,
 //!   generations, the dirty bitmap and the activity log ([`meta::Dirty`] keeps the invariant by
-//!   telling the write path what to persist first), and the pure resync decision table
-//!   ([`meta::decide`], [`meta::plan`]). Blocking file I/O only; no sockets, no tokio.
+//!   telling the write path what to persist first). Blocking file I/O only; no sockets, no
+//!   tokio.
 //! - [`nbd`]: the NBD protocol. `codec` is pure (bytes in, values out); `handshake` and `server`
 //!   drive one connection. Never touches storage directly: every request goes through [`volume`].
 //! - [`volume`]: the write path (design.md §3). Interval ordering of overlapping writes,
 //!   mirroring, the transfer log, degraded mode, counters, error accounting; where the decision
 //!   "when is a write acknowledged" lives. Also the peer's side (applying what the Primary
-//!   sends) and both sides of a resync.
+//!   sends), and the [`resync::Replica`] handle a resync works through.
+//! - [`resync`]: the resync whole (design.md §5): the pure decision table ([`resync::decide`],
+//!   [`resync::plan`]), the source's copy, the target's answers, `verify`. Reaches a volume only
+//!   through [`resync::Replica`], never its fields.
 //! - [`replication`]: the link to the peer (design.md §6): the pure wire format and record
 //!   layer, the Noise handshake, and the link actor that keeps one authenticated session. Never
 //!   touches storage or volumes: requests reach the node as events.
 //! - [`fence`]: the witness lease as the write path sees it: a Primary without its peer
 //!   acknowledges degraded writes only while it holds the lease; the task that keeps it.
 //! - [`node`]: the node's volumes and its peer link: link events and operator requests become
-//!   role-machine events; the state exchange and resync start live here.
+//!   role-machine events; the state exchange lives here and calls [`resync`]'s entry points.
 //! - [`swap`]: the far end of `blockctl swap`'s relay: runs this node's `blockctl promote` when
 //!   the peer asks over the link (design.md §8); the promote steps stay in `blockctl`.
 //! - [`role`]: the pure role machine (design.md §7): `step(state, event) -> (state, actions)`; no
@@ -75,6 +78,7 @@ pub mod nbd;
 pub mod node;
 pub mod notify;
 pub mod replication;
+pub mod resync;
 pub mod role;
 #[cfg(test)]
 mod sim;

@@ -29,11 +29,11 @@ use crate::{
     control::{ConnState, ErrorKind, Role, Verified},
     errno,
     fence::Fence,
-    meta::{self, Resolve, SyncDecision},
     replication::{LinkEvent, Message, Responder, Session},
+    resync::{self, Resolve, ResyncOptions, SyncDecision},
     role::{Action, Event, Refusal},
     swap::run_promote,
-    volume::{ResyncOptions, Transition, Volume},
+    volume::{Transition, Volume},
 };
 
 /// How often a Primary flushes its peer while writes happen, so that peer-acknowledged writes
@@ -147,7 +147,7 @@ impl Node {
     }
 
     /// The state exchange of design.md §5 for every volume, then the decision from generations,
-    /// bitmaps and the operator's `resolve` ([`meta::plan`]).
+    /// bitmaps and the operator's `resolve` ([`resync::plan`]).
     async fn exchange(self: Arc<Self>, s: Session) {
         for v in &self.volumes {
             let mine = state_message(v).await;
@@ -174,21 +174,21 @@ impl Node {
             else {
                 continue;
             };
-            let me = meta::Side {
+            let me = resync::Side {
                 name: &self.name,
                 dirty: dirty > 0,
                 primary: role == Role::Primary,
                 primary_when_stopped,
                 resolve,
             };
-            let them = meta::Side {
+            let them = resync::Side {
                 name: s.peer(),
                 dirty: peer_dirty > 0,
                 primary: peer_role == Role::Primary,
                 primary_when_stopped: peer_pws,
                 resolve: peer_resolve,
             };
-            let plan = meta::plan(&gens, me, &peer_gens, them);
+            let plan = resync::plan(&gens, me, &peer_gens, them);
             tracing::info!(
                 volume = %v.name(),
                 "generations: mine {gens:x?}, peer's {peer_gens:x?}; dirty: mine {dirty}, \
@@ -224,7 +224,7 @@ impl Node {
                 Action::StartResyncSource => {
                     let (v, s) = (Arc::clone(v), s.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = v.resync_source(&s, opts).await {
+                        if let Err(e) = resync::run(&*v, &s, opts).await {
                             tracing::warn!(volume = %v.name(), error = %e, "resync stopped");
                             // Reconnecting decides again and resumes from the bitmap.
                             s.close("resync failed");
@@ -270,7 +270,7 @@ impl Node {
             Message::RoleChanged(role) => {
                 ack_of(v.transition(Event::PeerRoleChanged(role), None).await)
             }
-            Message::ResyncDone { gens } => ack_of(v.finish_resync_target(&gens).await),
+            Message::ResyncDone { gens } => ack_of(resync::finish(&*v, &gens).await),
             Message::RunPromote => {
                 let (config, name) = (self.config_path.clone(), self.name.clone());
                 tracker.spawn(async move { reply.send(run_promote(&config, &name).await) });
@@ -439,7 +439,7 @@ impl Node {
                     ),
                 ));
             }
-            let (compared, differed) = v.verify().await.map_err(|e| {
+            let (compared, differed) = resync::verify(&*v).await.map_err(|e| {
                 (ErrorKind::PeerUnreachable, format!("volume {}: verify stopped: {e}", v.name()))
             })?;
             out.push(Verified { volume: v.name().to_string(), compared, differed });

@@ -55,7 +55,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::meta::SyncDecision;
+use crate::resync::SyncDecision;
 
 /// A node's role for a volume. These three types are the core's names for the states of
 /// design.md §7; the control API (`blockctl status`) and the link's STATE frame carry them as
@@ -120,7 +120,7 @@ pub enum Event {
     /// The peer tells us its new role.
     PeerRoleChanged(Role),
     /// A session is up and both nodes exchanged their states; `decision` is
-    /// [`meta::decide`](crate::meta::decide) of my and the peer's generations.
+    /// [`resync::decide`](crate::resync::decide) of my and the peer's generations.
     Connected { peer_role: Role, peer_disk: DiskState, decision: SyncDecision },
     /// The session ended.
     Disconnected,

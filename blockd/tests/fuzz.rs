@@ -27,11 +27,11 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use blockd::control::{DiskState, Role};
-use blockd::meta::{Generations, Resolve};
 use blockd::nbd::codec::{self, Decoded as NbdDecoded, ExportView, HaggleState, Request};
 use blockd::replication::record::{Channel, Protection};
 use blockd::replication::wire::{self, Decoded, Frame, Message, VolumeParams};
 use blockd::witness::proto::{self, Reply};
+use blockd::{meta::Generations, resync::Resolve};
 
 // ---------------------------------------------------------------------------------------------
 // Allocation accounting

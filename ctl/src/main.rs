@@ -26,7 +26,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use blockd::{
     config::{self, Config},
     control::{Client, ClientError, NodeStatus, Request, Role},
-    meta::Resolve,
+    resync::Resolve,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use commands::{EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE};

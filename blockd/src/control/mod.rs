@@ -54,7 +54,7 @@ pub enum Request {
     /// handshake (the link reconnects to hold it now). JSON:
     /// `{"cmd":"resolve","resolve":"DiscardLocal"}`.
     Resolve {
-        resolve: crate::meta::Resolve,
+        resolve: crate::resync::Resolve,
         #[serde(default)]
         volume: Option<String>,
     },

@@ -1,9 +1,8 @@
-//! On-disk metadata of a volume (design.md §4, §5): superblock, flags, generations, and the resync
-//! decision taken from two nodes' generations.
+//! On-disk metadata of a volume (design.md §4, §5): superblock, flags, generations. The resync
+//! decision taken from two nodes' generations is `crate::resync::decide`.
 //!
 //! - [`Generations`] and its transitions ([`Generations::rotate`], the `sync_done_*` pair): how a
 //!   node records which data it holds, relative to its peer.
-//! - [`decide`] (in `decide.rs`): the handshake's table, "who copies to whom", pure.
 //! - [`MetaFile`] (in `file.rs`): the durable superblock, `<data-dir>/<volume>.meta`, and the
 //!   [`Areas`] after it that hold the bitmap and the activity log.
 //! - [`Bitmap`] (`bitmap.rs`): the dirty bitmap in memory, page by page; pure.
@@ -16,7 +15,6 @@
 
 mod al;
 mod bitmap;
-mod decide;
 mod dirty;
 mod file;
 mod format;
@@ -27,7 +25,6 @@ pub use al::{
     ActivityLog, AlConfig, AlError, Transaction, DEFAULT_EXTENTS, DEFAULT_EXTENT_SIZE, MAX_EXTENTS,
 };
 pub use bitmap::{Bitmap, BitmapError, Ranges};
-pub use decide::{decide, plan, Plan, Resolve, Side, SyncDecision};
 pub use dirty::{Admit, Dirty, DirtyError, FileIo, MetaIo, MetaWrite};
 pub use file::{MetaError, MetaFile};
 pub use format::{
@@ -128,6 +125,7 @@ fn fallback_random() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resync::{decide, SyncDecision};
 
     #[test]
     fn new_generation_is_never_none_nor_zeroes_and_varies() {

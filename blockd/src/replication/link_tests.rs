@@ -140,7 +140,7 @@ async fn handshake_success_and_requests_both_ways() {
         gens: crate::meta::Generations { current: 9, bitmap: 0, history: [0, 0] },
         primary_when_stopped: false,
         dirty: 0,
-        resolve: crate::meta::Resolve::None,
+        resolve: crate::resync::Resolve::None,
     };
     let call = tokio::spawn({
         let (sb, state) = (sb.clone(), state.clone());

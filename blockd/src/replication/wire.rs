@@ -26,8 +26,8 @@
 use crate::be::{u16_at, u32_at, u64_at};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::meta::{Generations, Resolve};
 use crate::role::{DiskState, Role};
+use crate::{meta::Generations, resync::Resolve};
 
 /// "BKRP": blockd replication protocol.
 pub const MAGIC: u32 = 0x424B_5250;

@@ -4,7 +4,7 @@
 use bytes::{Buf, Bytes};
 
 use super::{get_gens, utf8, Header, Message, VolumeParams, WireError, MAX_VOLUMES};
-use crate::meta::Resolve;
+use crate::resync::Resolve;
 use crate::role::{DiskState, Role};
 
 pub(super) fn role_from(kind: u16, v: u64) -> Result<Role, WireError> {

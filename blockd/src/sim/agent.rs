@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use super::witness::SimWitness;
 use crate::agent::{Agent, Decision};
 use crate::control::{NodeStatus, Role};
-use crate::meta::Resolve;
 use crate::node::Node;
+use crate::resync::Resolve;
 
 const POLL: Duration = Duration::from_millis(200);
 

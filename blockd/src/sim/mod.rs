@@ -43,7 +43,7 @@
 //! Found by it: `SIM_SEED=465` (replicas differed with nothing marked): writes a Secondary
 //! received stayed in its volatile cache after it was promoted; a resync from it cleared the
 //! bits once the *target* flushed, and a power cut of the source then lost its own unflushed
-//! copy. Fixed in `volume/resync.rs` (a checkpoint flushes both stores). `SIM_SEED=360`
+//! copy. Fixed in `resync/source.rs` (a checkpoint flushes both stores). `SIM_SEED=360`
 //! (acknowledged, flushed writes lost): after a switchover the old Primary's lease still ran;
 //! the link broke, its agent renewed that lease and promoted it; it acknowledged degraded
 //! writes and died; the new Primary, which had never held the lease, then won a new epoch and

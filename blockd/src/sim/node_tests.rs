@@ -8,7 +8,7 @@ use tokio::time::sleep;
 use super::cluster::{connect, SimNode, PEER_TIMEOUT, SIZE};
 use super::run::{block_bytes, block_id, BLOCK};
 use crate::control::{ConnState, DiskState, ErrorKind, Role, VolumeStatus};
-use crate::meta::Resolve;
+use crate::resync::Resolve;
 use crate::storage::AlignedBuf;
 
 struct Pair {

@@ -8,7 +8,7 @@ use tokio::time::timeout;
 
 use super::run::{lock, World};
 use crate::control::{ConnState, DiskState, ErrorKind, Role};
-use crate::meta::Resolve;
+use crate::resync::Resolve;
 
 const WAIT: Duration = Duration::from_secs(8);
 const OPERATOR_LATER: Duration = Duration::from_secs(30);

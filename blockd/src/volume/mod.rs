@@ -33,7 +33,7 @@ mod locks;
 mod peer;
 #[cfg(test)]
 mod probe;
-mod resync;
+mod replica;
 mod state;
 mod track;
 mod wide;
@@ -52,7 +52,6 @@ use bytes::Bytes;
 
 use counters::AtomicCounters;
 pub use locks::{IntervalLocks, RangeGuard};
-pub use resync::{ResyncError, ResyncOptions};
 pub use state::Transition;
 #[cfg(test)]
 pub(crate) use track::META_INLINE;
@@ -60,8 +59,9 @@ pub(crate) use track::META_INLINE;
 use crate::{
     control::VolumeStatus,
     fence::{Cleared, Fence},
-    meta::{AlConfig, Dirty, DiskFailure, DiskOp, Meta, MetaError, MetaFile, Resolve},
+    meta::{AlConfig, Dirty, DiskFailure, DiskOp, Meta, MetaError, MetaFile},
     replication::Message,
+    resync::Resolve,
     role::{self, ConnState, Role},
     storage::{AlignedBuf, ReadBuf, Store},
 };
@@ -148,7 +148,8 @@ pub struct Volume {
     /// The witness lease degraded writes need, when `cluster.witness` is configured.
     fence: OnceLock<Arc<Fence>>,
     /// The session whose resync this node, as target, is ready to receive (its `Inconsistent`
-    /// flag is on disk); 0 for none. Set under `persisted`; resync blocks wait on it (peer.rs).
+    /// flag is on disk); 0 for none. Set under `persisted`; resync blocks wait on it
+    /// (`crate::resync::target`).
     target_ready: tokio::sync::watch::Sender<u64>,
 }
 
@@ -586,7 +587,7 @@ impl Volume {
             peer_role: live.machine.peer_role,
             peer_disk: live.peer_disk,
             out_of_sync: live.out_of_sync(self.size(), self.track.dirty_bytes()),
-            resync: live.resync.as_ref().map(state::Progress::report),
+            resync: live.resync.as_ref().map(crate::resync::Progress::report),
             generation: format!("{gens:016x}"),
             counters: self.counters.snapshot(self.track.meta_writes()),
             frozen: self.frozen(&live),

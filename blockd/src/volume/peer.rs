@@ -1,19 +1,6 @@
-//! The peer's side of the write path: applying what the primary sends, and the target's side
-//! of a resync (the source's is in `resync.rs`):
-//! ```text
-//!  GetBitmap ─► parts of this node's bitmap (the source copies the union)
-//!  GetSums   ─► checksums of a chunk (the source then sends only differing blocks)
-//!  ResyncData / ResyncZero: wait until the Inconsistent flag is on disk ─► lock ─► write ─►
-//!            clear those bits here ─► ack
-//!  Flush during a resync: the data, then this node's bitmap, are made durable
-//!  ResyncDone{generations} ─► adopt them, bitmap cleared, then marked consistent
-//! ```
-//! The chunk lock is the same interval lock application writes take, on both nodes, held until
-//! the peer acknowledged: a resync block read before an application write is applied on the
-//! peer before that write, and one read after it carries it. So a stale block never lands on a
-//! newer write.
-
-use std::time::Duration;
+//! The peer's side of the write path: applying what the primary sends. The target's side of a
+//! resync (`GetBitmap`, `GetSums`, `ResyncData`, `ResyncZero`, the bitmap after a `Flush`) is
+//! `crate::resync::target`, which this routes to after its own checks (Primary, detached).
 
 use bytes::Bytes;
 
@@ -22,10 +9,8 @@ use crate::meta::DiskOp;
 use crate::{
     control::Role,
     replication::{Message, Session},
+    resync::{self, Served},
 };
-
-/// How long a resync block waits for the target's own decision to be on disk.
-const TARGET_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 // Values in `Ack`: the crate's one table.
 use crate::errno::{self, EINVAL, EIO, EPERM};
@@ -62,41 +47,21 @@ impl Volume {
                 Err(e) => Err(e),
             },
             Message::Flush => match self.io(DiskOp::Flush, 0, self.store.flush().await).await {
-                // The source clears its bits after this flush: clear ours durably too.
-                Ok(()) if self.live().resync.is_some() => self.flush_bitmap().await,
+                Ok(()) => resync::flushed(self).await,
                 other => other,
             },
-            Message::GetBitmap { offset } => {
-                let data =
-                    self.track.with(|d| d.bitmap().bytes_at(offset, super::resync::BITMAP_PART));
-                return Message::BitmapPart { offset, data: data.into() };
-            }
             Message::Read { offset, len } => {
                 return match self.peer_read(offset, len).await {
                     Ok(data) => Message::ReadData { data },
                     Err(_) => ack(EIO),
                 };
             }
-            Message::GetSums { offset, len } => {
-                return match self.local_sums(offset, len).await {
-                    Ok(data) => Message::Sums { data },
-                    Err(_) => ack(EIO),
-                };
-            }
-            Message::ResyncData { offset, data } => match self.wait_target_ready(session).await {
-                Ok(()) => {
-                    let len = data.len() as u64;
-                    let apply = self.apply_data(session, offset, data, false);
-                    self.apply_resync(offset, len, apply).await
-                }
-                Err(code) => return ack(code),
-            },
-            Message::ResyncZero { offset, len } => match self.wait_target_ready(session).await {
-                Ok(()) => {
-                    let zero = self.apply_zeroes(session, offset, len, true);
-                    self.apply_resync(offset, len, zero).await
-                }
-                Err(code) => return ack(code),
+            msg @ (Message::GetBitmap { .. }
+            | Message::GetSums { .. }
+            | Message::ResyncData { .. }
+            | Message::ResyncZero { .. }) => match resync::serve(self, session, msg).await {
+                Served::Reply(reply) => return reply,
+                Served::Applied(result) => result,
             },
             other => {
                 tracing::warn!(volume = %self.name(), "unexpected request from the peer: {other:?}");
@@ -113,7 +78,7 @@ impl Volume {
         }
     }
 
-    async fn apply_data(
+    pub(super) async fn apply_data(
         &self,
         session: &Session,
         offset: u64,
@@ -140,7 +105,7 @@ impl Volume {
         Ok(bytes::Bytes::copy_from_slice(&data))
     }
 
-    async fn apply_zeroes(
+    pub(super) async fn apply_zeroes(
         &self,
         session: &Session,
         offset: u64,
@@ -172,49 +137,6 @@ impl Volume {
         tracing::debug!(volume = %self.name(), offset, len, "dropping a request of an ended session");
         let ended = std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "session ended");
         Err(VolumeError::Io(ended))
-    }
-
-    async fn apply_resync(
-        &self,
-        offset: u64,
-        len: u64,
-        apply: impl std::future::Future<Output = Result<(), VolumeError>>,
-    ) -> Result<(), VolumeError> {
-        apply.await?;
-        // Same as the source's now: this node's own mark of it (if any) is satisfied.
-        self.track.clear(offset..offset + len);
-        if let Some(p) = self.live().resync.as_mut() {
-            p.done = (p.done + len).min(p.total);
-        }
-        Ok(())
-    }
-
-    /// A resync block may only be written once this node's `Inconsistent` flag is on disk for
-    /// this session: otherwise a crash could leave a half-resynced disk that calls itself
-    /// consistent.
-    async fn wait_target_ready(&self, session: &Session) -> Result<(), u32> {
-        let mut ready = self.target_ready.subscribe();
-        let wanted = session.id();
-        let wait = async {
-            loop {
-                if *ready.borrow_and_update() == wanted {
-                    return true;
-                }
-                // A session that ended never becomes ready; the sender lives as long as `self`.
-                tokio::select! {
-                    biased; // deterministic in the simulator
-                    changed = ready.changed() => if changed.is_err() { return false },
-                    () = session.closed() => return false,
-                }
-            }
-        };
-        match tokio::time::timeout(TARGET_READY_TIMEOUT, wait).await {
-            Ok(true) => Ok(()),
-            Ok(false) | Err(_) => {
-                tracing::warn!(volume = %self.name(), "resync data arrived but this node is not a resync target");
-                Err(EINVAL)
-            }
-        }
     }
 }
 

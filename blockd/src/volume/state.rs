@@ -7,15 +7,15 @@
 //!   `consistent` flag) is on disk before anyone sees the state that depends on it.
 //! - `live` (std mutex, never held across an await): what the data path and status read.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use tokio::{sync::MutexGuard, task::JoinHandle};
 
 use super::{Volume, VolumeError, VolumeInfo};
 use crate::{
-    control::ResyncProgress,
-    meta::{new_generation, DiskFailure, Generations, Meta, MetaError, MetaFile, Resolve},
+    meta::{new_generation, DiskFailure, Generations, Meta, MetaError, MetaFile},
     replication::{LinkError, Message, Session},
+    resync::{Progress, Resolve},
     role::{self, Action, ConnState, DiskState, Event, Role},
 };
 
@@ -56,29 +56,6 @@ pub(super) struct Live {
     pub resolve: Resolve,
     /// Why the disk is `Failed` (the first error); on disk too once `persist_failure` ran.
     pub failure: Option<DiskFailure>,
-}
-
-/// A running resync's progress.
-#[derive(Debug, Clone)]
-pub(super) struct Progress {
-    pub total: u64,
-    pub done: u64,
-    pub started: Instant,
-}
-
-impl Progress {
-    pub fn new(total: u64) -> Self {
-        Progress { total, done: 0, started: Instant::now() }
-    }
-
-    pub fn report(&self) -> ResyncProgress {
-        let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        ResyncProgress {
-            total: self.total,
-            done: self.done,
-            rate: (self.done as f64 / secs) as u64,
-        }
-    }
 }
 
 impl Live {
@@ -258,7 +235,7 @@ impl Volume {
 
     /// The resync this node received is complete: adopt the source's generations, and only
     /// then (durably) call the data consistent.
-    pub async fn finish_resync_target(
+    pub(super) async fn finish_resync_target(
         &self,
         source: &Generations,
     ) -> Result<Transition, VolumeError> {

@@ -14,8 +14,8 @@ pub use blockd::agent::{Agent, Decision};
 use blockd::{
     config::Failback,
     control::{Client, ConnState, NodeStatus, Request, Role},
-    meta::Resolve,
     replication,
+    resync::Resolve,
     witness::LeaseClient,
 };
 

@@ -16,7 +16,7 @@ use blockd::{
     control::{
         Client, ClientError, ConnState, DiskState, NodeStatus, Reply, Request, VolumeStatus,
     },
-    meta::Resolve,
+    resync::Resolve,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 

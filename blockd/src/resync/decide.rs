@@ -1,7 +1,8 @@
 //! The resync decision of the handshake (design.md §5): from both nodes' [`Generations`], who holds
-//! the newer data, or whether no direction is safe at all.
+//! the newer data, or whether no direction is safe at all. Pure: `node.rs` `exchange` calls
+//! [`plan`], the role machine takes its [`SyncDecision`].
 
-use super::Generations;
+use crate::meta::Generations;
 
 /// What the handshake concludes from two nodes' generations, seen from "mine".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +53,7 @@ impl SyncDecision {
 /// | 9   | anything else                                                      | `Unrelated`  |
 ///
 /// Where each row comes from: row 1 is two nodes in sync (also two fresh volumes, both at
-/// [`ZEROES`](super::ZEROES)); row 2 is a primary that wrote while its peer was away, or the
+/// [`ZEROES`](crate::meta::ZEROES)); row 2 is a primary that wrote while its peer was away, or the
 /// survivor promoted after the primary crashed (the returning old primary gets row 3); rows 5/6
 /// are a resync whose end the source persisted but the target did not (the source's bitmap id
 /// is already history); row 8 is two nodes both promoted while partitioned.
@@ -172,8 +173,8 @@ pub fn plan(mine: &Generations, me: Side<'_>, peer: &Generations, them: Side<'_>
 
 #[cfg(test)]
 mod tests {
-    use super::super::ZEROES;
     use super::*;
+    use crate::meta::ZEROES;
     use SyncDecision::*;
 
     fn g(current: u64, bitmap: u64, history: [u64; 2]) -> Generations {
