@@ -1,5 +1,6 @@
 //! The node: its volumes and the link to its peer. Turns link events and operator requests into
-//! role-machine events, and performs what the machine asks for that needs the peer.
+//! role-machine events, and performs what the machine asks for that needs the peer, a task or
+//! the operator (`perform`, the one place; the volume does its own metadata in `transition`).
 //!
 //! ```text
 //!  link events ──► dispatcher (one task, in order) ─┬─ Up: spawn the state exchange
@@ -42,6 +43,27 @@ const PEER_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A refused operator request: a kind blockctl can branch on, and a message.
 pub type Refused = (ErrorKind, String);
+
+/// Where [`Node::perform`] runs, which bounds what it may do.
+#[derive(Debug)]
+enum At<'a> {
+    /// After a handshake on `session` (with the resync's options), or answering the peer's
+    /// request on the dispatcher: nothing here may wait for the peer.
+    Link { session: &'a Session, resync: Option<ResyncOptions> },
+    /// The operator's task (promote, demote): may ask the peer and wait for it.
+    Operator,
+}
+
+/// What performing a transition came to, for whoever stepped it.
+#[derive(Debug, Default)]
+struct Performed {
+    /// `Refuse`: the operator's request fails with this.
+    refused: Option<Refusal>,
+    /// `AnswerPeer`: the answer to the peer's `AskPromote`.
+    granted: bool,
+    /// Stepping the peer's answer in could not be recorded.
+    failed: Option<crate::volume::VolumeError>,
+}
 
 /// This node's volumes and its peer link.
 #[derive(Debug)]
@@ -208,7 +230,11 @@ impl Node {
             };
             let event = Event::Connected { peer_role, peer_disk, decision: plan.decision };
             match v.transition(event, Some(&s)).await {
-                Ok(t) => self.perform(v, &s, t, opts),
+                Ok(t) => {
+                    let link = At::Link { session: &s, resync: Some(opts) };
+                    // A link-side transition refuses nothing (that is the operator's).
+                    let _ = self.perform(v, t, link).await;
+                }
                 Err(e) => {
                     tracing::error!(volume = %v.name(), error = %e, "cannot record the connection");
                     s.close("metadata update failed");
@@ -217,25 +243,76 @@ impl Node {
         }
     }
 
-    /// The actions a link-side transition left: start a resync, or report a refusal.
-    fn perform(&self, v: &Arc<Volume>, s: &Session, t: Transition, opts: ResyncOptions) {
-        for action in t.actions {
-            match action {
-                Action::StartResyncSource => {
-                    let (v, s) = (Arc::clone(v), s.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = resync::run(&*v, &s, opts).await {
-                            tracing::warn!(volume = %v.name(), error = %e, "resync stopped");
-                            // Reconnecting decides again and resumes from the bitmap.
-                            s.close("resync failed");
-                        }
-                    });
+    /// The one performer of the role machine's actions that need the peer, a task or the
+    /// operator (design.md §7); the volume's own (metadata, its live state) were done by
+    /// [`Volume::transition`] under its lock, before it returned what is left here. An
+    /// `AskPeerPromote` asks the peer and steps its answer in, whose actions follow in turn.
+    async fn perform(&self, v: &Arc<Volume>, t: Transition, at: At<'_>) -> Performed {
+        let mut done = Performed::default();
+        let mut actions: std::collections::VecDeque<Action> = t.actions.into();
+        while let Some(action) = actions.pop_front() {
+            match (action, &at) {
+                (Action::Refuse(r), _) => {
+                    done.refused = Some(r);
+                    return done;
                 }
-                Action::Drop { reason, .. } => {
+                (Action::AnswerPeer { granted }, _) => done.granted = granted,
+                (Action::Drop { reason, .. }, _) => {
                     tracing::error!(volume = %v.name(), "not replicating: {reason}");
                 }
-                other => tracing::debug!(volume = %v.name(), "no action needed for {other:?}"),
+                (Action::StartResyncSource, At::Link { session, resync: Some(opts) }) => {
+                    self.start_resync(v, session, *opts);
+                }
+                (Action::AskPeerPromote, At::Operator) => {
+                    let granted = self.ask_peer_promote(v).await;
+                    match v.transition(Event::PeerAnswered { granted }, None).await {
+                        Ok(t) => actions.extend(t.actions),
+                        Err(e) => done.failed = Some(e),
+                    }
+                }
+                (a @ (Action::BecomePrimary | Action::BecomeSecondary), At::Operator) => {
+                    let role = match a {
+                        Action::BecomePrimary => Role::Primary,
+                        _ => Role::Secondary,
+                    };
+                    if let Some(s) = self.session() {
+                        // Best effort: the peer also learns the role at the next state exchange.
+                        let _ = s.call(v.index(), Message::RoleChanged(role)).await;
+                    }
+                }
+                (a @ (Action::StartResyncSource | Action::AskPeerPromote), _)
+                | (a @ (Action::BecomePrimary | Action::BecomeSecondary), _) => {
+                    // The role machine asks these only after a handshake (a resync) or of the
+                    // operator (the peer): never from a peer's request, which the dispatcher
+                    // answers without waiting on the peer.
+                    tracing::error!(volume = %v.name(), "{a:?} cannot be performed here ({at:?})");
+                }
+                (other, _) => tracing::debug!(volume = %v.name(), "no action needed for {other:?}"),
             }
+        }
+        done
+    }
+
+    /// Sends the resync the handshake decided, in a task of its own; a failure closes the
+    /// session (reconnecting decides again and resumes from the bitmap).
+    fn start_resync(&self, v: &Arc<Volume>, s: &Session, opts: ResyncOptions) {
+        let (v, s) = (Arc::clone(v), s.clone());
+        tokio::spawn(async move {
+            if let Err(e) = resync::run(&*v, &s, opts).await {
+                tracing::warn!(volume = %v.name(), error = %e, "resync stopped");
+                s.close("resync failed");
+            }
+        });
+    }
+
+    /// `AskPromote` to the peer: granted only by a `PromoteAnswer` saying so.
+    async fn ask_peer_promote(&self, v: &Volume) -> bool {
+        match self.session() {
+            Some(s) => matches!(
+                s.call(v.index(), Message::AskPromote).await,
+                Ok(Message::PromoteAnswer { granted: true })
+            ),
+            None => false,
         }
     }
 
@@ -261,14 +338,20 @@ impl Node {
             Message::AskPromote => {
                 let granted = match v.transition(Event::PeerAsksPromote, None).await {
                     Ok(t) => {
-                        t.actions.iter().any(|a| matches!(a, Action::AnswerPeer { granted: true }))
+                        self.perform(&v, t, At::Link { session: &s, resync: None }).await.granted
                     }
                     Err(_) => false,
                 };
                 Message::PromoteAnswer { granted }
             }
             Message::RoleChanged(role) => {
-                ack_of(v.transition(Event::PeerRoleChanged(role), None).await)
+                match v.transition(Event::PeerRoleChanged(role), None).await {
+                    Ok(t) => {
+                        self.perform(&v, t, At::Link { session: &s, resync: None }).await;
+                        ack_of(Ok(()))
+                    }
+                    Err(e) => ack_of::<()>(Err(e)),
+                }
             }
             Message::ResyncDone { gens } => ack_of(resync::finish(&*v, &gens).await),
             Message::RunPromote => {
@@ -315,26 +398,13 @@ impl Node {
     }
 
     async fn promote(&self, v: &Arc<Volume>, force: bool) -> Result<(), Refused> {
-        if self.peer.is_none() {
-            // A single node has no peer to ask or to split from: nothing to force.
-            let t = v.transition(Event::Promote { force: true }, None).await.map_err(internal)?;
-            return self.finish_role_change(v, t, Role::Primary).await;
-        }
-        if force {
+        // A single node has no peer to ask or to split from: nothing to force.
+        let force = force || self.peer.is_none();
+        if force && self.peer.is_some() {
             tracing::warn!(volume = %v.name(), "promotion with --force requested by the operator");
         }
-        let mut t = v.transition(Event::Promote { force }, None).await.map_err(internal)?;
-        if t.actions.iter().any(|a| matches!(a, Action::AskPeerPromote)) {
-            let granted = match self.session() {
-                Some(s) => matches!(
-                    s.call(v.index(), Message::AskPromote).await,
-                    Ok(Message::PromoteAnswer { granted: true })
-                ),
-                None => false,
-            };
-            t = v.transition(Event::PeerAnswered { granted }, None).await.map_err(internal)?;
-        }
-        self.finish_role_change(v, t, Role::Primary).await
+        let t = v.transition(Event::Promote { force }, None).await.map_err(internal)?;
+        self.finish_role_change(v, t).await
     }
 
     async fn demote(&self, v: &Arc<Volume>) -> Result<(), Refused> {
@@ -354,29 +424,16 @@ impl Node {
         // Everything acknowledged so far becomes durable on both nodes before the role goes.
         v.flush().await.map_err(internal)?;
         let t = v.transition(Event::Demote, None).await.map_err(internal)?;
-        self.finish_role_change(v, t, Role::Secondary).await
+        self.finish_role_change(v, t).await
     }
 
-    /// Reports a refusal, or tells the peer about the new role.
-    async fn finish_role_change(
-        &self,
-        v: &Arc<Volume>,
-        t: Transition,
-        role: Role,
-    ) -> Result<(), Refused> {
-        for action in t.actions {
-            match action {
-                Action::Refuse(r) => return Err(refusal(v, r)),
-                Action::BecomePrimary | Action::BecomeSecondary => {
-                    if let Some(s) = self.session() {
-                        // Best effort: the peer also learns the role at the next state exchange.
-                        let _ = s.call(v.index(), Message::RoleChanged(role)).await;
-                    }
-                }
-                other => tracing::debug!(volume = %v.name(), "no action needed for {other:?}"),
-            }
+    /// The operator's role change performed: a refusal or a failure is the request's answer.
+    async fn finish_role_change(&self, v: &Arc<Volume>, t: Transition) -> Result<(), Refused> {
+        let done = self.perform(v, t, At::Operator).await;
+        if let Some(e) = done.failed {
+            return Err(internal(e));
         }
-        Ok(())
+        done.refused.map_or(Ok(()), |r| Err(refusal(v, r)))
     }
 
     /// `blockctl resolve`: the named volume (or every one) gives up its data at the next
