@@ -6,9 +6,10 @@
 //! (`modprobe nbd` fails here, loudly).
 //!
 //! One boot runs every guest test (a boot costs ~15 s even on an idle machine); the host test
-//! passes only when every one of them passed in the guest. The whole guest run took 499 s at
-//! host load 1.5-4 (2026-12-03: NFS failover 136 s, MariaDB failover 186 s, netlink ext4/xfs
-//! 45 s, restart under fio 71 s, nbd-client ext4/xfs 41 s); each test's time is printed.
+//! passes only when every one of them passed in the guest. The whole guest run took 302-329 s on
+//! a quiet machine (2026-12-03: NFS failover 98-107 s, MariaDB failover 109-123 s, netlink
+//! ext4/xfs 17 s, restart under fio 48 s, nbd-client ext4/xfs 15 s) and 499 s at host load
+//! 1.5-4; each test's time is printed.
 
 use std::{
     path::{Path, PathBuf},
@@ -38,21 +39,28 @@ const GUEST_TESTS: &[&str] = &[
 ];
 
 /// Bound of the whole guest run (boot, every guest test, power-off); the guest itself gets a
-/// minute less (tests/vm/run --timeout), so its output still comes back. The run takes ~10
-/// minutes on this 2-core machine when it is quiet; CI's was seen over four times slower
-/// (2026-12-03: the guest still busy after 44 minutes), so the bound is wide: a slow machine
-/// must not fail the tier, a hung guest still does.
+/// minute less (tests/vm/run --timeout), so its output still comes back. The run takes ~5
+/// minutes on this 2-core machine when it is quiet, ~8 at load 1.5-4; CI's was seen far slower
+/// (2026-12-03: a forced promotion's `role` step 11 s instead of 0.07 s, the guest still busy
+/// after 44 minutes), so the bound is wide: a slow machine must not fail the tier, a hung
+/// guest still does (and tests/vm/run then prints what the guest was doing).
 const VM_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Inside the guest: each test in a process of its own, in order, its time printed after it
-/// ("guest test NAME: N s"), the next one run whether it passed or not; exits non-zero when
-/// any failed. So a failure, or a guest that runs out of time, still says how long each test
-/// that finished took.
-const GUEST_LOOP: &str = r#"exe=$1; shift; failed=0
+/// One guest test's bound: a hung one fails alone and the rest still run. The longest takes
+/// ~2-3 minutes here (the MariaDB failover), so a machine several times slower still fits.
+const GUEST_TEST_TIMEOUT: Duration = Duration::from_secs(1500);
+
+/// Inside the guest: each test in a process of its own, in order, bounded by
+/// [`GUEST_TEST_TIMEOUT`], its time printed after it ("guest test NAME: N s"), the next one
+/// run whether it passed or not; exits non-zero when any failed. So a failure, a hung test or
+/// a guest that runs out of time still says how long each test that finished took.
+const GUEST_LOOP: &str = r#"exe=$1; bound=$2; shift 2; failed=0
 for t in "$@"; do
-  start=$SECONDS
-  "$exe" --ignored --exact --test-threads=1 --nocapture "$t" || failed=$((failed + 1))
-  echo "guest test $t: $((SECONDS - start)) s"
+  start=$SECONDS rc=0
+  timeout -k 30 "$bound" "$exe" --ignored --exact --test-threads=1 --nocapture "$t" || rc=$?
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
+  case $rc in 0) how= ;; 124 | 137) how=" (out of time: killed)" ;; *) how=" (failed: $rc)" ;; esac
+  echo "guest test $t: $((SECONDS - start)) s$how"
 done
 echo "guest tests: $# run, $failed failed"
 [ "$failed" -eq 0 ]"#;
@@ -68,7 +76,8 @@ fn vm_kernel_tier() {
     let guest_timeout = (VM_TIMEOUT - Duration::from_secs(60)).as_secs().to_string();
     let run = repo().join("tests/vm/run");
     let mut c = cmd(run.to_str().expect("utf-8 path"), &["--timeout", &guest_timeout, "--"]);
-    c.args(["bash", "-c", GUEST_LOOP, "guest-tests"]).arg(&exe).args(GUEST_TESTS);
+    let bound = GUEST_TEST_TIMEOUT.as_secs().to_string();
+    c.args(["bash", "-c", GUEST_LOOP, "guest-tests"]).arg(&exe).arg(&bound).args(GUEST_TESTS);
     let t = Instant::now();
     let out = try_run(&mut c, VM_TIMEOUT);
     eprintln!("VM tier: guest run took {:.0} s\n{}", t.elapsed().as_secs_f64(), out.stdout);
