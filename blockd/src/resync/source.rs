@@ -264,12 +264,15 @@ async fn make_checkpoint<V: Replica>(
     // Both copies durable before the bits go: the target's, and this node's own — what it
     // sent may sit in its disk's volatile cache (data it took as a Secondary and never
     // flushed), which a power cut here would lose while both bitmaps say the two agree.
+    // The local result is accounted first, whatever the peer answered: a failed flush may have
+    // lost what was cached, and the kernel reports that once (the next fsync may succeed).
     let (peer, local) = tokio::join!(call(v, session, Message::Flush), v.store_flush());
+    let local = v.checked(DiskOp::Flush, 0, local).await;
     match peer {
         Ok(Message::Ack { error: 0 }) => {}
         other => return Err(ResyncError::Peer(format!("flush: {other:?}"))),
     }
-    v.checked(DiskOp::Flush, 0, local).await.map_err(ResyncError::Local)?;
+    local.map_err(ResyncError::Local)?;
     if v.marks() != marks {
         return Ok(());
     }

@@ -7,7 +7,9 @@
 //! and faults land while they are in flight.
 //!
 //! Faults ([`Fault`]): a failing disk answers every write, zeroing and trim with the error
-//! (EIO or ENOSPC) and changes nothing; with EIO its reads and flushes fail too. A hung disk
+//! (EIO or ENOSPC) and changes nothing; with EIO its reads and flushes fail too. A disk whose
+//! write-back fails takes writes into its cache and reads them back, but every flush fails
+//! with EIO and loses what was cached (Linux marks such pages clean). A hung disk
 //! takes requests and does nothing with them until it is thawed (then runs them in order) or
 //! its power goes (then they never happened).
 
@@ -42,6 +44,9 @@ struct State {
 pub enum Fault {
     /// Writes fail with this errno (and, for EIO, reads and flushes too).
     Errors(i32),
+    /// Write-back fails: writes and reads succeed (from the cache), every flush fails with
+    /// EIO and drops what the cache held (it never becomes durable).
+    FlushErrors,
     /// Nothing completes until [`ModelDisk::thaw`].
     Hang,
 }
@@ -169,6 +174,10 @@ impl ModelDisk {
                 let result = Err(io::Error::from_raw_os_error(errno));
                 return Completion { result, buf: op.into_buf() };
             }
+        }
+        if s.fault == Some(Fault::FlushErrors) && matches!(op, Op::Flush) {
+            s.cached.clear();
+            return Completion { result: Err(io::Error::from_raw_os_error(libc::EIO)), buf: None };
         }
         match op {
             Op::Read { offset, mut buf } => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::time::sleep;
 
 use super::cluster::{connect, SimNode, PEER_TIMEOUT, SIZE};
+use super::disk::Fault;
 use super::run::{block_bytes, block_id, BLOCK};
 use crate::control::{ConnState, DiskState, ErrorKind, Role, VolumeStatus};
 use crate::resync::Resolve;
@@ -158,4 +159,26 @@ async fn a_split_brain_copies_nothing_until_one_side_discards() {
     assert_eq!(p.status(1).conn, ConnState::Connected);
     assert_eq!(p.status(1).out_of_sync, 0);
     assert_eq!(p.holds(1, 5), 1, "beta took alpha's data");
+}
+
+/// A resync's checkpoint where both flushes fail (the peer's and this node's own): the local
+/// failure is this node's to account for even though the peer's answered first. Its disk is
+/// Failed: what it sent may never have reached its platter, so no bit may clear on its word.
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_whose_flushes_both_fail_fails_the_source_disk_too() {
+    let mut p = Pair::new().await;
+    p.link().await;
+    p.role(0, Role::Primary, false).await.unwrap();
+    p.partition().await;
+    p.write(0, 3, 1).await.unwrap();
+    p.nodes[0].up.as_ref().unwrap().volume.flush().await.unwrap();
+    for n in &p.nodes {
+        n.up.as_ref().unwrap().disk.fault(Fault::FlushErrors);
+    }
+    p.link().await;
+    sleep(Duration::from_secs(3)).await;
+    let (a, b) = (p.status(0), p.status(1));
+    assert_eq!(b.disk, DiskState::Failed, "the target's flush failed: {b:?}");
+    assert_eq!(a.disk, DiskState::Failed, "the source's own flush failed too: {a:?}");
+    assert!(a.out_of_sync > 0, "no bit cleared on a failed checkpoint: {a:?}");
 }
