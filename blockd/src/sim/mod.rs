@@ -2,9 +2,9 @@
 //! schedule on its own single-threaded tokio runtime with paused time (the schedules of a run
 //! spread over every core), driven by a seeded schedule of client writes and flushes,
 //! partitions (both ways and one way), connection resets, heals, power cuts of either node or
-//! both, restarts, operator promotions and switchovers, disk faults (EIO, ENOSPC, hangs), and
-//! in even-numbered schedules a witness (node cut off from it, stopped, restarted from its
-//! state file) with both nodes' agents.
+//! both, restarts, operator promotions and switchovers, disk faults (EIO, ENOSPC, a failed
+//! write-back, hangs), and in even-numbered schedules a witness (node cut off from it,
+//! stopped, restarted from its state file) with both nodes' agents.
 //!
 //! REAL code: the volume, node, handshake, session, resync and metadata code of `alpha` and
 //! `beta` (metadata files on /dev/shm); the witness's lease table and server

@@ -325,8 +325,8 @@ impl World {
         }
     }
 
-    /// A disk starts failing (EIO, ENOSPC: until the operator replaces it) or hangs (for a
-    /// while, or until its power goes).
+    /// A disk starts failing (EIO, ENOSPC, a failed write-back: until the operator replaces it)
+    /// or hangs (for a while, or until its power goes).
     fn disk_fault(&mut self) {
         let who = match (self.faults.below(2), self.primary()) {
             (0, Some(p)) => p,
@@ -336,9 +336,10 @@ impl World {
         let Some(up) = self.nodes[who].up.as_ref() else { return };
         let disk = up.disk.clone();
         let name = self.nodes[who].name;
-        let (fault, what) = match self.faults.below(3) {
+        let (fault, what) = match self.faults.below(4) {
             0 => (Fault::Errors(libc::EIO), "fails with EIO".to_string()),
             1 => (Fault::Errors(libc::ENOSPC), "is full (ENOSPC)".to_string()),
+            2 => (Fault::FlushErrors, "fails its write-back (every flush EIO)".to_string()),
             _ => {
                 let d = Duration::from_millis(500 + self.faults.below(8000));
                 let thaw = disk.clone();
