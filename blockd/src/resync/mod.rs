@@ -31,7 +31,7 @@ mod source;
 mod target;
 mod verify;
 
-use std::{io, ops::Range, path::Path, time::Instant};
+use std::{ops::Range, path::Path, time::Instant};
 
 use bytes::Bytes;
 
@@ -43,7 +43,7 @@ pub(crate) use verify::run as verify;
 use crate::{
     config::ChecksumMode,
     control::ResyncProgress,
-    meta::{Bitmap, DirtyError, DiskOp, Generations},
+    meta::{Bitmap, DirtyError, Generations},
     replication::Session,
     storage::ReadBuf,
     volume::{RangeGuard, Transition, VolumeError},
@@ -122,13 +122,11 @@ pub(crate) trait Replica {
 
     /// The application's interval lock on the range, block-widened (design.md §3).
     async fn lock(&self, offset: u64, len: u64) -> RangeGuard<'_>;
-    /// The local store's read, as it completed: pass it through [`Replica::checked`].
-    async fn store_read(&self, offset: u64, len: u32) -> io::Result<ReadBuf>;
-    /// The local store's flush, as it completed: pass it through [`Replica::checked`].
-    async fn store_flush(&self) -> io::Result<()>;
-    /// A local I/O result, accounted: an error fails the disk (design.md §3).
-    async fn checked<T>(&self, op: DiskOp, offset: u64, r: io::Result<T>)
-        -> Result<T, VolumeError>;
+    /// A read of the local store, accounted: an error fails the disk (design.md §3).
+    async fn read_local(&self, offset: u64, len: u32) -> Result<ReadBuf, VolumeError>;
+    /// A flush of the local store, accounted the same way: a failed flush may have lost what
+    /// was cached, and the kernel says so only once.
+    async fn flush_local(&self) -> Result<(), VolumeError>;
     /// A resync block written here as the peer's writes are, under the lock, while `session`
     /// lives.
     async fn write_from_peer(

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use super::{holes::Holes, Progress, Replica, ResyncError, ResyncOptions, Tally};
 use crate::{
     config::ChecksumMode,
-    meta::{Bitmap, DiskOp},
+    meta::Bitmap,
     replication::{
         wire::{SUM_BLOCK, SUM_LEN},
         LinkError, Message, Session,
@@ -264,10 +264,8 @@ async fn make_checkpoint<V: Replica>(
     // Both copies durable before the bits go: the target's, and this node's own — what it
     // sent may sit in its disk's volatile cache (data it took as a Secondary and never
     // flushed), which a power cut here would lose while both bitmaps say the two agree.
-    // The local result is accounted first, whatever the peer answered: a failed flush may have
-    // lost what was cached, and the kernel reports that once (the next fsync may succeed).
-    let (peer, local) = tokio::join!(call(v, session, Message::Flush), v.store_flush());
-    let local = v.checked(DiskOp::Flush, 0, local).await;
+    // The local flush is accounted whatever the peer answers (`flush_local`).
+    let (peer, local) = tokio::join!(call(v, session, Message::Flush), v.flush_local());
     match peer {
         Ok(Message::Ack { error: 0 }) => {}
         other => return Err(ResyncError::Peer(format!("flush: {other:?}"))),
@@ -333,8 +331,7 @@ async fn resync_chunk<V: Replica>(
         return Ok((chunk.range, sent));
     }
     // `len` ≤ CHUNK, which fits u32.
-    let data = v.store_read(start, len as u32).await;
-    let data = v.checked(DiskOp::Read, start, data).await.map_err(ResyncError::Local)?;
+    let data = v.read_local(start, len as u32).await.map_err(ResyncError::Local)?;
     if is_zero(&data) {
         // Zero ranges travel as zero requests, not data (design.md §5).
         send_ok(v, session, Message::ResyncZero { offset: start, len }).await?;

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use super::{source::sums, Replica};
 use crate::{
     errno::EINVAL,
-    meta::{DiskOp, Generations},
+    meta::Generations,
     replication::{Message, Session},
     volume::{Transition, VolumeError},
 };
@@ -97,8 +97,7 @@ async fn local_sums<V: Replica>(v: &V, offset: u64, len: u64) -> Result<Bytes, V
         return Err(VolumeError::OutOfRange { offset, len, size: super::source::CHUNK });
     }
     let _lock = v.lock(offset, len).await;
-    let data = v.store_read(offset, len as u32).await;
-    let data = v.checked(DiskOp::Read, offset, data).await?;
+    let data = v.read_local(offset, len as u32).await?;
     Ok(Bytes::from(sums(&data)))
 }
 

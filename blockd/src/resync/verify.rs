@@ -8,10 +8,7 @@ use super::{
     source::{differing_blocks, send_ok},
     Replica, ResyncError, Tally,
 };
-use crate::{
-    meta::DiskOp,
-    replication::{Message, Session},
-};
+use crate::replication::{Message, Session};
 
 /// Bytes `verify` compares per request (under the interval lock).
 const VERIFY_CHUNK: u64 = 256 << 10;
@@ -40,8 +37,7 @@ async fn verify_chunk<V: Replica>(
     len: u64,
 ) -> Result<u64, ResyncError> {
     let _lock = v.lock(offset, len).await;
-    let data = v.store_read(offset, len as u32).await;
-    let data = v.checked(DiskOp::Read, offset, data).await.map_err(ResyncError::Local)?;
+    let data = v.read_local(offset, len as u32).await.map_err(ResyncError::Local)?;
     let mut differed = 0;
     for r in differing_blocks(v, session, offset, &data).await? {
         let at = offset + r.start;

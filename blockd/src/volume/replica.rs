@@ -2,7 +2,7 @@
 //! fields. Each method is one that already existed here, or one line over a field; the
 //! resync's rules themselves are in `crate::resync`.
 
-use std::{io, ops::Range, path::Path, sync::atomic::Ordering, time::Duration};
+use std::{ops::Range, path::Path, sync::atomic::Ordering, time::Duration};
 
 use bytes::Bytes;
 
@@ -39,21 +39,12 @@ impl Replica for Volume {
         self.locks.lock(self.store.lock_span(offset, len)).await
     }
 
-    async fn store_read(&self, offset: u64, len: u32) -> io::Result<ReadBuf> {
-        self.store.read(offset, len).await
+    async fn read_local(&self, offset: u64, len: u32) -> Result<ReadBuf, VolumeError> {
+        self.io(DiskOp::Read, offset, self.store.read(offset, len).await).await
     }
 
-    async fn store_flush(&self) -> io::Result<()> {
-        self.store.flush().await
-    }
-
-    async fn checked<T>(
-        &self,
-        op: DiskOp,
-        offset: u64,
-        r: io::Result<T>,
-    ) -> Result<T, VolumeError> {
-        self.io(op, offset, r).await
+    async fn flush_local(&self) -> Result<(), VolumeError> {
+        self.io(DiskOp::Flush, 0, self.store.flush().await).await
     }
 
     async fn write_from_peer(
