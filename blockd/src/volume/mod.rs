@@ -384,7 +384,8 @@ impl Volume {
                 false => self.store.flush().await,
             }
         };
-        let (local, remote) = tokio::join!(local, self.call_peer(&session, Message::Flush));
+        // The peer's first, as for writes (`mirrored`).
+        let (remote, local) = tokio::join!(self.call_peer(&session, Message::Flush), local);
         // A failed local flush fails the disk; the peer's copy is what counts then.
         let local = self.io(DiskOp::Flush, 0, local).await;
         let peer = self.peer_done(&session, remote).await?;
@@ -456,7 +457,9 @@ impl Volume {
         };
         // A Failed disk is not written any more: the peer's copy is the only one.
         let local = async move { (!failed).then_some(local.await) };
-        let (local, remote) = tokio::join!(local, self.call_peer(&session, msg));
+        // The peer's request is polled first, so it is on the wire before the local submit
+        // (an `io_uring_enter` that kicks the disk): the peer's path is the longer one.
+        let (remote, local) = tokio::join!(self.call_peer(&session, msg), local);
         let local = match local {
             Some(r) => self.io(op, offset, r).await.err(),
             None => Some(self.failed_error()),
