@@ -21,7 +21,7 @@
 
 use std::{io, io::IoSlice, ops::Range, sync::Arc};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::{mpsc, OwnedSemaphorePermit, Semaphore},
@@ -36,7 +36,7 @@ use super::{
 };
 use crate::{
     errno,
-    storage::{AlignedBuf, ReadBuf},
+    storage::{AlignedBuf, Filler, ReadBuf},
     volume::{Volume, VolumeError},
 };
 
@@ -202,11 +202,7 @@ impl<R: AsyncRead + Unpin> Connection<R> {
             }
         };
         let payload = match c {
-            Command::Write { len, .. } => {
-                let mut buf = self.volume.alloc(len as usize);
-                self.input.read_exact(buf.as_mut_slice()).await?;
-                Some(buf)
-            }
+            Command::Write { len, .. } => Some(self.input.read_payload(len as usize).await?),
             _ => None,
         };
         let (volume, tx, structured) = (Arc::clone(&self.volume), self.tx.clone(), self.structured);
@@ -323,15 +319,21 @@ impl<R: AsyncRead + Unpin> Input<R> {
         Ok(true)
     }
 
-    /// Fills `dst` with the next bytes of the stream.
-    async fn read_exact(&mut self, dst: &mut [u8]) -> Result<(), ReadError> {
-        let have = self.buf.len().min(dst.len());
-        dst[..have].copy_from_slice(&self.buf[..have]);
+    /// The next `len` bytes of the stream, in a buffer aligned for direct I/O: what is buffered
+    /// already is copied, the rest read from the socket straight into it (not zeroed first).
+    async fn read_payload(&mut self, len: usize) -> Result<AlignedBuf, ReadError> {
+        let mut fill = Filler::new(len);
+        let have = self.buf.len().min(len);
+        fill.put_slice(&self.buf[..have]);
         self.buf.advance(have);
-        match self.rd.read_exact(&mut dst[have..]).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(ReadError::Torn),
-            Err(e) => Err(ReadError::Io(e)),
+        loop {
+            fill = match fill.finish() {
+                Ok(buf) => return Ok(buf),
+                Err(fill) => fill,
+            };
+            if self.rd.read_buf(&mut fill).await.map_err(ReadError::Io)? == 0 {
+                return Err(ReadError::Torn);
+            }
         }
     }
 

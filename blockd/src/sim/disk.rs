@@ -188,7 +188,7 @@ impl ModelDisk {
             }
             Op::Write { offset, buf, durable } => {
                 Self::apply(&mut s, offset, Some(buf.as_slice()), buf.len(), durable);
-                Completion { result: Ok(()), buf: Some(buf) }
+                Completion { result: Ok(()), buf: None }
             }
             Op::PunchHole { offset, len } | Op::ZeroRange { offset, len } => {
                 Self::apply(&mut s, offset, None, len as usize, false);

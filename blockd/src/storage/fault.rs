@@ -67,8 +67,8 @@ impl Fault {
 
 fn span(op: &Op) -> Option<Range<u64>> {
     match op {
-        Op::Read { offset, buf } | Op::Write { offset, buf, .. } => {
-            Some(*offset..offset.saturating_add(buf.len() as u64))
+        Op::Read { offset, .. } | Op::Write { offset, .. } => {
+            Some(*offset..offset.saturating_add(op.payload_len() as u64))
         }
         Op::PunchHole { offset, len } | Op::ZeroRange { offset, len } => {
             Some(*offset..offset.saturating_add(*len))

@@ -28,7 +28,7 @@ use std::io;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-pub use buf::AlignedBuf;
+pub use buf::{AlignedBuf, Filler, SharedBuf};
 pub use store::{ReadBuf, Store, StoreOptions};
 
 /// One operation on the backing store. Offsets and lengths given to an [`Engine`] are aligned
@@ -39,8 +39,9 @@ pub enum Op {
     Read { offset: u64, buf: AlignedBuf },
     /// Write all of `buf` at `offset`. `durable`: the completion means the data is on stable
     /// storage (`RWF_DSYNC`: a FUA write on a device, write + flush where it has no FUA); it
-    /// says nothing of other writes.
-    Write { offset: u64, buf: AlignedBuf, durable: bool },
+    /// says nothing of other writes. The buffer may be shared (with the peer's frame): the
+    /// engine only reads it, and lets go of its share at the completion.
+    Write { offset: u64, buf: SharedBuf, durable: bool },
     /// `fdatasync` (or the device flush): every completed write is on stable storage.
     Flush,
     /// Deallocate; the range reads as zeroes afterwards (`FALLOC_FL_PUNCH_HOLE|KEEP_SIZE`).
@@ -50,16 +51,25 @@ pub enum Op {
 }
 
 impl Op {
-    /// The op's buffer, if it carries one: what an engine hands back in its [`Completion`].
+    /// A read's buffer: what an engine hands back in its [`Completion`].
     pub fn into_buf(self) -> Option<AlignedBuf> {
         match self {
-            Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf),
-            Op::Flush | Op::PunchHole { .. } | Op::ZeroRange { .. } => None,
+            Op::Read { buf, .. } => Some(buf),
+            Op::Write { .. } | Op::Flush | Op::PunchHole { .. } | Op::ZeroRange { .. } => None,
+        }
+    }
+
+    /// Bytes a read or write moves (0 for the others).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Op::Read { buf, .. } => buf.len(),
+            Op::Write { buf, .. } => buf.len(),
+            Op::Flush | Op::PunchHole { .. } | Op::ZeroRange { .. } => 0,
         }
     }
 }
 
-/// The one completion path. Whatever happened, the op's buffer comes back with it: the engine
+/// The one completion path. Whatever happened, a read's buffer comes back with it: the engine
 /// owns it only between `submit` and this completion.
 #[derive(Debug)]
 pub struct Completion {

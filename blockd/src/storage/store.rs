@@ -31,7 +31,7 @@ use std::{
 
 use super::{
     backing, sync::SyncEngine, uring::UringEngine, AlignedBuf, Allocate, Completion, DirectIo,
-    Engine, EngineKind, Op, StorageError,
+    Engine, EngineKind, Op, SharedBuf, StorageError,
 };
 
 /// Largest zero buffer written when the backing cannot zero a range itself.
@@ -189,11 +189,6 @@ impl Store {
         self.engine.name()
     }
 
-    /// A buffer suitable for a write of `len` bytes (aligned, so an aligned write is zero copy).
-    pub fn alloc(&self, len: usize) -> AlignedBuf {
-        AlignedBuf::zeroed(len)
-    }
-
     /// The range a write-type request on `offset..offset+len` may touch: widened to whole
     /// blocks. Callers of [`write`](Self::write), [`write_zeroes`](Self::write_zeroes) and
     /// [`trim`](Self::trim) hold an exclusive lock on it.
@@ -222,14 +217,20 @@ impl Store {
     /// Contract: the caller holds an exclusive lock on [`lock_span`](Self::lock_span) for the
     /// whole call. Partial edge blocks are read, patched and written back; a concurrent writer
     /// of the same blocks would otherwise lose its bytes to the stale copy.
-    pub async fn write(&self, offset: u64, data: AlignedBuf) -> io::Result<()> {
+    pub async fn write(&self, offset: u64, data: impl Into<SharedBuf>) -> io::Result<()> {
         self.write_with(offset, data, false).await
     }
 
     /// [`write`](Self::write); with `durable` (NBD's FUA) it completes only once `data` is on
     /// stable storage: `RWF_DSYNC` on each piece, or the write then a flush on a backing where
     /// that flag cannot be trusted (FUSE). Same contract as `write`.
-    pub async fn write_with(&self, offset: u64, data: AlignedBuf, durable: bool) -> io::Result<()> {
+    pub async fn write_with(
+        &self,
+        offset: u64,
+        data: impl Into<SharedBuf>,
+        durable: bool,
+    ) -> io::Result<()> {
+        let data = data.into();
         if durable && !self.dsync {
             self.write_pieces(offset, data, false).await?;
             return self.flush().await;
@@ -237,7 +238,7 @@ impl Store {
         self.write_pieces(offset, data, durable).await
     }
 
-    async fn write_pieces(&self, offset: u64, data: AlignedBuf, durable: bool) -> io::Result<()> {
+    async fn write_pieces(&self, offset: u64, data: SharedBuf, durable: bool) -> io::Result<()> {
         let len = data.len() as u64;
         self.check(offset, len)?;
         if len == 0 {
@@ -301,8 +302,13 @@ impl Store {
         c.buf.ok_or_else(|| io::Error::other("storage engine lost a read buffer"))
     }
 
-    async fn write_aligned(&self, offset: u64, buf: AlignedBuf, durable: bool) -> io::Result<()> {
-        self.run(Op::Write { offset, buf, durable }).await.result
+    async fn write_aligned(
+        &self,
+        offset: u64,
+        buf: impl Into<SharedBuf>,
+        durable: bool,
+    ) -> io::Result<()> {
+        self.run(Op::Write { offset, buf: buf.into(), durable }).await.result
     }
 
     /// Unaligned write of `fill` at `offset`: patched edge blocks and a copied aligned middle,
@@ -371,18 +377,17 @@ impl Store {
     /// Writes zeroes over `offset..offset+len` (unit-aligned) reusing one buffer of ≤ 1 MiB.
     async fn write_zero_chunks(&self, offset: u64, len: u64) -> io::Result<()> {
         let chunk = ZERO_CHUNK.max(u64::from(self.unit));
-        let mut spare: Option<AlignedBuf> = None;
+        let mut zeroes: Option<SharedBuf> = None;
         let (mut pos, end) = (offset, offset + len);
         while pos < end {
             let n = (end - pos).min(chunk) as usize;
-            // A write never changes its buffer, so the returned one is still all zeroes.
-            let buf = match spare.take() {
+            // A write only reads its buffer: one of zeroes serves every chunk of its size.
+            let buf = match zeroes.take() {
                 Some(b) if b.len() == n => b,
-                _ => AlignedBuf::zeroed(n),
+                _ => SharedBuf::from(AlignedBuf::zeroed(n)),
             };
-            let c = self.run(Op::Write { offset: pos, buf, durable: false }).await;
-            c.result?;
-            spare = c.buf;
+            zeroes = Some(buf.clone());
+            self.write_aligned(pos, buf, false).await?;
             pos += n as u64;
         }
         Ok(())

@@ -100,7 +100,8 @@ pub(super) fn execute(file: &File, op: Op) -> Completion {
             // Durable: the written range then `fdatasync`, which covers it (and more).
             let result = file.write_all_at(buf.as_slice(), offset);
             let result = result.and_then(|()| if durable { file.sync_data() } else { Ok(()) });
-            Completion { result, buf: Some(buf) }
+            drop(buf);
+            Completion { result, buf: None }
         }
         Op::Flush => Completion { result: file.sync_data(), buf: None },
         Op::PunchHole { offset, len } => Completion {

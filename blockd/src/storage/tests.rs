@@ -21,8 +21,8 @@ use super::{
     fault::{Fault, FaultEngine, OpKind},
     sync::SyncEngine,
     uring::UringEngine,
-    AlignedBuf, Allocate, Completion, DirectIo, Engine, EngineKind, Op, StorageError, Store,
-    StoreOptions,
+    AlignedBuf, Allocate, Completion, DirectIo, Engine, EngineKind, Op, SharedBuf, StorageError,
+    Store, StoreOptions,
 };
 
 const KIB: u64 = 1 << 10;
@@ -451,7 +451,7 @@ async fn run(engine: &dyn Engine, op: Op) -> Completion {
     tokio::time::timeout(Duration::from_secs(10), rx).await.expect("completion").expect("sent")
 }
 
-/// Both real engines report a failed write and hand its buffer back unchanged.
+/// Both real engines report a failed write (its buffer intact) and a short read (its buffer back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_engines_return_buffers_on_error() {
     let dir = tempdir();
@@ -463,16 +463,15 @@ async fn real_engines_return_buffers_on_error() {
         Arc::new(UringEngine::new(ro).expect("io_uring")),
     ];
     for e in engines {
-        let c = run(
-            &*e,
-            Op::Write { offset: 0, buf: AlignedBuf::copy_from(&[9; 4096]), durable: false },
-        )
-        .await;
+        // A write's buffer is shared, not handed back: the engine lets go of its share.
+        let buf = SharedBuf::from(AlignedBuf::copy_from(&[9; 4096]));
+        let c = run(&*e, Op::Write { offset: 0, buf: buf.clone(), durable: false }).await;
         assert_eq!(
             c.result.expect_err("write on a read-only fd").raw_os_error(),
             Some(libc::EBADF)
         );
-        assert_eq!(c.buf.expect("buffer back").as_slice(), &[9; 4096], "{}", e.name());
+        assert!(c.buf.is_none(), "{}", e.name());
+        assert_eq!(buf.as_slice(), &[9; 4096], "{}", e.name());
         // 8192 bytes from a 6000-byte file: a short read, then end of file.
         let c = run(&*e, Op::Read { offset: 0, buf: AlignedBuf::zeroed(8192) }).await;
         assert_eq!(c.result.expect_err("read past EOF").kind(), io::ErrorKind::UnexpectedEof);
@@ -481,7 +480,7 @@ async fn real_engines_return_buffers_on_error() {
 }
 
 #[tokio::test]
-async fn fault_engine_fails_a_write_and_hands_its_buffer_back() {
+async fn fault_engine_fails_a_write_and_lets_its_buffer_go() {
     let h = Harness::new(Cfg { engine: EngineKind::Sync, direct: DirectIo::Off }, MIB);
     let store = Arc::into_inner(h.store).expect("sole owner");
     let fault = Arc::new(FaultEngine::new(Arc::new(
@@ -494,14 +493,14 @@ async fn fault_engine_fails_a_write_and_hands_its_buffer_back() {
     fault.fail(Fault { kind: OpKind::Write, range: Some(8192..12288), errno: libc::EIO });
     let c = run(
         &*fault,
-        Op::Write { offset: 8192, buf: AlignedBuf::copy_from(&[5; 100]), durable: false },
+        Op::Write { offset: 8192, buf: AlignedBuf::copy_from(&[5; 100]).into(), durable: false },
     )
     .await;
     assert_eq!(c.result.expect_err("injected").raw_os_error(), Some(libc::EIO));
-    assert_eq!(c.buf.expect("buffer back").as_slice(), &[5; 100]);
+    assert!(c.buf.is_none(), "a write has no buffer to hand back");
     let c = run(
         &*fault,
-        Op::Write { offset: 0, buf: AlignedBuf::copy_from(&[5; 100]), durable: false },
+        Op::Write { offset: 0, buf: AlignedBuf::copy_from(&[5; 100]).into(), durable: false },
     )
     .await;
     c.result.expect("outside the faulty range");

@@ -8,9 +8,11 @@
 //!                                              └─► resubmit the rest of the same slot
 //! ```
 //!
-//! Ownership of buffers: from `submit` until its completion is sent, an op (with its
-//! [`AlignedBuf`](super::AlignedBuf)) lives in `Ring::slots[user_data]`. The SQE points into the
-//! buffer's heap allocation, which does not move when the slot table grows. A slot is only
+//! Ownership of buffers: from `submit` until its completion is sent, an op (with a read's
+//! [`AlignedBuf`](super::AlignedBuf), or a write's share of a [`SharedBuf`](super::SharedBuf),
+//! which keeps the allocation alive and unchanged however many other shares there are) lives in
+//! `Ring::slots[user_data]`. The SQE points into the buffer's heap allocation, which does not
+//! move when the slot table grows. A slot is only
 //! emptied when the kernel has posted the CQE of its last SQE, so the kernel never touches
 //! freed memory. Dropping the engine waits (blocking) for SQEs still owned by the kernel
 //! before the slots are freed; if even that fails the buffers are leaked, never freed early.
@@ -122,7 +124,7 @@ impl UringEngine {
 
 impl Engine for UringEngine {
     fn submit(&self, op: Op, done: oneshot::Sender<Completion>) {
-        if matches!(&op, Op::Read { buf, .. } | Op::Write { buf, .. } if buf.is_empty()) {
+        if matches!(&op, Op::Read { .. } | Op::Write { .. } if op.payload_len() == 0) {
             let _ = done.send(Completion { result: Ok(()), buf: op.into_buf() });
             return;
         }
@@ -248,8 +250,8 @@ impl Ring {
 
     /// Pushes one SQE, entering the kernel once to make room if the SQ is full.
     fn push(&mut self, entry: &squeue::Entry) -> bool {
-        // SAFETY: the SQE's buffer pointer (if any) points into the AlignedBuf owned by
-        // `self.slots[user_data]`, which stays there, unmoved on the heap, until this SQE's CQE
+        // SAFETY: the SQE's buffer pointer (if any) points into the buffer held by
+        // `self.slots[user_data]` (owned, or a share that keeps it alive), which stays there, unmoved on the heap, until this SQE's CQE
         // is reaped (`drain`) or the ring is torn down after waiting for it (`Drop for Ring`).
         // The backing fd is kept open by `_file` for as long.
         if unsafe { self.ring.submission().push(entry) }.is_ok() {
@@ -341,8 +343,8 @@ impl Ring {
             return Some(Err(io::Error::from_raw_os_error(errno)));
         }
         let (total, eof) = match &slot.op {
-            Op::Read { buf, .. } => (buf.len(), io::ErrorKind::UnexpectedEof),
-            Op::Write { buf, .. } => (buf.len(), io::ErrorKind::WriteZero),
+            Op::Read { .. } => (slot.op.payload_len(), io::ErrorKind::UnexpectedEof),
+            Op::Write { .. } => (slot.op.payload_len(), io::ErrorKind::WriteZero),
             Op::Flush | Op::PunchHole { .. } | Op::ZeroRange { .. } => return Some(Ok(())),
         };
         if res == 0 {

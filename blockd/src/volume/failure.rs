@@ -16,7 +16,7 @@
 
 use std::{io, sync::atomic::Ordering};
 
-use super::{ReadBuf, Volume, VolumeError};
+use super::{AlignedBuf, ReadBuf, Volume, VolumeError};
 use crate::{
     meta::{DiskFailure, DiskOp},
     replication::{LinkError, Message, Session},
@@ -92,9 +92,7 @@ impl Volume {
         }
         match self.call_peer(&session, Message::Read { offset, len }).await {
             Ok(Message::ReadData { data }) if data.len() == len as usize => {
-                let mut buf = self.store.alloc(data.len());
-                buf.as_mut_slice().copy_from_slice(&data);
-                Some(ReadBuf { buf, start: 0, len: data.len() })
+                Some(ReadBuf { buf: AlignedBuf::copy_from(&data), start: 0, len: data.len() })
             }
             other => {
                 tracing::warn!(volume = %self.name(), offset, len, "the peer did not serve a read: {other:?}");
@@ -204,7 +202,7 @@ mod tests {
         v.transition(Event::Promote { force: true }, None).await.unwrap();
         let enospc = Fault { kind: OpKind::Write, range: Some(8192..12288), errno: libc::ENOSPC };
         fault.fail(enospc);
-        let err = v.write(8192, data(&v, 7, 4096), false).await.unwrap_err();
+        let err = v.write(8192, data(7, 4096), false).await.unwrap_err();
         assert!(err.is_no_space(), "{err:?}");
         let st = v.status();
         assert_eq!(st.disk, DiskState::Failed);
@@ -212,7 +210,7 @@ mod tests {
         assert_eq!(st.disk_failure, Some(want));
         assert!(v.track.with(|d| d.bitmap().test(8192..12288)), "marked before the reply");
         fault.heal();
-        assert!(v.write(0, data(&v, 9, 4096), false).await.is_err(), "no peer, no disk");
+        assert!(v.write(0, data(9, 4096), false).await.is_err(), "no peer, no disk");
         assert!(v.read(0, 4096).await.is_err());
         let on_disk = std::fs::read(dir.path().join("v.img")).unwrap();
         assert!(on_disk.iter().all(|&b| b == 0), "nothing reaches a Failed disk");

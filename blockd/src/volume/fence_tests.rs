@@ -42,7 +42,7 @@ async fn degraded_write_waits_for_the_lease_and_reads_go_on() {
     fence.record(Err(down), tokio::time::Instant::now(), true);
     let w = tokio::spawn({
         let v = Arc::clone(&v);
-        async move { v.write(0, data(&v, 5, 4096), false).await }
+        async move { v.write(0, data(5, 4096), false).await }
     });
     settle().await;
     assert!(!w.is_finished(), "no lease, no peer: not acknowledged");
@@ -57,7 +57,7 @@ async fn degraded_write_waits_for_the_lease_and_reads_go_on() {
     // A second write to the same range is not blocked behind the first's range lock.
     let w2 = tokio::spawn({
         let v = Arc::clone(&v);
-        async move { v.write(0, data(&v, 6, 4096), false).await }
+        async move { v.write(0, data(6, 4096), false).await }
     });
     settle().await;
     assert!(v.status().frozen.unwrap().contains("2 writes waiting"));
@@ -66,7 +66,7 @@ async fn degraded_write_waits_for_the_lease_and_reads_go_on() {
     w2.await.unwrap().unwrap();
     assert!(v.status().frozen.is_none());
     // With the lease valid, degraded writes complete at once.
-    v.write(8192, data(&v, 7, 4096), false).await.unwrap();
+    v.write(8192, data(7, 4096), false).await.unwrap();
 }
 
 #[tokio::test]
@@ -75,7 +75,7 @@ async fn a_range_copied_to_the_peer_clears_the_wait() {
     let (v, _fence) = fenced_primary(&dir).await;
     let w = tokio::spawn({
         let v = Arc::clone(&v);
-        async move { v.write(4096, data(&v, 1, 4096), false).await }
+        async move { v.write(4096, data(1, 4096), false).await }
     });
     settle().await;
     assert!(!w.is_finished());
@@ -92,7 +92,7 @@ async fn demotion_fails_waiting_writes_unacknowledged() {
     let (v, _fence) = fenced_primary(&dir).await;
     let w = tokio::spawn({
         let v = Arc::clone(&v);
-        async move { v.write(0, data(&v, 1, 4096), false).await }
+        async move { v.write(0, data(1, 4096), false).await }
     });
     settle().await;
     v.transition(Event::Demote, None).await.unwrap();
@@ -105,7 +105,7 @@ async fn without_a_fence_degraded_writes_complete_as_before() {
     let dir = tempfile::tempdir().unwrap();
     let v = volume(&dir, Some("beta"));
     v.transition(Event::Promote { force: true }, None).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), v.write(0, data(&v, 1, 4096), false))
+    tokio::time::timeout(Duration::from_secs(5), v.write(0, data(1, 4096), false))
         .await
         .expect("not fenced")
         .unwrap();
@@ -120,7 +120,7 @@ async fn a_lost_epoch_fails_waiting_and_new_degraded_writes() {
     tokio::time::sleep(TERM).await; // expired by the local clock: the next write waits
     let w = tokio::spawn({
         let v = Arc::clone(&v);
-        async move { v.write(0, data(&v, 1, 4096), false).await }
+        async move { v.write(0, data(1, 4096), false).await }
     });
     settle().await;
     assert!(!w.is_finished());
@@ -134,7 +134,7 @@ async fn a_lost_epoch_fails_waiting_and_new_degraded_writes() {
     fence.record(Err(refused), now, true);
     let r = tokio::time::timeout(Duration::from_secs(5), w).await.expect("ends").unwrap();
     assert!(matches!(r, Err(VolumeError::Fenced { epoch: 3 })), "{r:?}");
-    let r = v.write(4096, data(&v, 1, 4096), false).await;
+    let r = v.write(4096, data(1, 4096), false).await;
     assert!(matches!(r, Err(VolumeError::Fenced { epoch: 3 })), "{r:?}");
     assert_eq!(v.status().lease.unwrap().lost, Some(3));
 }

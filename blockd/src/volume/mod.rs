@@ -48,8 +48,6 @@ use std::{
     time::Instant,
 };
 
-use bytes::Bytes;
-
 use counters::AtomicCounters;
 pub use locks::{IntervalLocks, RangeGuard};
 pub use state::Transition;
@@ -63,7 +61,7 @@ use crate::{
     replication::Message,
     resync::Resolve,
     role::{self, ConnState, Role},
-    storage::{AlignedBuf, ReadBuf, Store},
+    storage::{AlignedBuf, ReadBuf, SharedBuf, Store},
 };
 
 /// Why a request on a volume failed.
@@ -226,11 +224,6 @@ impl Volume {
         self.store.block_size()
     }
 
-    /// A buffer suitable for a write payload of `len` bytes.
-    pub fn alloc(&self, len: usize) -> AlignedBuf {
-        self.store.alloc(len)
-    }
-
     /// Ok when this node may serve the volume to NBD clients: it is Primary.
     pub fn check_serving(&self) -> Result<(), NotServing> {
         let live = self.live();
@@ -291,12 +284,12 @@ impl Volume {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
         self.mirrored(DiskOp::Write, offset, len, len, |mirror| {
-            // The peer gets its own copy, made only when mirroring: the local engine owns `data`
-            // until it completes.
-            let copy = mirror.then(|| Bytes::copy_from_slice(data.as_slice()));
-            let msg = copy.map(|data| match fua {
-                true => Message::WriteFua { offset, data },
-                false => Message::Write { offset, data },
+            // One buffer for both: the local engine and the peer's frame only read it, and it
+            // is freed when the later of the two lets go (no copy of the payload for the peer).
+            let data = SharedBuf::from(data);
+            let msg = mirror.then(|| match fua {
+                true => Message::WriteFua { offset, data: data.bytes() },
+                false => Message::Write { offset, data: data.bytes() },
             });
             (self.store.write_with(offset, data, fua), msg)
         })

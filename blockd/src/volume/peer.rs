@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use super::{Volume, VolumeError};
 use crate::meta::DiskOp;
+use crate::storage::AlignedBuf;
 use crate::{
     control::Role,
     replication::{Message, Session},
@@ -90,8 +91,7 @@ impl Volume {
         // Received bytes are not aligned for direct I/O: one copy into an aligned buffer. The
         // received frame is let go at once, so a request waiting for its lock or its disk holds
         // its payload once (the link's budget counts it once, `replication/session.rs`).
-        let mut buf = self.store.alloc(data.len());
-        buf.as_mut_slice().copy_from_slice(&data);
+        let buf = AlignedBuf::copy_from(&data);
         drop(data);
         let _lock = self.lock_live(session, offset, len).await?;
         self.io(DiskOp::Write, offset, self.store.write_with(offset, buf, durable).await).await

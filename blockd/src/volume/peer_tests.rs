@@ -57,7 +57,7 @@ async fn a_write_of_an_ended_session_is_not_applied_after_the_lock() {
     assert!(tokio::time::timeout(Duration::from_millis(100), &mut apply).await.is_err());
     session.close("link lost");
     // What the next session's resync writes meanwhile, under the same lock.
-    v.store.write(0, data(&v, 0xBB, 4096)).await.unwrap();
+    v.store.write(0, data(0xBB, 4096)).await.unwrap();
     drop(lock);
     assert_eq!(apply.await, Message::Ack { error: 5 }, "not applied, not acknowledged");
     let now = v.store.read(0, 4096).await.unwrap();

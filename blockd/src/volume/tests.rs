@@ -29,10 +29,8 @@ fn stored(dir: &tempfile::TempDir) -> Meta {
     MetaFile::open_or_create(&dir.path().join("v.meta"), SIZE, "alpha", false).unwrap().1
 }
 
-pub(super) fn data(v: &Volume, byte: u8, len: usize) -> AlignedBuf {
-    let mut b = v.alloc(len);
-    b.as_mut_slice().fill(byte);
-    b
+pub(super) fn data(byte: u8, len: usize) -> AlignedBuf {
+    AlignedBuf::copy_from(&vec![byte; len])
 }
 
 #[tokio::test]
@@ -40,7 +38,7 @@ async fn secondary_refuses_writes_and_touches_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let v = volume(&dir, Some("beta"));
     assert_eq!(v.machine().role, Role::Secondary);
-    assert!(matches!(v.write(0, data(&v, 7, 4096), false).await, Err(VolumeError::NotPrimary)));
+    assert!(matches!(v.write(0, data(7, 4096), false).await, Err(VolumeError::NotPrimary)));
     assert!(matches!(v.write_zeroes(0, 4096, true, false).await, Err(VolumeError::NotPrimary)));
     assert!(matches!(v.trim(0, 4096, false).await, Err(VolumeError::NotPrimary)));
     let on_disk = std::fs::read(dir.path().join("v.img")).unwrap();
@@ -54,7 +52,7 @@ async fn single_node_writes_never_rotate_the_generation() {
     let dir = tempfile::tempdir().unwrap();
     let v = volume(&dir, None);
     let before = stored(&dir).gens;
-    v.write(4096, data(&v, 1, 4096), true).await.unwrap();
+    v.write(4096, data(1, 4096), true).await.unwrap();
     assert_eq!(stored(&dir).gens, before);
     assert_eq!(v.status().counters.degraded_writes, 0);
     assert_eq!(v.status().conn, ConnState::StandAlone);
@@ -76,7 +74,7 @@ async fn forced_primary_persists_a_new_generation_before_writing() {
     assert_eq!(m.gens.bitmap, old, "the peer's generation is remembered");
     assert_ne!(m.gens.current, old, "a new generation");
     assert!(m.flags.primary_when_stopped);
-    v.write(0, data(&v, 9, 4096), false).await.unwrap();
+    v.write(0, data(9, 4096), false).await.unwrap();
     assert_eq!(stored(&dir).gens, m.gens, "one rotation per lost peer, not per write");
     assert_eq!(v.status().counters.degraded_writes, 1);
     assert_eq!(v.status().out_of_sync, 4096, "exactly the degraded write is out of sync");
@@ -91,7 +89,7 @@ async fn out_of_sync_marks_survive_crash_clean_stop_and_demotion() {
     let v = volume(&dir, Some("beta"));
     v.mark_clean(false).await.unwrap();
     v.transition(Event::Promote { force: true }, None).await.unwrap();
-    v.write(8192, data(&v, 3, 4096), false).await.unwrap();
+    v.write(8192, data(3, 4096), false).await.unwrap();
     v.write_zeroes(65536, 8192, false, false).await.unwrap();
     assert_eq!(v.dirty_bytes(), 3 * 4096);
     drop(v); // a crash: no clean stop recorded, bits only in memory
@@ -109,7 +107,7 @@ async fn out_of_sync_marks_survive_crash_clean_stop_and_demotion() {
     let v = volume(&dir, Some("beta"));
     v.mark_clean(false).await.unwrap();
     v.transition(Event::Promote { force: true }, None).await.unwrap();
-    v.write(4096, data(&v, 3, 4096), false).await.unwrap();
+    v.write(4096, data(3, 4096), false).await.unwrap();
     v.transition(Event::Demote, None).await.unwrap();
     drop(v);
     let v = volume(&dir, Some("beta"));
@@ -118,7 +116,7 @@ async fn out_of_sync_marks_survive_crash_clean_stop_and_demotion() {
     // Clean stop: bits written by flush_bitmap, no recovery needed.
     v.mark_clean(false).await.unwrap();
     v.transition(Event::Promote { force: true }, None).await.unwrap();
-    v.write(0, data(&v, 4, 4096), false).await.unwrap();
+    v.write(0, data(4, 4096), false).await.unwrap();
     v.flush_bitmap().await.unwrap();
     v.mark_clean(true).await.unwrap();
     drop(v);
