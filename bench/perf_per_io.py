@@ -4,7 +4,7 @@
 Usage: perf_per_io.py JSON_DIR RUNTIME
 
 bench/run's sampler counts, with `perf stat -p PID` over the measured window (RUNTIME - 0.4 s),
-each server's syscalls by kind, context switches and wake-ups (ROW.ID.server.perf; a mirror
+each server's syscalls by kind, context switches, page faults and wake-ups (ROW.ID.server.perf; a mirror
 row's peer in beta: ROW.ID.peer.perf). This divides them by the I/Os fio completed in that
 window (its IOPS times the window) and prints one line per row, workload and process.
 """
@@ -16,6 +16,7 @@ import sys
 SHORT = {
     "task-clock": "cpu_us",
     "context-switches": "switches",
+    "page-faults": "faults",
     "raw_syscalls:sys_enter": "syscalls",
     "sched:sched_wakeup": "wakeups",
 }

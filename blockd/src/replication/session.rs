@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -48,6 +48,8 @@ use super::writer::{self, Out};
 
 // Sent when a request was dropped unanswered (the crate's one table).
 use crate::errno::EIO;
+use crate::storage::buf::BUF_ALIGN;
+
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 << 10;
 /// A record still missing at least this many bytes raises the socket's low-water mark to the
@@ -56,6 +58,9 @@ const LOW_WATER_MIN: usize = 64 << 10;
 /// The highest low-water mark asked for (the kernel caps it further, at half its largest
 /// receive buffer).
 const LOW_WATER_MAX: usize = 4 << 20;
+/// Where a data frame's payload starts in its record: after the record's length prefix and
+/// the frame's header.
+const PAYLOAD_AT: usize = record::LEN_LEN + wire::HEADER_LEN;
 /// What a request costs besides its payload (its task, its frame, its event): charged to the
 /// budget so that a flood of empty requests is bounded too.
 pub(crate) const REQUEST_COST: usize = 1024;
@@ -504,15 +509,37 @@ impl Reader {
         };
         let want = if missing >= LOW_WATER_MIN { missing.min(LOW_WATER_MAX) } else { 1 };
         if want > 1 {
-            // Room past the record: the read that completes it also takes the next record's
-            // front if that is in, and comes back short, so tokio waits for the next wake-up
-            // instead of trying another read that would find nothing.
-            self.buf.reserve(missing + READ_CHUNK);
+            self.place_big_record(missing);
         }
         if want != self.low_water && self.rd.set_low_water(want) {
             self.low_water = want;
             self.queued_seen = 0;
         }
+    }
+
+    /// Gives the big record at the front of the buffer room for its `missing` bytes, placed so
+    /// that a data frame's payload ([`PAYLOAD_AT`] bytes into the record) starts on a page
+    /// boundary: the Secondary then writes a 1 MiB payload to disk with direct I/O from where
+    /// it was received and decrypted, instead of copying it into an aligned buffer. When the
+    /// front is not so placed, the bytes already in (one read's worth) move to a fresh buffer;
+    /// once placed, nothing moves until the record is complete.
+    ///
+    /// Room past the record too: the read that completes it also takes the next record's front
+    /// if that is in, and comes back short, so tokio waits for the next wake-up instead of
+    /// trying another read that would find nothing.
+    fn place_big_record(&mut self, missing: usize) {
+        let room = missing + READ_CHUNK;
+        let placed = (self.buf.as_ptr() as usize + PAYLOAD_AT) % BUF_ALIGN == 0;
+        if placed {
+            self.buf.reserve(room);
+            return;
+        }
+        let mut fresh = BytesMut::with_capacity(BUF_ALIGN + self.buf.len() + room);
+        let pad = (BUF_ALIGN - (fresh.as_ptr() as usize + PAYLOAD_AT) % BUF_ALIGN) % BUF_ALIGN;
+        fresh.put_bytes(0, pad);
+        fresh.advance(pad);
+        fresh.extend_from_slice(&self.buf);
+        self.buf = fresh;
     }
 
     /// With a raised low-water mark, bytes of a big record can arrive without waking this

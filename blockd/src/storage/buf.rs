@@ -141,6 +141,21 @@ impl SharedBuf {
     pub fn bytes(&self) -> Bytes {
         self.0.clone()
     }
+
+    /// Received bytes that already start on a [`BUF_ALIGN`] boundary (the replication reader
+    /// places a write's payload so), shared as they are; anything else comes back.
+    pub fn from_aligned(bytes: Bytes) -> Result<SharedBuf, Bytes> {
+        match bytes.as_ptr() as usize % BUF_ALIGN {
+            0 => Ok(SharedBuf(bytes)),
+            _ => Err(bytes),
+        }
+    }
+
+    /// `bytes` shared as they are when aligned, else copied once into an aligned buffer.
+    pub fn aligned_or_copied(bytes: Bytes) -> SharedBuf {
+        SharedBuf::from_aligned(bytes)
+            .unwrap_or_else(|b| SharedBuf::from(AlignedBuf::copy_from(&b)))
+    }
 }
 
 impl From<AlignedBuf> for SharedBuf {
@@ -281,6 +296,17 @@ mod tests {
         assert_eq!(wire.as_ptr(), s.as_slice().as_ptr(), "no copy");
         drop(s);
         assert_eq!(&wire[..], &[3; 8192][..]);
+    }
+
+    #[test]
+    fn received_bytes_are_shared_only_when_aligned() {
+        let whole = SharedBuf::from(AlignedBuf::copy_from(&[4; 12288])).bytes();
+        let at = SharedBuf::from_aligned(whole.slice(4096..)).expect("aligned");
+        assert_eq!(at.as_slice().as_ptr(), whole[4096..].as_ptr(), "no copy");
+        let off = SharedBuf::from_aligned(whole.slice(48..)).expect_err("not aligned");
+        let copied = SharedBuf::aligned_or_copied(off);
+        assert_eq!(copied.as_slice().as_ptr() as usize % BUF_ALIGN, 0);
+        assert_eq!(copied.as_slice(), &whole[48..]);
     }
 
     #[test]

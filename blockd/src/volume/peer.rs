@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use super::{Volume, VolumeError};
 use crate::meta::DiskOp;
-use crate::storage::AlignedBuf;
+use crate::storage::SharedBuf;
 use crate::{
     control::Role,
     replication::{Message, Session},
@@ -88,11 +88,12 @@ impl Volume {
     ) -> Result<(), VolumeError> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
-        // Received bytes are not aligned for direct I/O: one copy into an aligned buffer. The
-        // received frame is let go at once, so a request waiting for its lock or its disk holds
-        // its payload once (the link's budget counts it once, `replication/session.rs`).
-        let buf = AlignedBuf::copy_from(&data);
-        drop(data);
+        // The session's reader puts a big record's payload on a page boundary
+        // (`replication/session.rs`): written from where it was received. A small one is
+        // copied into an aligned buffer, and the received frame is let go at once. Either way
+        // a request waiting for its lock or its disk holds its payload once (the link's budget
+        // counts it once).
+        let buf = SharedBuf::aligned_or_copied(data);
         let _lock = self.lock_live(session, offset, len).await?;
         self.io(DiskOp::Write, offset, self.store.write_with(offset, buf, durable).await).await
     }
