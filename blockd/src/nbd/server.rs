@@ -9,8 +9,9 @@
 //!                                                              (batched writev, flush when idle)
 //! ```
 //!
-//! Buffers: a WRITE payload is read straight into the volume's aligned buffer (only the bytes
-//! that arrived with earlier reads are copied out of the input buffer); a READ payload goes from
+//! Buffers: a WRITE payload is read straight into an aligned buffer, not zeroed first
+//! (`storage::Filler`; only the bytes that arrived with earlier reads are copied out of the input
+//! buffer), which the volume then shares with the peer's frame; a READ payload goes from
 //! the volume's buffer to the socket in a vectored write. Memory per connection is bounded by
 //! `max_in_flight` requests and `byte_budget()` payload bytes: the reader stops reading while
 //! either is exhausted, and a reply gives both back only once it is written.
